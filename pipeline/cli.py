@@ -1,0 +1,134 @@
+"""The `distily` command line. Each command builds its config (YAML + flags) and calls one stage.
+
+Stages are imported inside the commands, so `distily inspect` never loads vLLM or torch training code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional
+
+import typer
+
+from . import config as C
+from .manifest import CacheError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Offline two-stage knowledge distillation.")
+
+ConfigOpt = typer.Option(None, "--config", help="YAML file with the options of this command (flags override it).")
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(f"error: {e}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+@app.command("teacher-cache")
+def teacher_cache(
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Cache directory [runs/cache]."),
+    teacher: Optional[str] = typer.Option(None, help="HF model dir or hub id [embedded SmolLM2-135M-Instruct]."),
+    dataset: Optional[str] = typer.Option(None, help="txt/jsonl/parquet file, glob, dir or hub id [embedded Lee corpus]."),
+    dataset_config: Optional[str] = typer.Option(None, help="Hub dataset config name."),
+    split: Optional[str] = typer.Option(None, help="Hub dataset split [train]."),
+    text_column: Optional[str] = typer.Option(None, help="Column holding the text [text]."),
+    top_k: Optional[int] = typer.Option(None, help="Teacher top-k log-probs per position [64]."),
+    hidden_layers: Optional[str] = typer.Option(None, help="Comma-separated hidden-state layers, HF numbering (0=embeddings)."),
+    hidden_dtype: Optional[str] = typer.Option(None, help="Storage dtype of hidden states: float32|float16|bfloat16."),
+    max_seq_len: Optional[int] = typer.Option(None, help="Packed sequence length [512]."),
+    max_tokens: Optional[int] = typer.Option(None, help="Capture at most this many dataset tokens."),
+    sequences_per_shard: Optional[int] = typer.Option(None, help="Sequences per shard file [64]."),
+    num_shards: Optional[int] = typer.Option(None, help="Array jobs: number of jobs [1]."),
+    shard_index: Optional[int] = typer.Option(None, help="Array jobs: this job's index [0]."),
+    backend: Optional[str] = typer.Option(None, help="vllm (default) or hf (reference)."),
+    dtype: Optional[str] = typer.Option(None, help="Teacher compute dtype [float32]."),
+    vllm_max_logprobs: Optional[int] = typer.Option(None, help="vLLM's max_logprobs cap [128]."),
+    config: Optional[str] = ConfigOpt,
+):
+    """Run the teacher once over the dataset and write top-k log-probs and hidden states to a cache."""
+    overrides = {k: v for k, v in locals().items() if k != "config"}
+    try:
+        overrides["hidden_layers"] = C.parse_int_list(hidden_layers)
+        cfg = C.load(C.CaptureConfig, config, "teacher_cache", overrides)
+        from stage_teacher.capture import run
+
+        manifest = run(cfg)
+    except CacheError as e:
+        _fail(e)
+    stats = manifest["stats"]
+    typer.echo(f"wrote {stats['tokens']} tokens in {len(manifest['shards'])} shards to {cfg.output}")
+    if cfg.backend == "vllm":
+        # vLLM's worker threads occasionally abort the interpreter at exit after a successful run:
+        # the cache and manifest are on disk, so leave without running their finalisers.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+@app.command("merge-manifests")
+def merge_manifests(
+    output: str = typer.Argument(..., help="Cache dir that receives manifest.json (and the shards)."),
+    parts: list[str] = typer.Argument(None, help="Other dirs where array jobs wrote their parts."),
+):
+    """Join the part manifests of array jobs (--num-shards/--shard-index) into one cache."""
+    from stage_teacher.capture import merge_manifests as merge
+
+    try:
+        merged = merge(output, parts or [])
+    except CacheError as e:
+        _fail(e)
+    typer.echo(f"merged {merged['job']['merged_from']} parts: {len(merged['shards'])} shards, {merged['stats']['tokens']} tokens")
+
+
+@app.command()
+def inspect(cache: str = typer.Argument(..., help="Cache dir or fsspec URL.")):
+    """Print what a cache holds: teacher, tokens, k, layers, size, bytes per token."""
+    from .cache import CacheReader
+
+    try:
+        m = CacheReader(cache).manifest
+    except CacheError as e:
+        _fail(e)
+    tokens = sum(s["tokens"] for s in m["shards"])
+    logit_bytes = sum(s["bytes"] for s in m["shards"])
+    hidden_bytes = sum(s.get("hidden_bytes", 0) for s in m["shards"])
+    layers = m["capture"]["hidden_layers"]
+    rows = [
+        ("teacher", f"{m['teacher']['source']} ({m['teacher']['path']})"),
+        ("weights sha256", m["teacher"]["weights_sha256"][:16]),
+        ("tokenizer", f"sha256 {m['tokenizer']['sha256'][:16]}, vocab {m['tokenizer']['vocab_size']}"),
+        ("dataset", json.dumps(m["dataset"]["spec"])),
+        ("sequences", f"{sum(s['rows'] for s in m['shards'])} x {m['capture']['max_seq_len']} tokens"),
+        ("tokens", f"{tokens}"),
+        ("top-k", f"{m['capture']['top_k']} ({m['capture']['backend']}, {m['capture']['dtype']})"),
+        ("hidden layers", f"{layers} as {m['capture']['hidden_dtype']}" if layers else "none"),
+        ("shards", f"{len(m['shards'])} (complete: {m.get('complete')})"),
+        ("size", f"{(logit_bytes + hidden_bytes) / 2**20:.1f} MiB"),
+        ("bytes/token logits", f"{logit_bytes / max(tokens, 1):.1f}"),
+        ("bytes/token/layer hidden", f"{hidden_bytes / max(tokens, 1) / max(len(layers), 1):.1f}" if layers else "-"),
+        ("teacher mean p(target)", f"{m.get('stats', {}).get('mean_target_prob', float('nan')):.4f}"),
+        ("distily", m["distily_version"]),
+    ]
+    for k, v in rows:
+        typer.echo(f"{k:>26}  {v}")
+
+
+@app.command()
+def verify(cache: str = typer.Argument(..., help="Cache dir or fsspec URL.")):
+    """Check every shard's checksum and schema; name the first bad file."""
+    from .cache import CacheReader
+
+    problems = CacheReader(cache).verify()
+    if problems:
+        for p in problems:
+            typer.secho(f"BAD  {p}", fg="red", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"OK   {cache}: every shard matches its checksum and the schema")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,140 @@
+"""The cache manifest: what a cache holds and everything needed to trust and reuse it.
+
+A manifest is a plain JSON dict::
+
+    format_version, distily_version, created, software{torch, transformers, vllm, pyarrow}
+    teacher{source, path, weights_sha256, revision, num_hidden_layers, hidden_size, vocab_size}
+    tokenizer{sha256, vocab_size, eos_token_id, bos_token_id, pad_token_id}
+    capture{backend, top_k, hidden_layers, hidden_dtype, logprobs, max_seq_len, sequences_per_shard}
+    dataset{spec, fingerprint, num_sequences, num_tokens}
+    job{num_shards, shard_index}            # the array-job split this manifest covers
+    shards[{index, file, hidden_file, rows, tokens, sha256, hidden_sha256, bytes}]
+    stats{sequences, tokens, positions, mean_target_prob, mean_tail_mass}
+    complete                                # every shard of this job is written
+
+``identity(manifest)`` is the part that must match for two runs to write into the same cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import schema
+
+
+class CacheError(RuntimeError):
+    """A cache is missing, corrupt, or does not fit the run that uses it. The message says what to do."""
+
+
+def sha256_file(path: str | os.PathLike, fs=None) -> str:
+    h = hashlib.sha256()
+    opener = fs.open if fs is not None else open
+    with opener(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary name in the same directory, fsync, then rename: never a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+IDENTITY_KEYS = ("format_version", "teacher", "tokenizer", "capture", "dataset")
+
+
+def identity(manifest: dict) -> dict:
+    """The fields two captures must share to be parts of one cache (everything but shards, time, job)."""
+    ident = {k: manifest.get(k) for k in IDENTITY_KEYS}
+    ident["teacher"] = {k: v for k, v in (ident["teacher"] or {}).items() if k not in ("path",)}
+    return ident
+
+
+def describe_difference(a: dict, b: dict, prefix: str = "") -> str:
+    """The first field where two (nested) dicts differ, as 'key: a != b'."""
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            diff = describe_difference(va, vb, f"{prefix}{key}.")
+            if diff:
+                return diff
+        elif va != vb:
+            return f"{prefix}{key}: {va!r} != {vb!r}"
+    return ""
+
+
+def check_same_cache(existing: dict, wanted: dict, where: str) -> None:
+    a, b = identity(existing), identity(wanted)
+    if a != b:
+        raise CacheError(
+            f"{where} already holds a cache made with different settings "
+            f"({describe_difference(a, b)}). Use a new --output directory, or delete the old cache."
+        )
+
+
+def merge(parts: Iterable[dict]) -> dict:
+    """Join the manifests of array jobs (--num-shards N, --shard-index 0..N-1) into one manifest."""
+    parts = sorted(parts, key=lambda m: m["job"]["shard_index"])
+    if not parts:
+        raise CacheError("no part manifests to merge")
+    first = parts[0]
+    n = first["job"]["num_shards"]
+    for p in parts[1:]:
+        if identity(p) != identity(first):
+            raise CacheError(
+                f"part {p['job']['shard_index']} was made with other settings than part "
+                f"{first['job']['shard_index']}: {describe_difference(identity(first), identity(p))}"
+            )
+    have = [p["job"]["shard_index"] for p in parts]
+    missing = sorted(set(range(n)) - set(have))
+    if missing or len(have) != len(set(have)):
+        raise CacheError(f"array job parts {missing} of {n} are missing (or duplicated: {have}); run them first")
+    for p in parts:
+        if not p.get("complete"):
+            raise CacheError(f"array job part {p['job']['shard_index']} is not finished; rerun it to resume")
+    merged = {k: v for k, v in first.items() if k not in ("shards", "stats", "job")}
+    merged["shards"] = sorted((s for p in parts for s in p["shards"]), key=lambda s: s["index"])
+    merged["job"] = {"num_shards": 1, "shard_index": 0, "merged_from": n}
+    merged["stats"] = stats_from_shards(merged["shards"])
+    merged["complete"] = True
+    return merged
+
+
+def stats_from_shards(shards: list[dict]) -> dict:
+    """Token counts and the teacher's mean confidence (CAKLD's gamma) over the shards."""
+    positions = sum(s["positions"] for s in shards)
+    return {
+        "sequences": sum(s["rows"] for s in shards),
+        "tokens": sum(s["tokens"] for s in shards),
+        "positions": positions,
+        "mean_target_prob": sum(s["target_prob_sum"] for s in shards) / max(positions, 1),
+        "mean_tail_mass": sum(s["tail_mass_sum"] for s in shards) / max(positions, 1),
+    }
+
+
+def manifest_path(cache_dir: str | os.PathLike) -> Path:
+    return Path(cache_dir) / schema.MANIFEST

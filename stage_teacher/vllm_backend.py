@@ -1,0 +1,191 @@
+"""Teacher signals from one vLLM prefill pass: top-k prompt log-probs and hidden states.
+
+Log-probs: prompts go in as token ids with ``max_tokens=1, prompt_logprobs=k, flat_logprobs=True``. In the
+flat form every position p >= 1 holds k+1 entries: the actual token at p first, then the top-1..top-k
+(the actual token may appear twice). Row t of the cache is vLLM position t+1.
+
+Hidden states: forward hooks on the decoder's embedding, layers and final norm, in the same pass. The
+engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and eagerly (compiled graphs skip hooks).
+vLLM flattens every scheduled request of a step into one token axis, so each forward's positions are
+split into runs of consecutive positions and each run is matched to the request whose tokens it holds.
+Prefix caching is off, so every prompt token passes through the model exactly once.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from pipeline.manifest import CacheError
+
+
+def configure_environment(cpu_threads_all: bool = True) -> None:
+    """Engine settings that must be in the environment before vLLM is imported."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # hooks must live in this process
+    if not torch.cuda.is_available():
+        if cpu_threads_all:
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # vLLM keeps one core idle by default
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+
+class VLLMTeacher:
+    def __init__(
+        self,
+        model_dir: str,
+        top_k: int,
+        hidden_layers: list[int],
+        num_layers: int,
+        max_seq_len: int,
+        dtype: str = "float32",
+        max_logprobs: int = 128,
+        enforce_eager: bool = True,
+        seed: int = 0,
+        engine_kwargs: dict | None = None,
+    ):
+        configure_environment()
+        from vllm import LLM, SamplingParams
+
+        if top_k > max_logprobs:
+            raise CacheError(
+                f"--top-k {top_k} is larger than the engine's max_logprobs {max_logprobs}: vLLM refuses it. "
+                f"Raise it with --vllm-max-logprobs {top_k} (costs memory and time per token)."
+            )
+        self.top_k = top_k
+        self.hidden_layers = list(hidden_layers)
+        self.num_layers = num_layers
+        self.llm = LLM(
+            model=model_dir,
+            dtype=dtype,
+            max_logprobs=max_logprobs,
+            max_model_len=max_seq_len + 1,
+            enforce_eager=enforce_eager or bool(hidden_layers),
+            enable_prefix_caching=False,
+            seed=seed,
+            **(engine_kwargs or {}),
+        )
+        self.params = SamplingParams(
+            max_tokens=1, prompt_logprobs=top_k, flat_logprobs=True, detokenize=False, temperature=1.0
+        )
+        self._records: list[dict] = []
+        if self.hidden_layers:
+            self.llm.apply_model(self._install_hooks)
+
+    # ---------------------------------------------------------------------------------- hidden states
+
+    def _install_hooks(self, model: torch.nn.Module) -> None:
+        decoder = _find_decoder(model, self.num_layers)
+        records = self._records
+
+        # The decoder's own forward may be wrapped (torch.compile support) past module hooks, so the step's
+        # token ids come from the embedding's input and its positions from the first layer's input.
+        def record_ids(module, args):
+            records.append({"ids": args[0].detach().cpu().clone(), "h": {}})
+
+        def record_positions(module, args, kwargs):
+            pos = kwargs.get("positions", args[0] if args else None)
+            records[-1]["pos"] = pos.detach().cpu().clone()
+
+        def capture(layer: int):
+            def hook(module, args, out):
+                if isinstance(out, tuple):  # vLLM layers return (hidden, residual); the stream is their sum
+                    h = out[0] if out[1] is None or layer == self.num_layers else out[0] + out[1]
+                else:
+                    h = out
+                records[-1]["h"][layer] = h.detach().float().cpu().clone()
+
+            return hook
+
+        decoder.embed_tokens.register_forward_pre_hook(record_ids)
+        decoder.layers[0].register_forward_pre_hook(record_positions, with_kwargs=True)
+        for layer in self.hidden_layers:
+            if layer == 0:
+                module = decoder.embed_tokens
+            elif layer == self.num_layers:
+                module = decoder.norm  # HF's last hidden state is after the final norm
+            else:
+                module = decoder.layers[layer - 1]
+            module.register_forward_hook(capture(layer))
+
+    def _split_hidden(self, sequences: np.ndarray) -> dict[int, torch.Tensor]:
+        n, t = sequences.shape
+        h_size = None
+        out: dict[int, torch.Tensor] = {}
+        filled = np.zeros(n, dtype=np.int64)
+        seqs = torch.from_numpy(sequences.astype(np.int64))
+        for rec in self._records:
+            if not rec["h"]:
+                continue
+            if h_size is None:
+                h_size = next(iter(rec["h"].values())).shape[-1]
+                out = {l: torch.empty(n, t, h_size) for l in self.hidden_layers}
+            pos, ids = rec["pos"].long(), rec["ids"].long()
+            breaks = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
+            bounds = [0, *breaks.tolist(), len(pos)]
+            for s, e in zip(bounds[:-1], bounds[1:]):
+                p = int(pos[s])
+                for r in np.nonzero(filled == p)[0]:
+                    if p + (e - s) <= t and torch.equal(seqs[r, p : p + e - s], ids[s:e]):
+                        for l in self.hidden_layers:
+                            out[l][r, p : p + e - s] = rec["h"][l][s:e]
+                        filled[r] = p + e - s
+                        break
+        if not (filled == t).all():
+            bad = np.nonzero(filled != t)[0]
+            raise RuntimeError(
+                f"hidden-state capture covered {filled[bad[0]]}/{t} positions of sequence {bad[0]}: "
+                "the engine scheduled tokens in a way the hooks could not follow (is prefix caching on?)"
+            )
+        return out
+
+    # ------------------------------------------------------------------------------------------- call
+
+    def __call__(self, sequences: np.ndarray) -> dict:
+        from vllm.inputs import TokensPrompt
+
+        n, t = sequences.shape
+        k = self.top_k
+        self._records.clear()
+        prompts = [TokensPrompt(prompt_token_ids=row.tolist()) for row in sequences]
+        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        topk_ids = np.empty((n, t - 1, k), dtype=np.int32)
+        topk_lp = np.empty((n, t - 1, k), dtype=np.float32)
+        target = np.empty((n, t - 1), dtype=np.float32)
+        for i, o in enumerate(outputs):
+            flat = o.prompt_logprobs
+            starts = np.asarray(flat.start_indices[1:])
+            ends = np.asarray(flat.end_indices[1:])
+            if len(starts) != t - 1 or not (ends - starts == k + 1).all():
+                raise RuntimeError(f"unexpected prompt_logprobs layout from vLLM for sequence {i}")
+            lo, hi = starts[0], ends[-1]
+            ids = np.asarray(flat.token_ids[lo:hi], dtype=np.int64).reshape(t - 1, k + 1)
+            lps = np.asarray(flat.logprobs[lo:hi], dtype=np.float32).reshape(t - 1, k + 1)
+            target[i], topk_ids[i], topk_lp[i] = lps[:, 0], ids[:, 1:], lps[:, 1:]
+        hidden = self._split_hidden(sequences) if self.hidden_layers else None
+        self._records.clear()
+        return {"topk_ids": topk_ids, "topk_logprobs": topk_lp, "target_logprob": target, "hidden": hidden}
+
+    def close(self) -> None:
+        """Shut the engine down before interpreter exit (vLLM sometimes aborts if left to the GC)."""
+        engine = getattr(self.llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del self.llm
+
+
+def _find_decoder(model: torch.nn.Module, num_layers: int) -> torch.nn.Module:
+    """The module that owns embed_tokens, layers (a ModuleList of num_layers) and the final norm."""
+    for module in model.modules():
+        layers = getattr(module, "layers", None)
+        if (
+            isinstance(layers, torch.nn.ModuleList)
+            and len(layers) == num_layers
+            and hasattr(module, "embed_tokens")
+            and hasattr(module, "norm")
+        ):
+            return module
+    raise CacheError(
+        "hidden-state capture under vLLM needs a decoder with embed_tokens, layers and norm "
+        f"(Llama/Mistral/Qwen style); this model has none with {num_layers} layers. Use --backend hf."
+    )
