@@ -145,7 +145,9 @@ def load_existing(out: Path, cfg: CaptureConfig, manifest: dict) -> list[dict]:
     return done
 
 
-def run(cfg: CaptureConfig) -> dict:
+def run(cfg: CaptureConfig, teacher=None) -> dict:
+    """Capture (or resume) the cache described by cfg. `teacher`: an already started backend to reuse
+    (it must have been built with the same top-k and hidden layers); it is left open."""
     out = Path(cfg.output)
     manifest, sequences, model_dir, tokenizer = prepare(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +164,11 @@ def run(cfg: CaptureConfig) -> dict:
     mfile = manifest_file(out, cfg)
     print(f"teacher cache {out}: {len(sequences)} sequences x {cfg.max_seq_len} tokens, "
           f"{len(owned)} shards for this job, {len(owned) - len(todo)} already done")
-    if todo:
+    if todo and teacher is not None:
+        if teacher.top_k != cfg.top_k or sorted(teacher.hidden_layers) != sorted(cfg.hidden_layers):
+            raise CacheError("the given teacher engine was built with another top-k or other hidden layers")
+        capture_shards(cfg, teacher, sequences, todo, out, manifest, mfile)
+    elif todo:
         teacher = make_backend(cfg, model_dir, manifest["teacher"]["num_hidden_layers"])
         try:
             capture_shards(cfg, teacher, sequences, todo, out, manifest, mfile)
