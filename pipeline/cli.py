@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from . import config as C
-from .manifest import CacheError
+from .errors import DistilyError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Offline two-stage knowledge distillation.")
 
@@ -53,7 +53,7 @@ def teacher_cache(
         from stage_teacher.capture import run
 
         manifest = run(cfg)
-    except CacheError as e:
+    except DistilyError as e:
         _fail(e)
     stats = manifest["stats"]
     typer.echo(f"wrote {stats['tokens']} tokens in {len(manifest['shards'])} shards to {cfg.output}")
@@ -63,6 +63,67 @@ def teacher_cache(
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+@app.command("train-student")
+def train_student(
+    cache: Optional[str] = typer.Option(None, help="Teacher cache dir or fsspec URL [runs/cache]."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run dir [runs/student]."),
+    student: Optional[str] = typer.Option(None, help="Student HF model dir/id; default: a recipe from the teacher config."),
+    student_layers: Optional[int] = typer.Option(None, help="Recipe: number of layers [teacher's / 2]."),
+    student_config: Optional[str] = typer.Option(None, help='Recipe: JSON config overrides, e.g. \'{"hidden_size": 384}\'.'),
+    init: Optional[str] = typer.Option(None, help="random | teacher-layers [teacher-layers]."),
+    init_layers: Optional[str] = typer.Option(None, help="Teacher layers (0-based) to copy; default evenly spaced."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher weights dir for --init teacher-layers [manifest path]."),
+    copy_embeddings: Optional[bool] = typer.Option(None, "--copy-embeddings/--no-copy-embeddings", help="Copy teacher embeddings, norm, head."),
+    freeze_embeddings: Optional[bool] = typer.Option(None, "--freeze-embeddings/--train-embeddings", help="Freeze input embeddings."),
+    loss: Optional[str] = typer.Option(None, help="forward_kl|reverse_kl|jsd|skew_kl|skew_rkl|cakld|tvd|ce [forward_kl]."),
+    temperature: Optional[float] = typer.Option(None, help="KD temperature [1.0]."),
+    tail: Optional[str] = typer.Option(None, help="Teacher tail outside top-k: bucket | renormalize [bucket]."),
+    beta: Optional[float] = typer.Option(None, help="JSD beta / skew alpha [0.5]."),
+    cakld_gamma: Optional[float] = typer.Option(None, help="CAKLD gamma [teacher mean confidence from the manifest]."),
+    kd_weight: Optional[float] = typer.Option(None, help="Weight of the logit KD loss [1.0]."),
+    ce_weight: Optional[float] = typer.Option(None, help="Weight of CE on the true next token [0]."),
+    hs_weight: Optional[float] = typer.Option(None, help="Weight of the hidden-state loss [0]."),
+    hs_loss: Optional[str] = typer.Option(None, help="mse | cosine [mse]."),
+    hs_norm: Optional[str] = typer.Option(None, help="none | layernorm | teacher_layernorm [none]."),
+    layer_mapper: Optional[str] = typer.Option(None, help="last|uniform|last-k|all|uniform-consecutive|uniform+last [last]."),
+    layer_mapper_k: Optional[int] = typer.Option(None, help="k of --layer-mapper last-k [4]."),
+    projector: Optional[str] = typer.Option(None, help="auto | none | linear | orthogonal [auto]."),
+    optimizer: Optional[str] = typer.Option(None, help="adamw8bit | paged_adamw8bit | lion8bit | adamw [adamw8bit]."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate [3e-4]."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Linear warm-up steps [10]."),
+    lr_schedule: Optional[str] = typer.Option(None, help="cosine | linear | constant [cosine]."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch per rank [4]."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step [1]."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps [100]; with --resume, a larger value extends the run."),
+    save_steps: Optional[int] = typer.Option(None, help="Checkpoint every N steps [50]."),
+    logging_steps: Optional[int] = typer.Option(None, help="Log every N steps [10]."),
+    eval_steps: Optional[int] = typer.Option(None, help="Held-out eval every N steps [0: at the end only]."),
+    eval_sequences: Optional[int] = typer.Option(None, help="Cache sequences held out for eval [16]."),
+    seed: Optional[int] = typer.Option(None, help="Seed for init and data order [0]."),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers decoding shards [1]."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the latest checkpoint in --output."),
+    stop_after_steps: Optional[int] = typer.Option(None, help="Leave after this step, checkpointed (job time limits)."),
+    config: Optional[str] = ConfigOpt,
+):
+    """Train a student from a teacher cache with an 8-bit optimizer (runs under torchrun unchanged)."""
+    overrides = {k: v for k, v in locals().items() if k != "config"}
+    try:
+        overrides["init_layers"] = C.parse_int_list(init_layers)
+        if student_config is not None:
+            overrides["student_config"] = json.loads(student_config)
+        cfg = C.load(C.TrainConfig, config, "train_student", overrides)
+        from stage_student.train import train
+
+        result = train(cfg)
+    except (DistilyError, json.JSONDecodeError) as e:
+        _fail(e)
+    if result.get("finished"):
+        typer.echo(f"student saved to {result['final']}")
+    else:
+        typer.echo(f"stopped at step {result['step']}; continue with --resume")
 
 
 @app.command("merge-manifests")
@@ -75,7 +136,7 @@ def merge_manifests(
 
     try:
         merged = merge(output, parts or [])
-    except CacheError as e:
+    except DistilyError as e:
         _fail(e)
     typer.echo(f"merged {merged['job']['merged_from']} parts: {len(merged['shards'])} shards, {merged['stats']['tokens']} tokens")
 
@@ -87,7 +148,7 @@ def inspect(cache: str = typer.Argument(..., help="Cache dir or fsspec URL.")):
 
     try:
         m = CacheReader(cache).manifest
-    except CacheError as e:
+    except DistilyError as e:
         _fail(e)
     tokens = sum(s["tokens"] for s in m["shards"])
     logit_bytes = sum(s["bytes"] for s in m["shards"])

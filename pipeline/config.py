@@ -84,6 +84,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     bf16: bool | None = None  # None: on when CUDA is available
     resume: bool = False
+    stop_after_steps: int | None = None  # leave after this step (checkpointed), e.g. at a job's time limit
 
 
 @dataclass

@@ -26,8 +26,7 @@ from typing import Any, Iterable
 from . import schema
 
 
-class CacheError(RuntimeError):
-    """A cache is missing, corrupt, or does not fit the run that uses it. The message says what to do."""
+from .errors import CacheError  # noqa: F401  (re-exported)
 
 
 def sha256_file(path: str | os.PathLike, fs=None) -> str:

@@ -46,7 +46,8 @@ def build_tokenizer(texts: list[str], out: Path, vocab_size: int = 384):
 
 
 def build_llama(out: Path, vocab_size: int, layers: int = TINY_LAYERS, hidden: int = 128, seed: int = 0,
-                tie: bool = False) -> Path:
+                tie: bool = False, pretrain_on: np.ndarray | None = None, steps: int = 150) -> Path:
+    """A tiny Llama; with `pretrain_on` ([N, T] token ids) a few CE steps give it real structure to distil."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -56,8 +57,15 @@ def build_llama(out: Path, vocab_size: int, layers: int = TINY_LAYERS, hidden: i
         tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, torch_dtype="float32",
     )
     model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # sharper than default init so the teacher has a real (peaked) distribution
-        model.lm_head.weight.mul_(8.0)
+    if pretrain_on is not None:
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        data = torch.from_numpy(pretrain_on.astype(np.int64))
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            batch = data[torch.randint(0, len(data), (16,), generator=g)]
+            model(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
     model.save_pretrained(out, safe_serialization=True)
     return out
 
@@ -78,9 +86,11 @@ def text_file(tmp_path_factory, texts) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory, texts) -> Path:
+    from pipeline.resolve import pack
+
     out = tmp_path_factory.mktemp("tiny-teacher")
     tok = build_tokenizer(texts, out)
-    build_llama(out, len(tok))
+    build_llama(out, len(tok), pretrain_on=pack(tok, texts[150:], 64))  # trained on text the tests do not capture
     return out
 
 

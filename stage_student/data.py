@@ -1,0 +1,123 @@
+"""Streaming cache shards into training batches, deterministically and resumably.
+
+The order of sequences is computed from the manifest alone (shard row counts), before any data is read:
+per epoch, shards in a seeded random order, rows in a seeded random order, then a seeded shuffle buffer
+across shards. Rank r of a torchrun job takes every world-th sequence (disjoint data); its micro-batch m
+is fully determined by (seed, m). So the loader's position is just the micro-batch counter: a resumed run
+starts at the next unseen batch without reading what came before.
+
+Decoding runs in DataLoader workers: worker w of W builds micro-batches m = start + w, start + w + W, ...,
+and the DataLoader hands them back in order. Each worker keeps the few shards the shuffle buffer spans.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.cache import CacheReader
+from pipeline.errors import CacheError
+
+
+def split_eval(shards: list[dict], eval_sequences: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """All (shard position, row) pairs; the last `eval_sequences` are held out for the eval loss."""
+    pairs = [(i, r) for i, s in enumerate(shards) for r in range(s["rows"])]
+    if eval_sequences >= len(pairs):
+        raise CacheError(f"the cache holds {len(pairs)} sequences, not more than --eval-sequences {eval_sequences}")
+    cut = len(pairs) - eval_sequences
+    return pairs[:cut], pairs[cut:]
+
+
+def epoch_order(pairs: list[tuple[int, int]], seed: int, epoch: int, buffer: int) -> list[tuple[int, int]]:
+    rng = np.random.default_rng([seed, epoch])
+    by_shard: dict[int, list[tuple[int, int]]] = {}
+    for p in pairs:
+        by_shard.setdefault(p[0], []).append(p)
+    stream = []
+    for shard in rng.permutation(sorted(by_shard)):
+        rows = by_shard[int(shard)]
+        stream.extend(rows[i] for i in rng.permutation(len(rows)))
+    out, buf = [], []
+    for item in stream:  # shuffle buffer: mixes sequences across neighbouring shards
+        buf.append(item)
+        if len(buf) >= buffer:
+            out.append(buf.pop(int(rng.integers(len(buf)))))
+    while buf:
+        out.append(buf.pop(int(rng.integers(len(buf)))))
+    return out
+
+
+def rank_batches(pairs, seed, epoch, buffer, rank, world, batch_size) -> list[list[tuple[int, int]]]:
+    """This rank's micro-batches for one epoch (disjoint across ranks, same count on every rank)."""
+    order = epoch_order(pairs, seed, epoch, buffer)
+    per_rank = len(order) // world
+    mine = order[rank::world][:per_rank]
+    n = len(mine) // batch_size
+    if n == 0:
+        raise CacheError(
+            f"the cache's {len(order)} training sequences give no full batch of {batch_size} per rank "
+            f"on {world} ranks; lower --batch-size or capture more tokens"
+        )
+    return [mine[i * batch_size : (i + 1) * batch_size] for i in range(n)]
+
+
+class CacheStream(IterableDataset):
+    def __init__(self, cache: str, pairs, batch_size: int, seed: int, buffer: int, rank: int = 0, world: int = 1,
+                 start: int = 0, hidden_layers: list[int] | None = None, epochs: int | None = None):
+        self.cache, self.pairs, self.batch_size = cache, pairs, batch_size
+        self.seed, self.buffer, self.rank, self.world, self.start = seed, buffer, rank, world, start
+        self.hidden_layers, self.epochs = hidden_layers or [], epochs
+        self.per_epoch = len(rank_batches(pairs, seed, 0, buffer, rank, world, batch_size))
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        reader = CacheReader(self.cache)
+        shards = reader.shards
+        keep = max(2, self.buffer // max(1, min(s["rows"] for s in shards)) + 2)
+        cache: OrderedDict[int, dict] = OrderedDict()
+        batches, batches_epoch = None, -1
+        m = self.start + wid
+        while self.epochs is None or m < self.epochs * self.per_epoch:
+            epoch, b = divmod(m, self.per_epoch)
+            if epoch != batches_epoch:
+                batches = rank_batches(self.pairs, self.seed, epoch, self.buffer, self.rank, self.world, self.batch_size)
+                batches_epoch = epoch
+            yield collate([self._row(reader, shards, cache, keep, s, r) for s, r in batches[b]])
+            m += nw
+
+    def _row(self, reader, shards, cache, keep, s, r):
+        if s not in cache:
+            data = reader.read_shard(shards[s], hidden=False)
+            if self.hidden_layers:
+                data["hidden_states"] = reader.read_hidden(shards[s], self.hidden_layers)
+            cache[s] = data
+            while len(cache) > keep:
+                cache.popitem(last=False)
+        cache.move_to_end(s)
+        data = cache[s]
+        row = {k: v[r] for k, v in data.items() if k != "hidden_states"}
+        row["hidden_states"] = {l: h[r] for l, h in data.get("hidden_states", {}).items()}
+        return row
+
+
+def collate(rows: list[dict]) -> dict:
+    batch = {
+        "seq_index": torch.tensor([int(r["seq_index"]) for r in rows]),
+        "input_ids": torch.from_numpy(np.stack([r["input_ids"] for r in rows]).astype(np.int64)),
+        "topk_ids": torch.from_numpy(np.stack([r["topk_ids"] for r in rows]).astype(np.int64)),
+        "topk_logprobs": torch.from_numpy(np.stack([r["topk_logprobs"] for r in rows])),
+        "target_logprob": torch.from_numpy(np.stack([r["target_logprob"] for r in rows])),
+        "tail_mass": torch.from_numpy(np.stack([r["tail_mass"] for r in rows])),
+        "hidden_states": {l: torch.from_numpy(np.stack([r["hidden_states"][l] for r in rows])) for l in rows[0]["hidden_states"]},
+    }
+    return batch
+
+
+def make_loader(stream: CacheStream, num_workers: int) -> DataLoader:
+    return DataLoader(
+        stream, batch_size=None, num_workers=num_workers, prefetch_factor=4 if num_workers else None,
+        persistent_workers=False, pin_memory=torch.cuda.is_available(),
+    )

@@ -1,0 +1,46 @@
+"""Layer-mapping strategies of arXiv 2310.08797 (Udagawa et al.): which teacher hidden states each student
+layer learns from. Indices follow HF output_hidden_states: 1..L are the layers' outputs (L after the final
+norm); the embeddings (0) are never mapped.
+
+  1-to-1  last                 student L_S <- teacher L_T
+          uniform              student i <- teacher round(i * L_T / L_S), for every student layer
+          last-k               the student's last k layers <- the teacher's last k layers, in order
+          all                  student i <- teacher i (equal depth only)
+  1-to-N  uniform-consecutive  student i <- teacher layers (i-1)*c+1 .. i*c, c = ceil(L_T / L_S)
+          uniform+last         student i <- {teacher round(i * L_T / L_S), teacher L_T}
+"""
+from __future__ import annotations
+
+import math
+
+from pipeline.errors import DistilyError
+
+MAPPERS = ("last", "uniform", "last-k", "all", "uniform-consecutive", "uniform+last")
+
+
+def map_layers(name: str, student_layers: int, teacher_layers: int, k: int = 4) -> list[tuple[int, list[int]]]:
+    """[(student_layer, [teacher_layers])], HF hidden-state numbering."""
+    s, t = student_layers, teacher_layers
+    uniform = lambda i: max(1, round(i * t / s))  # noqa: E731
+    if name == "last":
+        return [(s, [t])]
+    if name == "uniform":
+        return [(i, [uniform(i)]) for i in range(1, s + 1)]
+    if name == "last-k":
+        if not 1 <= k <= min(s, t):
+            raise DistilyError(f"--layer-mapper last-k needs 1 <= --layer-mapper-k <= {min(s, t)}, got {k}")
+        return [(s - k + j, [t - k + j]) for j in range(1, k + 1)]
+    if name == "all":
+        if s != t:
+            raise DistilyError(f"--layer-mapper all needs equal depth; the student has {s} layers, the teacher {t}")
+        return [(i, [i]) for i in range(1, s + 1)]
+    if name == "uniform-consecutive":
+        c = math.ceil(t / s)
+        return [(i, list(range((i - 1) * c + 1, min(i * c, t) + 1))) for i in range(1, s + 1) if (i - 1) * c + 1 <= t]
+    if name == "uniform+last":
+        return [(i, sorted({uniform(i), t})) for i in range(1, s + 1)]
+    raise DistilyError(f"--layer-mapper {name!r} is unknown; choose one of {', '.join(MAPPERS)}")
+
+
+def required_teacher_layers(pairs: list[tuple[int, list[int]]]) -> list[int]:
+    return sorted({l for _, ls in pairs for l in ls})

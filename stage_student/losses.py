@@ -1,0 +1,131 @@
+"""Distillation losses on the cached teacher top-k. Every function is pure: tensors in, tensor out.
+
+The cache holds, per position, the teacher's top-k log-probs (temperature 1) and the tail mass outside
+them. A loss compares the teacher distribution P with the student distribution Q on "buckets":
+
+  tail="bucket" (default): k+1 buckets, the top-k tokens plus one "rest" bucket holding all other tokens.
+      P_rest is the cached tail mass; Q_rest = the student's total probability outside the teacher's top-k
+      (computed exactly, with a log-sum-exp over the non-top-k logits). Nothing is thrown away, and the
+      loss equals the full-vocabulary loss whenever the teacher puts no mass outside its top-k.
+  tail="renormalize": k buckets; both P and Q are renormalised over the teacher's top-k.
+
+Temperature tau: the student uses softmax(z / tau) exactly. The teacher's top-k become p_i^(1/tau); its
+tail, whose split over tokens is unknown, is taken as spread evenly over the V-k other tokens, giving
+(V-k) * (tail / (V-k))^(1/tau). Exact at tau=1. KL-family losses are multiplied by tau^2 (Hinton et al.),
+so gradient scales stay comparable across temperatures.
+
+Divergences D(P, Q), summed over buckets and averaged over positions:
+  forward_kl  KL(P||Q)                      reverse_kl  KL(Q||P)
+  jsd         beta KL(P||M) + (1-beta) KL(Q||M), M = beta P + (1-beta) Q      (generalised JSD, GKD)
+  skew_kl     KL(P || a P + (1-a) Q)        skew_rkl    KL(Q || a Q + (1-a) P)  (DistiLLM, a = beta)
+  cakld       gamma KL(Q||P) + (1-gamma) KL(P||Q), gamma = teacher's mean confidence (BitDistiller)
+  tvd         1/2 sum |P - Q|
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import DistilyError
+
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "cakld", "tvd")
+LOSSES = (*KD_LOSSES, "ce")
+TAILS = ("bucket", "renormalize")
+
+
+def teacher_log_probs(topk_logprobs, tail_mass, vocab_size: int, temperature: float = 1.0, tail: str = "bucket"):
+    """[N, k] cached log-probs + [N] tail -> [N, k(+1)] log P over the buckets."""
+    k = topk_logprobs.shape[-1]
+    scaled = topk_logprobs.float() / temperature
+    if tail == "renormalize" or k >= vocab_size:
+        return torch.log_softmax(scaled, dim=-1)
+    rest = vocab_size - k
+    log_tail = torch.log(tail_mass.float().clamp_min(1e-30))
+    log_rest = math.log(rest) + (log_tail - math.log(rest)) / temperature
+    logits = torch.cat([scaled, log_rest[..., None]], dim=-1)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def student_log_probs(logits, topk_ids, temperature: float = 1.0, tail: str = "bucket"):
+    """[N, V] student logits -> [N, k(+1)] log Q over the same buckets as the teacher's."""
+    z = logits.float() / temperature
+    picked = z.gather(-1, topk_ids.long())
+    if tail == "renormalize" or topk_ids.shape[-1] >= z.shape[-1]:
+        return torch.log_softmax(picked, dim=-1)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    rest = z.scatter(-1, topk_ids.long(), float("-inf"))
+    log_rest = torch.logsumexp(rest, dim=-1, keepdim=True)
+    return torch.cat([picked, log_rest], dim=-1) - lse
+
+
+def _kl(logp, logq):
+    """sum_i p_i (log p_i - log q_i), with 0 log 0 = 0."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+
+
+def _log_mix(logp, logq, a: float):
+    """log(a p + (1-a) q), stable."""
+    a = min(max(a, 1e-12), 1 - 1e-12)
+    return torch.logaddexp(logp + math.log(a), logq + math.log(1 - a))
+
+
+def forward_kl(logp, logq, **_):
+    return _kl(logp, logq)
+
+
+def reverse_kl(logp, logq, **_):
+    return _kl(logq, logp)
+
+
+def jsd(logp, logq, beta: float = 0.5, **_):
+    if beta <= 0 or beta >= 1:
+        return torch.zeros(logp.shape[:-1], device=logp.device)
+    logm = _log_mix(logp, logq, beta)
+    return beta * _kl(logp, logm) + (1 - beta) * _kl(logq, logm)
+
+
+def skew_kl(logp, logq, beta: float = 0.1, **_):
+    return _kl(logp, _log_mix(logp, logq, beta))
+
+
+def skew_rkl(logp, logq, beta: float = 0.1, **_):
+    return _kl(logq, _log_mix(logq, logp, beta))
+
+
+def cakld(logp, logq, gamma: float = 0.5, **_):
+    return gamma * _kl(logq, logp) + (1 - gamma) * _kl(logp, logq)
+
+
+def tvd(logp, logq, **_):
+    return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
+
+
+DIVERGENCES = {
+    "forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "skew_kl": skew_kl,
+    "skew_rkl": skew_rkl, "cakld": cakld, "tvd": tvd,
+}
+
+
+def kd_loss(name: str, student_logits, topk_ids, topk_logprobs, tail_mass, temperature: float = 1.0,
+            tail: str = "bucket", beta: float = 0.5, gamma: float = 0.5):
+    """Mean over positions of D(P_teacher, Q_student). Inputs are flattened over positions: [N, V], [N, k], [N]."""
+    logq = student_log_probs(student_logits, topk_ids, temperature, tail)
+    logp = teacher_log_probs(topk_logprobs, tail_mass, student_logits.shape[-1], temperature, tail)
+    per_position = DIVERGENCES[name](logp, logq, beta=beta, gamma=gamma)
+    scale = temperature**2 if name != "tvd" else 1.0
+    return scale * per_position.mean()
+
+
+def ce_loss(student_logits, targets):
+    """Plain next-token cross-entropy on the true tokens: [N, V], [N]."""
+    return F.cross_entropy(student_logits.float(), targets.long())
+
+
+def check_loss_name(name: str, tail: str = "bucket") -> None:
+    if name not in LOSSES:
+        raise DistilyError(f"--loss {name!r} is unknown; choose one of {', '.join(LOSSES)}")
+    if tail not in TAILS:
+        raise DistilyError(f"--tail {tail!r} is unknown; choose one of {', '.join(TAILS)}")

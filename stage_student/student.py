@@ -1,0 +1,144 @@
+"""Building the student: an HF model dir/id, or a recipe derived from the teacher config in the cache.
+
+Recipe: the teacher's config with fewer layers (--student-layers) and any other overrides
+(--student-config '{"hidden_size": 384, ...}'). Initialisation:
+  random          fresh weights (seeded);
+  teacher-layers  copy the chosen teacher layers (evenly spaced by default, first and last included, as
+                  DistilBERT and Minitron's depth pruning do) and, with --copy-embeddings, the embeddings,
+                  final norm and LM head. The teacher's weights are only read, never run.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.cache import CacheReader
+from pipeline.config import TrainConfig
+from pipeline.errors import DistilyError
+from pipeline.resolve import resolve_model, tokenizer_fingerprint
+
+INITS = ("random", "teacher-layers")
+_LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
+
+
+def evenly_spaced(n_student: int, n_teacher: int) -> list[int]:
+    return [int(round(x)) for x in np.linspace(0, n_teacher - 1, n_student)]
+
+
+def load_tokenizer(reader: CacheReader):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(reader.tokenizer_dir())
+
+
+def check_tokenizer(tokenizer, manifest: dict, where: str) -> None:
+    got, want = tokenizer_fingerprint(tokenizer), manifest["tokenizer"]
+    if got["sha256"] != want["sha256"] or got["vocab_size"] != want["vocab_size"]:
+        raise DistilyError(
+            f"the tokenizer of {where} (vocab {got['vocab_size']}, sha256 {got['sha256'][:12]}) is not the "
+            f"cache's (vocab {want['vocab_size']}, sha256 {want['sha256'][:12]}): its token ids would not "
+            "match the cached teacher distributions. Use a student with the teacher's tokenizer."
+        )
+
+
+def build_student(cfg: TrainConfig, reader: CacheReader):
+    """Return (model, tokenizer, info dict)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    manifest = reader.manifest
+    vocab = manifest["teacher"]["vocab_size"]
+    if cfg.init not in INITS:
+        raise DistilyError(f"--init {cfg.init!r} is unknown; choose one of {', '.join(INITS)}")
+    if cfg.student:
+        path, _ = resolve_model(cfg.student)
+        has_tokenizer = any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+        tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else load_tokenizer(reader)
+        check_tokenizer(tokenizer, manifest, f"--student {cfg.student}")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if model.config.vocab_size != vocab:
+            raise DistilyError(f"--student {cfg.student} has vocab_size {model.config.vocab_size}, the cache's teacher {vocab}")
+        return model, tokenizer, {"student": cfg.student, "init": "pretrained"}
+
+    tokenizer = load_tokenizer(reader)
+    check_tokenizer(tokenizer, manifest, "the cache's tokenizer dir")
+    teacher_cfg = reader.teacher_config()
+    n_teacher = teacher_cfg["num_hidden_layers"]
+    overrides = dict(cfg.student_config or {})
+    n_student = cfg.student_layers or overrides.pop("num_hidden_layers", None) or max(1, n_teacher // 2)
+    student_cfg = {k: v for k, v in teacher_cfg.items() if k not in ("architectures", "_name_or_path", "transformers_version")}
+    unknown = sorted(set(overrides) - set(student_cfg))
+    if unknown:
+        raise DistilyError(f"--student-config keys {unknown} are not in the teacher's {teacher_cfg['model_type']} config")
+    student_cfg.update(overrides, num_hidden_layers=n_student)
+    config = AutoConfig.for_model(**student_cfg)
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    info = {"recipe": {"num_hidden_layers": n_student, **overrides}, "init": cfg.init}
+    if cfg.init == "teacher-layers":
+        layers = cfg.init_layers or evenly_spaced(n_student, n_teacher)
+        if len(layers) != n_student or not all(0 <= l < n_teacher for l in layers):
+            raise DistilyError(f"--init-layers {layers} must name {n_student} teacher layers in [0, {n_teacher})")
+        copy_teacher_layers(model, teacher_weights(cfg, manifest), layers, cfg.copy_embeddings)
+        info["teacher_layers"] = layers
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+        info["frozen"] = "embeddings"
+    return model, tokenizer, info
+
+
+def teacher_weights(cfg: TrainConfig, manifest: dict) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(cfg.teacher or manifest["teacher"]["path"])
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        raise DistilyError(
+            f"--init teacher-layers reads the teacher's weights, but {path} holds no *.safetensors. "
+            "Pass --teacher DIR (the teacher model dir), or use --init random."
+        )
+    weights = {}
+    for f in files:
+        weights.update(load_file(f))
+    return weights
+
+
+def copy_teacher_layers(model, weights: dict[str, torch.Tensor], layers: list[int], copy_embeddings: bool) -> None:
+    """Student layer i <- teacher layer layers[i]; non-layer weights (embeddings, norm, head) if asked."""
+    own = model.state_dict()
+    new = {}
+    for name, tensor in weights.items():
+        m = _LAYER.search(name)
+        if m:
+            t_layer = int(m.group(2))
+            for s_layer, src in enumerate(layers):
+                if src == t_layer:
+                    new[_LAYER.sub(lambda mm: f"{mm.group(1)}layers.{s_layer}.", name, count=1)] = tensor
+        elif copy_embeddings:
+            new[name] = tensor
+    if "lm_head.weight" in own and "lm_head.weight" not in new and copy_embeddings:
+        embed = next((v for k, v in new.items() if k.endswith("embed_tokens.weight")), None)
+        if embed is not None:  # a tied teacher stores no lm_head
+            new["lm_head.weight"] = embed
+    for name, tensor in new.items():
+        if name not in own:
+            continue
+        if own[name].shape != tensor.shape:
+            raise DistilyError(
+                f"--init teacher-layers cannot copy {name}: teacher {tuple(tensor.shape)} vs student "
+                f"{tuple(own[name].shape)}. A narrower student needs --init random."
+            )
+    missing = [n for n in own if n not in new and _LAYER.search(n)]
+    if missing:
+        raise DistilyError(f"--init teacher-layers found no teacher weights for {missing[:3]}...")
+    model.load_state_dict({**own, **{k: v for k, v in new.items() if k in own}})
+
+
+def describe(model) -> dict:
+    return {
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "config": json.loads(model.config.to_json_string()),
+    }

@@ -1,0 +1,391 @@
+"""Stage two: train a student from a teacher cache (`distily train-student`). The whole loop is here.
+
+Runs unchanged on one process or under `torchrun --nproc-per-node N` (DDP: NCCL on GPUs, gloo on CPU).
+Layout of the output dir:
+
+    run_config.json         every parameter, the student recipe and the cache manifest (written once)
+    log.jsonl, tb/          metrics every --logging-steps (JSONL and TensorBoard)
+    data-rank{r}.log        the cache sequences each rank trained on, a line per step
+    checkpoints/step-N/     model, projectors, optimizer, scheduler, RNG, loader position
+    final/                  the student as a plain HF save_pretrained dir with the tokenizer
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.cache import CacheReader
+from pipeline.config import TrainConfig
+from pipeline.errors import DistilyError
+
+from . import losses
+from .data import CacheStream, make_loader, split_eval
+from .hidden import Projectors, check_hidden_options, mapped_hidden_loss
+from .layer_map import map_layers, required_teacher_layers
+from .student import build_student, describe
+
+OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "lion8bit", "adamw")
+
+
+# ------------------------------------------------------------------------------------------- pieces
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    import bitsandbytes as bnb
+
+    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit, "lion8bit": bnb.optim.Lion8bit}
+    if name not in cls:
+        raise DistilyError(f"--optimizer {name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+    return cls[name](params, lr=lr, weight_decay=weight_decay)
+
+
+def lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / max(1, cfg.warmup_steps)
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1 - progress
+
+    return f
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every name and number checked before the cache or a model is touched."""
+    losses.check_loss_name(cfg.loss, cfg.tail)
+    check_hidden_options(cfg.hs_loss, cfg.hs_norm, cfg.projector)
+    map_layers(cfg.layer_mapper, 2, 2, 1)  # unknown mapper names fail here
+    if cfg.optimizer not in OPTIMIZERS:
+        raise DistilyError(f"--optimizer {cfg.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+    if cfg.lr_schedule not in ("cosine", "linear", "constant"):
+        raise DistilyError(f"--lr-schedule {cfg.lr_schedule!r} is unknown; choose cosine, linear or constant")
+    if cfg.temperature <= 0:
+        raise DistilyError("--temperature must be > 0")
+    for name in ("batch_size", "grad_accum", "max_steps", "save_steps", "logging_steps"):
+        if getattr(cfg, name) < 1:
+            raise DistilyError(f"--{name.replace('_', '-')} must be >= 1")
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        validate(cfg)
+        self.cfg = cfg
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        if self.world > 1 and not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.out = Path(cfg.output)
+        self.reader = CacheReader(cfg.cache)
+        manifest = self.reader.manifest
+        if not manifest.get("complete", True) or not manifest["shards"]:
+            raise DistilyError(f"the cache {cfg.cache} is empty or unfinished; rerun `distily teacher-cache` to complete it")
+        self.manifest = manifest
+        self.kd = cfg.loss != "ce" and cfg.kd_weight > 0
+        self.gamma = cfg.cakld_gamma if cfg.cakld_gamma is not None else manifest.get("stats", {}).get("mean_target_prob", 0.5)
+
+        self.model, self.tokenizer, self.student_info = build_student(cfg, self.reader)
+        n_student = self.model.config.num_hidden_layers
+        self.pairs = []
+        if cfg.hs_weight > 0:
+            n_teacher = manifest["teacher"]["num_hidden_layers"]
+            self.pairs = map_layers(cfg.layer_mapper, n_student, n_teacher, cfg.layer_mapper_k)
+            need = required_teacher_layers(self.pairs)
+            missing = sorted(set(need) - set(self.reader.hidden_layers))
+            if missing:
+                raise DistilyError(
+                    f"--layer-mapper {cfg.layer_mapper} needs teacher hidden layers {need}, but the cache holds "
+                    f"{self.reader.hidden_layers} (missing {missing}). Capture them with "
+                    f"`distily teacher-cache --hidden-layers {','.join(map(str, need))}`."
+                )
+        self.projectors = Projectors(
+            cfg.projector, [s for s, _ in self.pairs], self.model.config.hidden_size, manifest["teacher"]["hidden_size"]
+        )
+        if cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.model.to(self.device)
+        self.projectors.to(self.device)
+        self.bf16 = cfg.bf16 if cfg.bf16 is not None else self.device.type == "cuda"
+        params = [p for p in [*self.model.parameters(), *self.projectors.parameters()] if p.requires_grad]
+        self.optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.train_pairs, self.eval_pairs = split_eval(manifest["shards"], cfg.eval_sequences)
+        self.step, self.tokens_seen = 0, 0
+        self.ddp_model = self.model
+        if self.world > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+            # projectors are averaged by hand (they are not part of the DDP module)
+
+    # --------------------------------------------------------------------------------------- losses
+
+    def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        ids = batch["input_ids"].to(self.device)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        with autocast:
+            out = self.ddp_model(input_ids=ids, output_hidden_states=bool(self.pairs))
+        logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
+        parts: dict[str, torch.Tensor] = {}
+        if self.kd:
+            parts["kd"] = losses.kd_loss(
+                cfg.loss, logits,
+                batch["topk_ids"].to(self.device).reshape(logits.shape[0], -1),
+                batch["topk_logprobs"].to(self.device).reshape(logits.shape[0], -1),
+                batch["tail_mass"].to(self.device).reshape(-1),
+                cfg.temperature, cfg.tail, cfg.beta, self.gamma,
+            )
+        if cfg.loss == "ce" or cfg.ce_weight > 0:
+            parts["ce"] = losses.ce_loss(logits, ids[:, 1:].reshape(-1))
+        if self.pairs:
+            teacher_hidden = {l: h.to(self.device) for l, h in batch["hidden_states"].items()}
+            parts["hs"] = mapped_hidden_loss(
+                self.pairs, out.hidden_states, teacher_hidden, self.projectors, cfg.hs_loss, cfg.hs_norm
+            )
+        weights = {"kd": cfg.kd_weight, "ce": 1.0 if cfg.loss == "ce" else cfg.ce_weight, "hs": cfg.hs_weight}
+        parts["loss"] = sum(weights[k] * v for k, v in parts.items())
+        return parts
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out KD and CE loss on the cache's last --eval-sequences sequences (same on every rank)."""
+        if not self.eval_pairs:
+            return {}
+        self.model.eval()
+        stream = CacheStream(self.cfg.cache, self.eval_pairs, 1, 0, 1, epochs=1)
+        totals: dict[str, float] = {}
+        n = 0
+        for batch in stream:
+            ids = batch["input_ids"].to(self.device)
+            logits = self.model(input_ids=ids).logits[:, :-1].reshape(-1, self.model.config.vocab_size)
+            k_ids = batch["topk_ids"].to(self.device).reshape(logits.shape[0], -1)
+            k_lp = batch["topk_logprobs"].to(self.device).reshape(logits.shape[0], -1)
+            tail = batch["tail_mass"].to(self.device).reshape(-1)
+            vals = {
+                "eval/ce": losses.ce_loss(logits, ids[:, 1:].reshape(-1)),
+                "eval/forward_kl": losses.kd_loss("forward_kl", logits, k_ids, k_lp, tail),
+            }
+            for k, v in vals.items():
+                totals[k] = totals.get(k, 0.0) + v.item()
+            n += 1
+        self.model.train()
+        return {k: v / n for k, v in totals.items()}
+
+    # ---------------------------------------------------------------------------------- checkpoints
+
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        final = self.checkpoint_dir() / f"step-{self.step:06d}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(
+            {
+                "model": self.model.state_dict(),
+                "projectors": self.projectors.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            },
+            tmp / "state.pt",
+        )
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "loader_micro_batch": self.step * self.cfg.grad_accum,
+                 "world_size": self.world, "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(self.checkpoint_dir().glob("step-??????"))[:-2]:  # keep the last two
+            shutil.rmtree(old)
+
+    def load_checkpoint(self) -> bool:
+        done = sorted(self.checkpoint_dir().glob("step-??????"))
+        if not done:
+            return False
+        path = done[-1]
+        state = json.loads((path / "trainer_state.json").read_text())
+        for key in ("world_size", "batch_size", "grad_accum"):
+            if state[key] != {"world_size": self.world, "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum}[key]:
+                raise DistilyError(f"cannot resume from {path}: it was trained with {key}={state[key]}; use the same value")
+        blob = torch.load(path / "state.pt", map_location=self.device, weights_only=False)
+        self.model.load_state_dict(blob["model"])
+        self.projectors.load_state_dict(blob["projectors"])
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.scheduler.load_state_dict(blob["scheduler"])
+        self.scheduler.lr_lambdas = [lr_lambda(self.cfg)]  # a later --max-steps extends the schedule
+        torch.set_rng_state(blob["rng"]["torch"])
+        np.random.set_state(blob["rng"]["numpy"])
+        random.setstate(blob["rng"]["python"])
+        if blob["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        return True
+
+    def save_final(self) -> Path:
+        final = self.out / "final"
+        if self.rank == 0:
+            tmp = final.with_name("final.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            torch.save(self.projectors.state_dict(), tmp / "projectors.pt")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        return final
+
+    # ------------------------------------------------------------------------------------------ run
+
+    def log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k != "step":
+                self.tb.add_scalar(k, v, record["step"])
+        self.tb.flush()
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume and list(self.checkpoint_dir().glob("step-??????")):
+            raise DistilyError(
+                f"{self.out} holds checkpoints of an earlier run: pass --resume to continue it, or use a new --output"
+            )
+        resumed = cfg.resume and self.load_checkpoint()
+        if not resumed:
+            if cfg.resume and self.rank == 0:
+                print(f"--resume: no checkpoint in {self.checkpoint_dir()}, starting from step 0")
+            (self.out / f"data-rank{self.rank}.log").unlink(missing_ok=True)
+            if self.rank == 0:
+                (self.out / "log.jsonl").unlink(missing_ok=True)
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out / "tb"))
+            run_config = {"config": asdict(cfg), "student": {**self.student_info, **describe(self.model)},
+                          "layer_pairs": self.pairs, "cakld_gamma": self.gamma, "world_size": self.world,
+                          "cache_manifest": self.manifest}
+            (self.out / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
+        hidden_layers = required_teacher_layers(self.pairs) if self.pairs else []
+        stream = CacheStream(cfg.cache, self.train_pairs, cfg.batch_size, cfg.seed, cfg.shuffle_buffer,
+                             self.rank, self.world, start=self.step * cfg.grad_accum, hidden_layers=hidden_layers)
+        batches = iter(make_loader(stream, cfg.num_workers))
+        data_log = open(self.out / f"data-rank{self.rank}.log", "a")
+        stop_at = cfg.max_steps
+        self.model.train()
+        window = {"time": 0.0, "data": 0.0, "tokens": 0, "steps": 0}
+        last: dict = {}
+        while self.step < stop_at:
+            t0 = time.perf_counter()
+            sums: dict[str, float] = {}
+            wait = 0.0
+            seqs = []
+            for micro in range(cfg.grad_accum):
+                tw = time.perf_counter()
+                batch = next(batches)
+                wait += time.perf_counter() - tw
+                seqs.extend(batch["seq_index"].tolist())
+                sync = micro == cfg.grad_accum - 1 or self.world == 1
+                ctx = self.ddp_model.no_sync() if not sync and self.world > 1 else nullcontext()
+                with ctx:
+                    parts = self.compute_losses(batch)
+                    (parts["loss"] / cfg.grad_accum).backward()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v.item() / cfg.grad_accum
+            if self.world > 1:
+                for p in self.projectors.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= self.world
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            step_tokens = len(seqs) * batch["input_ids"].shape[1] * self.world
+            self.tokens_seen += step_tokens
+            data_log.write(f"{self.step} {' '.join(map(str, seqs))}\n")
+            dt = time.perf_counter() - t0
+            window["time"] += dt
+            window["data"] += wait
+            window["tokens"] += step_tokens
+            window["steps"] += 1
+            last = {"step": self.step, **{f"loss/{k}" if k != "loss" else "loss": v for k, v in sums.items()}}
+            if self.step % cfg.logging_steps == 0 or self.step == stop_at or self.step == 1:
+                record = {
+                    **last, "lr": lr, "grad_norm": grad_norm, "tokens_seen": self.tokens_seen,
+                    "tokens_per_s": window["tokens"] / window["time"], "step_time_s": window["time"] / window["steps"],
+                    "data_wait_s": window["data"] / window["steps"], "peak_memory_mb": peak_memory_mb(self.device),
+                    "epoch": self.step * cfg.grad_accum / stream.per_epoch,
+                }
+                if self.step == 1:
+                    record["optimizer_state_bytes"] = optimizer_state_bytes(self.optimizer)
+                if cfg.eval_steps and self.step % cfg.eval_steps == 0:
+                    record.update(self.evaluate())
+                self.log(record)
+                if self.rank == 0:
+                    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
+                window = {"time": 0.0, "data": 0.0, "tokens": 0, "steps": 0}
+            stopping = bool(cfg.stop_after_steps) and self.step >= cfg.stop_after_steps
+            if self.step % cfg.save_steps == 0 or self.step == stop_at or stopping:
+                self.save_checkpoint()
+            if stopping:
+                break  # a time-limited job: the checkpoint above lets --resume continue
+        data_log.close()
+        if self.world > 1:
+            dist.barrier()
+        result = {**last, "tokens_seen": self.tokens_seen, "finished": self.step >= stop_at}
+        if result["finished"]:
+            result.update(self.evaluate())
+            result["final"] = str(self.save_final())
+            if self.rank == 0:
+                (self.out / "result.json").write_text(json.dumps(result, indent=2))
+                self.log({"step": self.step, **{k: v for k, v in result.items() if k.startswith("eval/")}})
+        if self.rank == 0:
+            self.tb.close()
+        if self.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        return result
+
+
+def train(cfg: TrainConfig) -> dict:
+    return Trainer(cfg).run()
