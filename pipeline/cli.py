@@ -126,6 +126,42 @@ def train_student(
         typer.echo(f"stopped at step {result['step']}; continue with --resume")
 
 
+@app.command("eval")
+def eval_(
+    model: Optional[str] = typer.Option(None, help="Student (HF model dir) [runs/student/final]."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher to compare with [the student's cache teacher]."),
+    baseline: Optional[list[str]] = typer.Option(None, help="More models for the table (repeatable), e.g. a CE-only student."),
+    dataset: Optional[str] = typer.Option(None, help="Held-out text: txt/jsonl/parquet file, glob or hub id [embedded Lee eval text]."),
+    text_column: Optional[str] = typer.Option(None, help="Column holding the text [text]."),
+    split: Optional[str] = typer.Option(None, help="Hub dataset split [test]."),
+    max_documents: Optional[int] = typer.Option(None, help="Sample size: first N documents."),
+    max_seq_len: Optional[int] = typer.Option(None, help="Perplexity window [512]."),
+    stride: Optional[int] = typer.Option(None, help="Sliding-window stride [256]."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size [4]."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated lm-eval tasks ['distily_offline'; '' for none]."),
+    limit: Optional[int] = typer.Option(None, help="lm-eval: at most N examples per task."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Report dir [runs/eval]."),
+    config: Optional[str] = ConfigOpt,
+):
+    """Teacher vs student(s): perplexity, bits per byte, lm-eval tasks; a table, plots and a model card."""
+    overrides = {k: v for k, v in locals().items() if k != "config"}
+    overrides["baseline"] = baseline or None
+    overrides["tasks"] = [t for t in tasks.split(",") if t.strip()] if tasks is not None else None
+    try:
+        cfg = C.load(C.EvalConfig, config, "eval", overrides)
+        from eval.run import run
+
+        summary = run(cfg)
+    except DistilyError as e:
+        _fail(e)
+    typer.echo(summary["table"])
+    for note in summary["notes"]:
+        typer.echo(f"note: {note}")
+    typer.echo(f"report: {cfg.output}/eval.md, {cfg.output}/eval.json; plots: {', '.join(summary['plots'])}")
+    if summary.get("model_card"):
+        typer.echo(f"model card: {summary['model_card']}")
+
+
 @app.command("merge-manifests")
 def merge_manifests(
     output: str = typer.Argument(..., help="Cache dir that receives manifest.json (and the shards)."),

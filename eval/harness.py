@@ -1,0 +1,43 @@
+"""lm-evaluation-harness on an in-memory model (HFLM), one task at a time so one failure is one note."""
+from __future__ import annotations
+
+
+def available_tasks(include_path: str | None) -> tuple[object, set[str]]:
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=include_path)
+    return tm, set(tm.all_tasks)
+
+
+def run_tasks(model, tokenizer, tasks: list[str], include_path: str | None, limit: int | None = None,
+              batch_size: int = 4, max_length: int = 1024) -> tuple[dict[str, float], list[str]]:
+    """Return ({"task/metric": value}, notes). Unknown tasks and tasks that fail (hub offline) become notes."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    tm, known = available_tasks(include_path)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    metrics: dict[str, float] = {}
+    notes: list[str] = []
+    for task in tasks:
+        if task not in known:
+            notes.append(f"{task}: lm-eval {_version()} has no task of this name; skipped")
+            continue
+        try:
+            out = simple_evaluate(model=lm, tasks=[task], task_manager=tm, limit=limit, log_samples=False,
+                                  bootstrap_iters=0, verbosity="ERROR")
+        except Exception as e:  # e.g. a hub dataset while offline
+            notes.append(f"{task}: failed ({type(e).__name__}: {str(e)[:200]})")
+            continue
+        for name, values in out["results"].items():
+            for key, value in values.items():
+                metric = key.split(",")[0]
+                if isinstance(value, (int, float)) and "stderr" not in metric and metric not in ("alias", "sample_len"):
+                    metrics[f"{name}/{metric}"] = float(value)
+    return metrics, notes
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version("lm_eval")

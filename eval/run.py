@@ -1,0 +1,102 @@
+"""`distily eval`: teacher and students side by side on perplexity, bits per byte and lm-eval tasks."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import EvalConfig
+from pipeline.errors import DistilyError
+from pipeline.resolve import DEFAULT_EVAL_DATASET, DatasetSpec, load_texts, resolve_model
+
+from . import harness, report
+from .perplexity import evaluate_perplexity
+from .tasks import GROUP, write_suite
+
+
+def label_for(path: str) -> str:
+    p = Path(path)
+    return p.parent.name if p.name == "final" else p.name
+
+
+def training_dir(model_path: str) -> Path | None:
+    """The run dir of a student trained by distily (holds run_config.json), if this is one."""
+    p = Path(model_path)
+    for d in (p, p.parent):
+        if (d / "run_config.json").exists():
+            return d
+    return None
+
+
+def evaluate_model(path: str, texts: list[str], cfg: EvalConfig, include_path: str) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local, _ = resolve_model(path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(local)
+    t0 = time.perf_counter()
+    ppl = evaluate_perplexity(model, tokenizer, texts, cfg.max_seq_len, cfg.stride, cfg.batch_size)
+    metrics = {"heldout/perplexity": ppl["perplexity"], "heldout/bits_per_byte": ppl["bits_per_byte"]}
+    tasks, notes = harness.run_tasks(model, tokenizer, cfg.tasks, include_path, cfg.limit, cfg.batch_size, cfg.max_seq_len) if cfg.tasks else ({}, [])
+    metrics.update(tasks)
+    return {
+        "path": local, "parameters": sum(p.numel() for p in model.parameters()), "metrics": metrics,
+        "forward_tokens_per_s": ppl["forward_tokens_per_s"], "heldout": ppl, "notes": notes,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def run(cfg: EvalConfig) -> dict:
+    student_dir = training_dir(cfg.model)
+    run_config = json.loads((student_dir / "run_config.json").read_text()) if student_dir else None
+    teacher = cfg.teacher or (run_config or {}).get("cache_manifest", {}).get("teacher", {}).get("path")
+    models = {label_for(cfg.model): cfg.model}
+    for b in cfg.baseline:
+        models[label_for(b)] = b
+    if teacher:
+        models = {"teacher": teacher, **models}
+    for name, path in models.items():  # fail on a bad path before any model is loaded
+        resolve_model(path) if name == "teacher" else _check_dir(path)
+    spec = DatasetSpec(cfg.dataset or DEFAULT_EVAL_DATASET, None, cfg.split, cfg.text_column)
+    texts = load_texts(spec)[: cfg.max_documents]
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    include = str(write_suite(load_texts(DatasetSpec(DEFAULT_EVAL_DATASET)), out / "tasks"))
+    results = {}
+    for name, path in models.items():
+        print(f"evaluating {name} ({path})", flush=True)
+        results[name] = evaluate_model(path, texts, cfg, include)
+    teacher_name = "teacher" if teacher else None
+    table = report.comparison_table(results, teacher_name)
+    notes = sorted({n for r in results.values() for n in r["notes"]})
+    student = label_for(cfg.model)
+    summary = {"dataset": spec.to_dict(), "tasks": cfg.tasks, "limit": cfg.limit, "models": results, "notes": notes}
+    if teacher_name:
+        summary["ratios"] = {
+            n: {m: v / results[teacher_name]["metrics"][m] for m, v in r["metrics"].items() if results[teacher_name]["metrics"].get(m)}
+            for n, r in results.items() if n != teacher_name
+        }
+    logs = {n: training_dir(p) / "log.jsonl" for n, p in models.items() if n != "teacher" and training_dir(p)}
+    plots = [report.plot_training({n: f for n, f in logs.items() if f.exists()}, out), report.plot_comparison(results, teacher_name, out)]
+    summary["plots"] = [str(p) for p in plots if p]
+    (out / "eval.json").write_text(json.dumps(summary, indent=2, default=str))
+    md = [f"# distily eval: {', '.join(results)}", "", f"held-out text: `{spec.path}` ({len(texts)} documents)", "", table, ""]
+    md += [f"- {n}" for n in notes]
+    md += [f"![{Path(p).stem}]({Path(p).name})" for p in summary["plots"]]
+    (out / "eval.md").write_text("\n".join(md) + "\n")
+    if student_dir:
+        if run_config is not None and (student_dir / "result.json").exists():
+            run_config["tokens_seen"] = json.loads((student_dir / "result.json").read_text()).get("tokens_seen")
+        card = report.model_card(student, results, table, run_config, spec.path)
+        Path(models[student], "README.md").write_text(card)
+        summary["model_card"] = str(Path(models[student], "README.md"))
+    summary["table"] = table
+    return summary
+
+
+def _check_dir(path: str) -> None:
+    if not (Path(path) / "config.json").exists():
+        raise DistilyError(f"--model/--baseline {path}: not an HF model dir (no config.json); train one with `distily train-student`")

@@ -1,0 +1,106 @@
+"""Evaluation: perplexity against a reference loop and against lm-eval, offline tasks, reports, model card."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from conftest import capture_cfg
+from eval.harness import run_tasks
+from eval.perplexity import evaluate_perplexity, windows
+from eval.tasks import write_suite
+from pipeline.config import EvalConfig
+from pipeline.resolve import DatasetSpec, load_texts
+
+
+@pytest.fixture(scope="module")
+def teacher_model(tiny_teacher):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_teacher).eval(), AutoTokenizer.from_pretrained(tiny_teacher)
+
+
+def reference_nll(model, ids: list[int], max_len: int, stride: int) -> tuple[float, int]:
+    """The transformers perplexity-doc loop, one document, batch size 1."""
+    x = torch.tensor([ids])
+    nll, n, prev_end = 0.0, 0, 1
+    begin = 0
+    while prev_end < len(ids):
+        end = min(begin + max_len, len(ids))
+        target = x[:, begin:end].clone()
+        target[:, : prev_end - begin] = -100
+        with torch.no_grad():
+            logits = model(x[:, begin:end]).logits
+        nll += torch.nn.functional.cross_entropy(logits[0, :-1], target[0, 1:], ignore_index=-100, reduction="sum").item()
+        n += int((target[0, 1:] != -100).sum())
+        prev_end, begin = end, min(begin + stride, end - 1)
+    return nll, n
+
+
+def test_windows_score_every_token_once():
+    for length in (2, 5, 64, 65, 200):
+        for max_len, stride in ((64, 64), (64, 16), (10, 9)):
+            scored = []
+            for w, skip in windows(list(range(length)), max_len, stride):
+                assert len(w) <= max_len and skip >= 1
+                scored.extend(w[skip:])
+            assert scored == list(range(1, length))
+
+
+@pytest.mark.parametrize("max_len, stride", [(1024, 512), (48, 16), (48, 48)])
+def test_perplexity_equals_reference(teacher_model, texts, max_len, stride):
+    model, tok = teacher_model
+    docs = texts[:5]
+    got = evaluate_perplexity(model, tok, docs, max_len=max_len, stride=stride, batch_size=3)
+    nll, n = 0.0, 0
+    for d in docs:
+        a, b = reference_nll(model, [tok.bos_token_id, *tok(d, add_special_tokens=False)["input_ids"]], max_len, stride)
+        nll, n = nll + a, n + b
+    assert got["tokens"] == n
+    assert got["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+    assert got["bits_per_byte"] == pytest.approx(nll / math.log(2) / sum(len(d.encode()) for d in docs), rel=1e-4)
+
+
+def test_lm_eval_offline_suite_agrees_with_our_perplexity(tmp_path, teacher_model):
+    model, tok = teacher_model
+    docs = load_texts(DatasetSpec("lee"))
+    include = write_suite(docs, tmp_path / "tasks")
+    assert yaml.safe_load((include / "distily_offline.yaml").read_text())["group"] == "distily_offline"
+    metrics, notes = run_tasks(model, tok, ["distily_offline", "no_such_task"], str(include), limit=4, max_length=1000)
+    assert notes == [f"no_such_task: lm-eval {notes[0].split()[2]} has no task of this name; skipped"]
+    assert 0 <= metrics["distily_lee_cloze/acc"] <= 1 and metrics["distily_lee_lastword/perplexity"] > 1
+    # Documents that fit one window: lm-eval's rolling log-likelihood and ours are the same computation.
+    # (Longer ones differ by design: lm-eval right-aligns the last window, the transformers recipe strides.)
+    assert max(len(tok(d)["input_ids"]) for d in docs[:4]) < 1000
+    ours = evaluate_perplexity(model, tok, docs[:4], max_len=1000, stride=500)
+    assert metrics["distily_lee_rolling/bits_per_byte"] == pytest.approx(ours["bits_per_byte"], rel=1e-5)
+
+
+def test_eval_report_and_model_card(tmp_path, hf_cache, tiny_teacher):
+    from eval.run import run
+    from stage_student.train import train
+    from test_train_student import cfg_for
+
+    for name, loss in (("kd", "forward_kl"), ("ce", "ce")):
+        train(cfg_for(hf_cache, tmp_path / name, max_steps=3, loss=loss))
+    summary = run(EvalConfig(model=str(tmp_path / "kd" / "final"), baseline=[str(tmp_path / "ce" / "final")],
+                             max_documents=4, max_seq_len=128, stride=64, limit=3, output=str(tmp_path / "eval")))
+    models = summary["models"]
+    assert list(models) == ["teacher", "kd", "ce"]  # the teacher comes from the cache manifest
+    assert models["teacher"]["path"] == str(tiny_teacher)
+    assert models["kd"]["parameters"] < models["teacher"]["parameters"]
+    ratio = summary["ratios"]["kd"]["heldout/perplexity"]
+    assert ratio == pytest.approx(models["kd"]["metrics"]["heldout/perplexity"] / models["teacher"]["metrics"]["heldout/perplexity"])
+    report = (tmp_path / "eval" / "eval.md").read_text()
+    assert "| heldout/perplexity |" in report and "kd/teacher" in report and "ce/teacher" in report
+    assert (tmp_path / "eval" / "training_loss.png").stat().st_size > 10_000
+    assert (tmp_path / "eval" / "eval_comparison.png").stat().st_size > 10_000
+    card = (tmp_path / "kd" / "final" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    listed = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert listed == {k: round(v, 6) for k, v in models["kd"]["metrics"].items()}
+    assert "forward_kl" in card and "adamw8bit" in card and str(3 * 2 * 64) in card
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["models"]["ce"]["metrics"]
