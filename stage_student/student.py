@@ -45,6 +45,16 @@ def check_tokenizer(tokenizer, manifest: dict, where: str) -> None:
         )
 
 
+def student_depth(cfg: TrainConfig, reader: CacheReader) -> int:
+    """The student's layer count, known before any weights are loaded (for early config checks)."""
+    if cfg.student:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(resolve_model(cfg.student)[0]).num_hidden_layers
+    teacher_layers = reader.teacher_config()["num_hidden_layers"]
+    return cfg.student_layers or (cfg.student_config or {}).get("num_hidden_layers") or max(1, teacher_layers // 2)
+
+
 def build_student(cfg: TrainConfig, reader: CacheReader):
     """Return (model, tokenizer, info dict)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -68,7 +78,8 @@ def build_student(cfg: TrainConfig, reader: CacheReader):
     teacher_cfg = reader.teacher_config()
     n_teacher = teacher_cfg["num_hidden_layers"]
     overrides = dict(cfg.student_config or {})
-    n_student = cfg.student_layers or overrides.pop("num_hidden_layers", None) or max(1, n_teacher // 2)
+    overrides.pop("num_hidden_layers", None)
+    n_student = student_depth(cfg, reader)
     student_cfg = {k: v for k, v in teacher_cfg.items() if k not in ("architectures", "_name_or_path", "transformers_version")}
     unknown = sorted(set(overrides) - set(student_cfg))
     if unknown:

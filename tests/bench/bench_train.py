@@ -1,0 +1,109 @@
+"""Stage-two costs, side by side in one run, on a teacher cache (default: the demo's runs/demo/cache):
+
+  step time streaming from the cache (DataLoader workers decoding shards) vs the same batches in memory
+  optimizer state bytes/param and peak RSS: AdamW8bit vs PagedAdamW8bit vs Lion8bit vs torch AdamW
+  (each optimizer in its own process, so peak RSS is its own)
+
+Prints a table, writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def trainer_for(cache: str, optimizer: str, layers: int, batch: int):
+    from pipeline.config import TrainConfig
+    from stage_student.train import Trainer
+
+    cfg = TrainConfig(cache=cache, output=tempfile.mkdtemp(prefix="distily-bench-"), student_layers=layers,
+                      optimizer=optimizer, batch_size=batch, eval_sequences=0, num_workers=1, lr=1e-4)
+    return Trainer(cfg)
+
+
+def one_step(trainer, batch) -> None:
+    trainer.compute_losses(batch)["loss"].backward()
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+
+def step_times(cache: str, layers: int, batch: int, steps: int) -> dict:
+    from stage_student.data import CacheStream, make_loader
+
+    t = trainer_for(cache, "adamw8bit", layers, batch)
+    stream = CacheStream(cache, t.train_pairs, batch, 0, 256)
+    loader = iter(make_loader(stream, 1))
+    one_step(t, next(loader))  # warm-up (allocations, worker start)
+    t0 = time.perf_counter()
+    wait = 0.0
+    for _ in range(steps):
+        tw = time.perf_counter()
+        b = next(loader)
+        wait += time.perf_counter() - tw
+        one_step(t, b)
+    streamed = (time.perf_counter() - t0) / steps
+    in_memory_batches = [next(loader) for _ in range(steps)]
+    t0 = time.perf_counter()
+    for b in in_memory_batches:
+        one_step(t, b)
+    in_memory = (time.perf_counter() - t0) / steps
+    return {"streamed_step_s": streamed, "in_memory_step_s": in_memory, "ratio": streamed / in_memory,
+            "data_wait_per_step_s": wait / steps, "tokens_per_step": batch * b["input_ids"].shape[1]}
+
+
+def optimizer_child(cache: str, optimizer: str, layers: int, batch: int) -> None:
+    from stage_student.data import CacheStream
+    from stage_student.train import optimizer_state_bytes
+
+    t = trainer_for(cache, optimizer, layers, batch)
+    batches = iter(CacheStream(cache, t.train_pairs, batch, 0, 16))
+    for _ in range(2):
+        one_step(t, next(batches))
+    params = sum(p.numel() for p in t.model.parameters() if p.requires_grad)
+    print(json.dumps({"optimizer": optimizer, "params": params, "state_bytes": optimizer_state_bytes(t.optimizer),
+                      "state_bytes_per_param": optimizer_state_bytes(t.optimizer) / params,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main() -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cache", default="runs/demo/cache")
+    ap.add_argument("--student-layers", type=int, default=15)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--json", default="bench-results/train.json")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return optimizer_child(args.cache, args.child, args.student_layers, args.batch_size)
+    timing = step_times(args.cache, args.student_layers, args.batch_size, args.steps)
+    optim = []
+    for name in ("adamw8bit", "paged_adamw8bit", "lion8bit", "adamw"):
+        out = subprocess.run([sys.executable, __file__, "--cache", args.cache, "--student-layers", str(args.student_layers),
+                              "--batch-size", str(args.batch_size), "--child", name], capture_output=True, text=True, check=True)
+        optim.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    result = {"cache": args.cache, "student_layers": args.student_layers, "batch_size": args.batch_size, "step": timing,
+              "optimizers": optim}
+    print("\n| measurement | value |\n|---|---|")
+    print(f"| step time streamed from cache (s) | {timing['streamed_step_s']:.3f} |")
+    print(f"| step time, same batches in memory (s) | {timing['in_memory_step_s']:.3f} |")
+    print(f"| streamed / in-memory | {timing['ratio']:.3f} |")
+    print(f"| data wait per step (s) | {timing['data_wait_per_step_s']:.4f} |")
+    print("\n| optimizer | state bytes/param | peak RSS (MB) |\n|---|---|---|")
+    for o in optim:
+        print(f"| {o['optimizer']} | {o['state_bytes_per_param']:.3f} | {o['peak_rss_mb']:.0f} |")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

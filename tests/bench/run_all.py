@@ -1,0 +1,58 @@
+"""`make bench`: run the stage benchmarks and the KD-vs-CE comparison; write one JSON and a markdown table.
+
+KD vs CE uses the demo's two students (same student, same cache tokens, different loss): run `make demo`
+first, or this script trains them with the demo's settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench-results")
+    ap.add_argument("--runs", default="runs/demo")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = Path(args.runs)
+    py = sys.executable
+    subprocess.run([py, HERE / "bench_capture.py", "--json", out / "capture.json"], check=True, cwd=ROOT)
+    if not (runs / "cache" / "manifest.json").exists():
+        subprocess.run(["make", "--no-print-directory", "teacher-cache", f"RUNS={runs}"], check=True, cwd=ROOT)
+    subprocess.run([py, HERE / "bench_train.py", "--cache", runs / "cache", "--json", out / "train.json"], check=True, cwd=ROOT)
+    for target, name in (("train-student", "student-kd"), ("train-student-ce", "student-ce")):
+        if not (runs / name / "result.json").exists():
+            subprocess.run(["make", "--no-print-directory", target, f"RUNS={runs}"], check=True, cwd=ROOT)
+    kd_vs_ce = {name: json.loads((runs / name / "result.json").read_text()) for name in ("student-kd", "student-ce")}
+    result = {
+        "capture": json.loads((out / "capture.json").read_text()),
+        "train": json.loads((out / "train.json").read_text()),
+        "kd_vs_ce": {n: {k: v for k, v in r.items() if k.startswith("eval/") or k == "tokens_seen"} for n, r in kd_vs_ce.items()},
+    }
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    lines = ["| benchmark | value |", "|---|---|"]
+    for name, r in result["capture"]["throughput"].items():
+        lines.append(f"| capture: {name} (tokens/s) | {r['tokens_per_s']:.1f} |")
+    for k, v in {**result["capture"]["ratios"], **result["capture"]["bytes_per_token"]}.items():
+        lines.append(f"| capture: {k} | {v:.3f} |")
+    step = result["train"]["step"]
+    lines.append(f"| train: step streamed / in memory | {step['ratio']:.3f} ({step['streamed_step_s']:.2f} s vs {step['in_memory_step_s']:.2f} s) |")
+    for o in result["train"]["optimizers"]:
+        lines.append(f"| train: {o['optimizer']} state bytes/param, peak RSS | {o['state_bytes_per_param']:.3f}, {o['peak_rss_mb']:.0f} MB |")
+    for n, r in result["kd_vs_ce"].items():
+        lines.append(f"| {n}: held-out CE / forward KL ({r.get('tokens_seen')} tokens) | {r['eval/ce']:.4f} / {r['eval/forward_kl']:.4f} |")
+    table = "\n".join(lines)
+    (out / "bench.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
