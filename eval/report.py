@@ -61,13 +61,8 @@ def plot_training(log_files: dict[str, Path], out: Path) -> Path | None:
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.set_title("training loss per component")
-    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / "training_loss.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, out / "training_loss.png")
 
 
 def plot_comparison(results: dict[str, dict], teacher: str | None, out: Path) -> Path | None:
@@ -87,7 +82,7 @@ def plot_comparison(results: dict[str, dict], teacher: str | None, out: Path) ->
         vals = []
         for m in metrics:
             v, t = results[n]["metrics"].get(m), results.get(teacher, {}).get("metrics", {}).get(m) if teacher else None
-            vals.append(v / t if v is not None and t else (v or float('nan')))
+            vals.append(v / t if v is not None and t else (v or float("nan")))
         ax.bar(np.arange(len(metrics)) + i * width, vals, width, label=n)
     ax.set_xticks(np.arange(len(metrics)) + width * (len(names) - 1) / 2)
     ax.set_xticklabels([m.replace("/", "\n") for m in metrics], fontsize=7)
@@ -96,9 +91,14 @@ def plot_comparison(results: dict[str, dict], teacher: str | None, out: Path) ->
         ax.axhline(1.0, color="k", lw=0.8)
     ax.set_yscale("log")  # ratios: 2x worse and 2x better are the same distance from 1
     ax.set_title("evaluation, relative to the teacher (log scale; perplexities: lower is better)")
+    return _save(fig, ax, out / "eval_comparison.png")
+
+
+def _save(fig, ax, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = out / "eval_comparison.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

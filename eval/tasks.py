@@ -60,7 +60,7 @@ def task_configs(files: dict[str, Path]) -> dict[str, dict]:
         },
         "distily_lee_lastword": {
             **base("distily_lee_lastword"), "output_type": "loglikelihood", "doc_to_text": "{{context}}",
-            "doc_to_target": "{{target}}",
+            "doc_to_target": "{{' ' + target}}",  # loglikelihood tasks get no target_delimiter (as lambada)
             "metric_list": [_metric("perplexity", "perplexity", False), _metric("acc", "mean", True)],
         },
         "distily_lee_rolling": {

@@ -30,3 +30,26 @@ def test_make_demo_tiny(tmp_path, tiny_teacher, text_file):
         assert (runs / name / "final" / "model.safetensors").exists()
     assert "| heldout/bits_per_byte |" in r.stdout  # the table is printed
     assert (runs / "student-kd" / "final" / "README.md").exists()
+
+
+@pytest.mark.slow
+def test_trained_student_loads_in_vllm(tmp_path, hf_cache):
+    """The final student dir is a plain HF dir that vLLM serves (own process: the test session holds an engine)."""
+    import sys
+
+    from stage_student.train import train
+    from test_train_student import cfg_for
+
+    train(cfg_for(hf_cache, tmp_path, max_steps=2))
+    code = (
+        "import os, sys\n"
+        "os.environ.setdefault('VLLM_ENABLE_V1_MULTIPROCESSING', '0')\n"
+        "from vllm import LLM, SamplingParams\n"
+        f"llm = LLM(model={str(tmp_path / 'final')!r}, dtype='float32', enforce_eager=True, max_model_len=128)\n"
+        "out = llm.generate(['The minister said'], SamplingParams(max_tokens=5, temperature=0), use_tqdm=False)\n"
+        "print('GENERATED', len(out[0].outputs[0].token_ids), flush=True)\n"
+        "os._exit(0)\n"
+    )
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and "GENERATED 5" in r.stdout, r.stderr[-3000:]

@@ -104,3 +104,19 @@ def test_eval_report_and_model_card(tmp_path, hf_cache, tiny_teacher):
     assert listed == {k: round(v, 6) for k, v in models["kd"]["metrics"].items()}
     assert "forward_kl" in card and "adamw8bit" in card and str(3 * 2 * 64) in card
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["models"]["ce"]["metrics"]
+
+
+def test_lastword_task_scores_what_a_direct_forward_does(tmp_path, teacher_model):
+    """lm-eval's number for the offline last-word task equals log p(" word" | context) from our own forward."""
+    model, tok = teacher_model
+    include = write_suite(load_texts(DatasetSpec("lee")), tmp_path / "tasks")
+    metrics, _ = run_tasks(model, tok, ["distily_lee_lastword"], str(include), limit=5, max_length=1000)
+    rows = [json.loads(l) for l in (include / "distily_lee_lastword.jsonl").read_text().splitlines()[:5]]
+    lls = []
+    for r in rows:
+        ctx = tok(r["context"], add_special_tokens=False)["input_ids"]
+        whole = tok(r["context"] + " " + r["target"], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
+        lls.append(sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole))))
+    assert metrics["distily_lee_lastword/perplexity"] == pytest.approx(math.exp(-sum(lls) / len(lls)), rel=1e-4)

@@ -32,7 +32,7 @@ def main() -> dict:
     os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(".cache/vllm").resolve()))
 
     from pipeline.config import CaptureConfig
-    from stage_teacher.capture import make_backend, prepare, run
+    from stage_teacher.capture import capture_shards, make_backend, prepare
     from stage_teacher.vllm_backend import VLLMTeacher
 
     layers = [int(x) for x in args.hidden_layers.split(",") if x]
@@ -43,6 +43,14 @@ def main() -> dict:
                              top_k=args.top_k, hidden_layers=hidden, backend=backend, sequences_per_shard=16)
 
     manifest, sequences, model_dir, _ = prepare(cfg("probe", "vllm", []))
+
+    def run(c, teacher):
+        """Capture and write every shard (what `distily teacher-cache` times), without the set-up."""
+        out = Path(c.output)
+        out.mkdir(parents=True)
+        m = {**manifest, "shards": [], "capture": {**manifest["capture"], "hidden_layers": c.hidden_layers}}
+        todo = list(range(-(-len(sequences) // c.sequences_per_shard)))
+        capture_shards(c, teacher, sequences, todo, out, m, out / "manifest.json")
     n_layers = manifest["teacher"]["num_hidden_layers"]
     tokens = int(sequences.size)
     rows = {}
