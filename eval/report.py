@@ -50,7 +50,10 @@ def plot_training(log_files: dict[str, Path], out: Path) -> Path | None:
     series = {}
     for name, f in log_files.items():
         rows = [json.loads(l) for l in f.read_text().splitlines() if '"loss"' in l]
-        for key in sorted({k for r in rows for k in r if k.startswith("loss")}):
+        keys = sorted({k for r in rows for k in r if k.startswith("loss")})
+        if len(keys) == 2:  # one component: the total is the same line
+            keys.remove("loss")
+        for key in keys:
             series[f"{name}: {key}"] = ([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r])
     if not series:
         return None

@@ -209,6 +209,20 @@ class CacheReader:
         with self.fs.open(self._join(schema.TEACHER_CONFIG), "r") as f:
             return json.load(f)
 
+    def check_files(self) -> None:
+        """Cheap pre-flight check (one listing, no reads): every shard file exists with its recorded size."""
+        sizes = {Path(e["name"]).name: e["size"] for e in self.fs.ls(self.root, detail=True)}
+        for shard in self.shards:
+            for key, size_key in (("file", "bytes"), ("hidden_file", "hidden_bytes")):
+                name = shard.get(key)
+                if name and name not in sizes:
+                    raise CacheError(f"{self.path}: shard {name} is missing; rebuild it by rerunning the same teacher-cache command")
+                if name and sizes[name] != shard[size_key]:
+                    raise CacheError(
+                        f"{self.path}: shard {name} has {sizes[name]} bytes, the manifest says {shard[size_key]} "
+                        "(truncated or corrupt); run `distily verify` and rebuild it"
+                    )
+
     def verify(self) -> list[str]:
         """Check every file's checksum and schema; return a list of problems (empty: the cache is good)."""
         problems: list[str] = []

@@ -114,6 +114,7 @@ class Trainer:
         manifest = self.reader.manifest
         if not manifest.get("complete", True) or not manifest["shards"]:
             raise DistilyError(f"the cache {cfg.cache} is empty or unfinished; rerun `distily teacher-cache` to complete it")
+        self.reader.check_files()
         self.manifest = manifest
         self.kd = cfg.loss != "ce" and cfg.kd_weight > 0
         self.gamma = cfg.cakld_gamma if cfg.cakld_gamma is not None else manifest.get("stats", {}).get("mean_target_prob", 0.5)

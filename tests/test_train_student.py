@@ -164,5 +164,11 @@ def test_empty_or_missing_cache(tmp_path, hf_cache):
     broken = tmp_path / "broken"
     shutil.copytree(hf_cache, broken)
     (broken / "shard-00001.parquet").write_bytes(b"not parquet")
+    with pytest.raises(CacheError, match="shard-00001.parquet has 11 bytes"):
+        Trainer(cfg_for(broken, tmp_path / "out"))  # before any model is built
     with pytest.raises(CacheError, match="shard-00001.parquet is corrupt"):
         CacheReader(broken).read_shard(CacheReader(broken).shards[1])
+    shutil.copy(hf_cache / "shard-00001.parquet", broken / "shard-00001.parquet")
+    (broken / "shard-00003.hidden.safetensors.zst").unlink()
+    with pytest.raises(CacheError, match="shard-00003.hidden.safetensors.zst is missing"):
+        CacheReader(broken).check_files()
