@@ -13,7 +13,7 @@ from pipeline.resolve import DEFAULT_EVAL_DATASET, DatasetSpec, load_texts, reso
 
 from . import harness, report
 from .perplexity import evaluate_perplexity
-from .tasks import GROUP, write_suite
+from .tasks import write_suite
 
 
 def label_for(path: str) -> str:

@@ -18,7 +18,7 @@ import os
 import tempfile
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import fsspec
 import numpy as np
@@ -28,6 +28,9 @@ import zstandard
 
 from . import schema
 from .manifest import CacheError, atomic_write_bytes, sha256_file
+
+if TYPE_CHECKING:
+    import torch
 
 # ----------------------------------------------------------------------------------------------- write
 

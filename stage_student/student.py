@@ -127,7 +127,7 @@ def copy_teacher_layers(model, weights: dict[str, torch.Tensor], layers: list[in
             t_layer = int(m.group(2))
             for s_layer, src in enumerate(layers):
                 if src == t_layer:
-                    new[_LAYER.sub(lambda mm: f"{mm.group(1)}layers.{s_layer}.", name, count=1)] = tensor
+                    new[_LAYER.sub(rf"\g<1>layers.{s_layer}.", name, count=1)] = tensor
         elif copy_embeddings:
             new[name] = tensor
     if "lm_head.weight" in own and "lm_head.weight" not in new and copy_embeddings:

@@ -8,7 +8,6 @@ import pytest
 import torch
 import yaml
 
-from conftest import capture_cfg
 from eval.harness import run_tasks
 from eval.perplexity import evaluate_perplexity, windows
 from eval.tasks import write_suite
