@@ -9,13 +9,6 @@ import yaml
 
 from pipeline import __version__
 
-LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "nll", "byte_perplexity", "word_perplexity")
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric.split("/")[-1] in LOWER_IS_BETTER
-
-
 def comparison_table(results: dict[str, dict], teacher: str | None) -> str:
     """Markdown: one row per metric, one column per model, and student/teacher ratios."""
     names = list(results)

@@ -237,15 +237,9 @@ class CacheReader:
             if not self.fs.exists(self._join(sub)):
                 problems.append(f"{sub} is missing")
         for shard in manifest["shards"]:
-            for key, sha_key in (("file", "sha256"), ("hidden_file", "hidden_sha256")):
-                if not shard.get(key):
-                    continue
-                p = self._join(shard[key])
-                if not self.fs.exists(p):
-                    problems.append(f"{shard[key]}: missing")
-                elif sha256_file(p, self.fs) != shard[sha_key]:
-                    problems.append(f"{shard[key]}: checksum mismatch (corrupt or truncated)")
-            if problems:
+            problem = verify_shard_files(self.root, shard, self.fs)
+            if problem:
+                problems.append(problem)
                 break
             try:
                 with self.fs.open(self._join(shard["file"]), "rb") as f:
@@ -265,14 +259,15 @@ class CacheReader:
         return problems
 
 
-def verify_shard_files(cache_dir: str | os.PathLike, shard: dict) -> str | None:
-    """Cheap resume check of one finished shard: both files exist and match their checksums."""
+def verify_shard_files(cache_dir: str | os.PathLike, shard: dict, fs=None) -> str | None:
+    """One finished shard: both files exist and match their checksums (None), or what is wrong."""
+    fs = fs or fsspec.filesystem("file")
     for key, sha_key in (("file", "sha256"), ("hidden_file", "hidden_sha256")):
         if not shard.get(key):
             continue
-        p = Path(cache_dir) / shard[key]
-        if not p.exists():
+        p = f"{cache_dir}/{shard[key]}"
+        if not fs.exists(p):
             return f"{shard[key]} is listed in the manifest but missing"
-        if sha256_file(p) != shard[sha_key]:
+        if sha256_file(p, fs) != shard[sha_key]:
             return f"{shard[key]} is corrupt or truncated (checksum mismatch)"
     return None

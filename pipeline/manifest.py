@@ -23,9 +23,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import schema
-
-
 from .errors import CacheError  # noqa: F401  (re-exported)
 
 
@@ -133,7 +130,3 @@ def stats_from_shards(shards: list[dict]) -> dict:
         "mean_target_prob": sum(s["target_prob_sum"] for s in shards) / max(positions, 1),
         "mean_tail_mass": sum(s["tail_mass_sum"] for s in shards) / max(positions, 1),
     }
-
-
-def manifest_path(cache_dir: str | os.PathLike) -> Path:
-    return Path(cache_dir) / schema.MANIFEST
