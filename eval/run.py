@@ -79,7 +79,7 @@ def run(cfg: EvalConfig) -> dict:
             n: {m: v / results[teacher_name]["metrics"][m] for m, v in r["metrics"].items() if results[teacher_name]["metrics"].get(m)}
             for n, r in results.items() if n != teacher_name
         }
-    logs = {n: training_dir(p) / "log.jsonl" for n, p in models.items() if n != "teacher" and training_dir(p)}
+    logs = {n: d / "log.jsonl" for n, p in models.items() if n != "teacher" and (d := training_dir(p))}
     plots = [report.plot_training({n: f for n, f in logs.items() if f.exists()}, out), report.plot_comparison(results, teacher_name, out)]
     summary["plots"] = [str(p) for p in plots if p]
     (out / "eval.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -164,11 +164,7 @@ class Trainer:
         parts: dict[str, torch.Tensor] = {}
         if self.kd:
             parts["kd"] = losses.kd_loss(
-                cfg.loss, logits,
-                batch["topk_ids"].to(self.device).reshape(logits.shape[0], -1),
-                batch["topk_logprobs"].to(self.device).reshape(logits.shape[0], -1),
-                batch["tail_mass"].to(self.device).reshape(-1),
-                cfg.temperature, cfg.tail, cfg.beta, self.gamma,
+                cfg.loss, logits, *self.cached_targets(batch), cfg.temperature, cfg.tail, cfg.beta, self.gamma
             )
         if cfg.loss == "ce" or cfg.ce_weight > 0:
             parts["ce"] = losses.ce_loss(logits, ids[:, 1:].reshape(-1))
@@ -180,6 +176,12 @@ class Trainer:
         weights = {"kd": cfg.kd_weight, "ce": 1.0 if cfg.loss == "ce" else cfg.ce_weight, "hs": cfg.hs_weight}
         parts["loss"] = sum(weights[k] * v for k, v in parts.items())
         return parts
+
+    def cached_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teacher's top-k ids, log-probs and tail mass, flattened over positions like the logits."""
+        k = batch["topk_ids"].shape[-1]
+        return (batch["topk_ids"].to(self.device).reshape(-1, k), batch["topk_logprobs"].to(self.device).reshape(-1, k),
+                batch["tail_mass"].to(self.device).reshape(-1))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -193,12 +195,9 @@ class Trainer:
         for batch in stream:
             ids = batch["input_ids"].to(self.device)
             logits = self.model(input_ids=ids).logits[:, :-1].reshape(-1, self.model.config.vocab_size)
-            k_ids = batch["topk_ids"].to(self.device).reshape(logits.shape[0], -1)
-            k_lp = batch["topk_logprobs"].to(self.device).reshape(logits.shape[0], -1)
-            tail = batch["tail_mass"].to(self.device).reshape(-1)
             vals = {
                 "eval/ce": losses.ce_loss(logits, ids[:, 1:].reshape(-1)),
-                "eval/forward_kl": losses.kd_loss("forward_kl", logits, k_ids, k_lp, tail),
+                "eval/forward_kl": losses.kd_loss("forward_kl", logits, *self.cached_targets(batch)),
             }
             for k, v in vals.items():
                 totals[k] = totals.get(k, 0.0) + v.item()
@@ -210,6 +209,10 @@ class Trainer:
 
     def checkpoint_dir(self) -> Path:
         return self.out / "checkpoints"
+
+    def run_shape(self) -> dict:
+        """What a resumed run must share with the checkpoint for the loader position to mean the same."""
+        return {"world_size": self.world, "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum}
 
     def save_checkpoint(self) -> None:
         if self.rank != 0:
@@ -230,7 +233,7 @@ class Trainer:
             tmp / "state.pt",
         )
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "loader_micro_batch": self.step * self.cfg.grad_accum,
-                 "world_size": self.world, "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum}
+                 **self.run_shape()}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -243,8 +246,8 @@ class Trainer:
             return False
         path = done[-1]
         state = json.loads((path / "trainer_state.json").read_text())
-        for key in ("world_size", "batch_size", "grad_accum"):
-            if state[key] != {"world_size": self.world, "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum}[key]:
+        for key, value in self.run_shape().items():
+            if state[key] != value:
                 raise DistilyError(f"cannot resume from {path}: it was trained with {key}={state[key]}; use the same value")
         blob = torch.load(path / "state.pt", map_location=self.device, weights_only=False)
         self.model.load_state_dict(blob["model"])
@@ -306,9 +309,8 @@ class Trainer:
                           "layer_pairs": self.pairs, "cakld_gamma": self.gamma, "world_size": self.world,
                           "cache_manifest": self.manifest}
             (self.out / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
-        hidden_layers = required_teacher_layers(self.pairs) if self.pairs else []
-        stream = CacheStream(cfg.cache, self.train_pairs, cfg.batch_size, cfg.seed, cfg.shuffle_buffer,
-                             self.rank, self.world, start=self.step * cfg.grad_accum, hidden_layers=hidden_layers)
+        stream = CacheStream(cfg.cache, self.train_pairs, cfg.batch_size, cfg.seed, cfg.shuffle_buffer, self.rank,
+                             self.world, start=self.step * cfg.grad_accum, hidden_layers=required_teacher_layers(self.pairs))
         batches = iter(make_loader(stream, cfg.num_workers))
         data_log = open(self.out / f"data-rank{self.rank}.log", "a")
         stop_at = cfg.max_steps

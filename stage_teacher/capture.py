@@ -164,16 +164,17 @@ def run(cfg: CaptureConfig, teacher=None) -> dict:
     mfile = manifest_file(out, cfg)
     print(f"teacher cache {out}: {len(sequences)} sequences x {cfg.max_seq_len} tokens, "
           f"{len(owned)} shards for this job, {len(owned) - len(todo)} already done")
-    if todo and teacher is not None:
-        if teacher.top_k != cfg.top_k or sorted(teacher.hidden_layers) != sorted(cfg.hidden_layers):
+    if todo:
+        owned_engine = teacher is None
+        if owned_engine:
+            teacher = make_backend(cfg, model_dir, manifest["teacher"]["num_hidden_layers"])
+        elif teacher.top_k != cfg.top_k or sorted(teacher.hidden_layers) != sorted(cfg.hidden_layers):
             raise CacheError("the given teacher engine was built with another top-k or other hidden layers")
-        capture_shards(cfg, teacher, sequences, todo, out, manifest, mfile)
-    elif todo:
-        teacher = make_backend(cfg, model_dir, manifest["teacher"]["num_hidden_layers"])
         try:
             capture_shards(cfg, teacher, sequences, todo, out, manifest, mfile)
         finally:
-            teacher.close()
+            if owned_engine:
+                teacher.close()
     manifest["stats"] = stats_from_shards(manifest["shards"])
     manifest["complete"] = True
     atomic_write_json(mfile, manifest)
