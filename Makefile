@@ -34,7 +34,7 @@ CACHE_ARGS = -o $(RUNS)/cache $(call opt,--teacher,$(TEACHER)) $(call opt,--data
 TRAIN_ARGS = --cache $(RUNS)/cache --student-layers $(STUDENT_LAYERS) --init teacher-layers --optimizer $(OPTIMIZER) \
 	--max-steps $(STEPS) --batch-size $(BATCH) --lr $(LR) --warmup-steps 5 --save-steps 20 --logging-steps 5 --eval-sequences 16
 
-.PHONY: setup demo teacher-cache train-student train-student-ce eval test bench clean
+.PHONY: setup demo teacher-cache train-student train-student-ce eval test bench study clean
 
 setup: $(VENV)/.installed
 
@@ -78,6 +78,11 @@ test: setup
 
 bench: setup
 	$(BIN)/python tests/bench/run_all.py --out bench-results
+
+# Which recipe gives the best student at the demo's budget (about 80 min here); resumable, row by row.
+study: setup
+	$(BIN)/python tests/bench/bench_temperature.py --json bench-results/temperature.json
+	$(BIN)/python tests/bench/study.py --out bench-results/study --runs runs/study
 
 clean:
 	rm -rf runs bench-results .cache/test-vllm

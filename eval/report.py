@@ -149,8 +149,17 @@ def model_card(student: str, results: dict[str, dict], table: str, run_config: d
                   f"hs_weight {cfg['hs_weight']} ({cfg['hs_loss']}, mapper `{cfg['layer_mapper']}`)",
                   f"- optimizer `{cfg['optimizer']}`, lr {cfg['lr']} ({cfg['lr_schedule']}, warmup {cfg['warmup_steps']}), "
                   f"batch {cfg['batch_size']} x accum {cfg['grad_accum']} x world {run_config.get('world_size', 1)}, {cfg['max_steps']} steps",
-                  f"- tokens seen: {run_config.get('tokens_seen', 'see log.jsonl')}", "",
-                  "<details><summary>all training parameters</summary>", "", "```json",
+                  f"- tokens seen: {run_config.get('tokens_seen', 'see log.jsonl')}", ""]
+        selection = run_config["student"].get("layer_selection")
+        if selection:
+            lines += ["### Layer selection (`--init-layers auto`)", "",
+                      f"Kept teacher layers {selection['layers']} ({selection['method']}): forward KL to the cached teacher "
+                      f"{selection['kl']:.4f} nats before training, vs {selection['evenly_kl']:.4f} for evenly spaced layers; "
+                      f"{selection['scored']} candidates scored on {selection['tokens']} cached tokens in {selection['seconds']:.0f} s.",
+                      "", "| forward KL | candidate | teacher layers kept |", "|---|---|---|"]
+            lines += [f"| {c['kl']:.4f} | {c['name']} | {','.join(map(str, c['layers']))} |" for c in selection["candidates"]]
+            lines += [""]
+        lines += ["<details><summary>all training parameters</summary>", "", "```json",
                   json.dumps(cfg, indent=2, default=str), "```", "</details>", ""]
     lines += ["## Evaluation", "", f"Held-out text: `{dataset}`.", "", table, ""]
     return "\n".join(lines)

@@ -73,12 +73,15 @@ def train_student(
     student_layers: Optional[int] = typer.Option(None, help="Recipe: number of layers [teacher's / 2]."),
     student_config: Optional[str] = typer.Option(None, help='Recipe: JSON config overrides, e.g. \'{"hidden_size": 384}\'.'),
     init: Optional[str] = typer.Option(None, help="random | teacher-layers [teacher-layers]."),
-    init_layers: Optional[str] = typer.Option(None, help="Teacher layers (0-based) to copy; default evenly spaced."),
+    init_layers: Optional[str] = typer.Option(None, help="auto (chosen from the cache) | evenly | teacher layers (0-based) to copy, e.g. 0,1,2,20 [auto]."),
+    select_sequences: Optional[int] = typer.Option(None, help="--init-layers auto: cached sequences to score candidates on [2]."),
     teacher: Optional[str] = typer.Option(None, help="Teacher weights dir for --init teacher-layers [manifest path]."),
+    online_teacher: Optional[str] = typer.Option(None, help="Reference only: run this teacher in the loop for full-vocabulary KD."),
     copy_embeddings: Optional[bool] = typer.Option(None, "--copy-embeddings/--no-copy-embeddings", help="Copy teacher embeddings, norm, head."),
     freeze_embeddings: Optional[bool] = typer.Option(None, "--freeze-embeddings/--train-embeddings", help="Freeze input embeddings."),
     loss: Optional[str] = typer.Option(None, help="forward_kl|reverse_kl|jsd|skew_kl|skew_rkl|cakld|tvd|ce [forward_kl]."),
     temperature: Optional[float] = typer.Option(None, help="KD temperature [1.0]."),
+    kd_top_k: Optional[int] = typer.Option(None, help="Use only the teacher's top N of the cached top-k [all of them]."),
     tail: Optional[str] = typer.Option(None, help="Teacher tail outside top-k: bucket | renormalize [bucket]."),
     beta: Optional[float] = typer.Option(None, help="JSD beta / skew alpha [0.5]."),
     cakld_gamma: Optional[float] = typer.Option(None, help="CAKLD gamma [teacher mean confidence from the manifest]."),
@@ -87,7 +90,7 @@ def train_student(
     hs_weight: Optional[float] = typer.Option(None, help="Weight of the hidden-state loss [0]."),
     hs_loss: Optional[str] = typer.Option(None, help="mse | cosine [mse]."),
     hs_norm: Optional[str] = typer.Option(None, help="none | layernorm | teacher_layernorm [none]."),
-    layer_mapper: Optional[str] = typer.Option(None, help="last|uniform|last-k|all|uniform-consecutive|uniform+last [last]."),
+    layer_mapper: Optional[str] = typer.Option(None, help="last|uniform|last-k|all|copied|uniform-consecutive|uniform+last [last]."),
     layer_mapper_k: Optional[int] = typer.Option(None, help="k of --layer-mapper last-k [4]."),
     projector: Optional[str] = typer.Option(None, help="auto | none | linear | orthogonal [auto]."),
     optimizer: Optional[str] = typer.Option(None, help="adamw8bit | paged_adamw8bit | lion8bit | adamw [adamw8bit]."),
@@ -111,7 +114,7 @@ def train_student(
     """Train a student from a teacher cache with an 8-bit optimizer (runs under torchrun unchanged)."""
     overrides = {k: v for k, v in locals().items() if k != "config"}
     try:
-        overrides["init_layers"] = C.parse_int_list(init_layers)
+        overrides["init_layers"] = C.parse_int_list(init_layers, ("auto", "evenly"))
         if student_config is not None:
             overrides["student_config"] = json.loads(student_config)
         cfg = C.load(C.TrainConfig, config, "train_student", overrides)

@@ -48,12 +48,15 @@ class TrainConfig:
     student_layers: int | None = None
     student_config: dict = field(default_factory=dict)  # overrides for the recipe (hidden_size, ...)
     init: str = "teacher-layers"  # random | teacher-layers
-    init_layers: list[int] | None = None  # teacher layers to copy (0-based); default: evenly spaced
+    init_layers: list[int] | str = "auto"  # auto (chosen from the cache) | evenly | teacher layers to copy (0-based)
+    select_sequences: int = 2  # --init-layers auto: cached sequences the candidates are scored on
     teacher: str | None = None  # weights for init teacher-layers; default: the path in the manifest
+    online_teacher: str | None = None  # reference: run this teacher in the loop, full-vocabulary targets
     copy_embeddings: bool = True
     freeze_embeddings: bool = False
     loss: str = "forward_kl"
     temperature: float = 1.0
+    kd_top_k: int | None = None  # use only the teacher's top N of the cached k (tail mass recomputed)
     tail: str = "bucket"  # bucket | renormalize
     beta: float = 0.5  # JSD beta; skew alpha
     cakld_gamma: float | None = None  # None: the teacher's mean confidence from the manifest
@@ -125,8 +128,8 @@ def load(cls, yaml_path: str | None, section: str, overrides: dict):
     return cls(**values)
 
 
-def parse_int_list(text: str | list | None) -> list[int] | None:
-    if text is None or isinstance(text, list):
+def parse_int_list(text: str | list | None, keywords: tuple[str, ...] = ()) -> list[int] | str | None:
+    if text is None or isinstance(text, list) or text in keywords:
         return text
     text = text.strip()
     if not text:

@@ -6,6 +6,7 @@ norm); the embeddings (0) are never mapped.
           uniform              student i <- teacher round(i * L_T / L_S), for every student layer
           last-k               the student's last k layers <- the teacher's last k layers, in order
           all                  student i <- teacher i (equal depth only)
+          copied               student i <- the teacher layer it was copied from (--init teacher-layers)
   1-to-N  uniform-consecutive  student i <- teacher layers (i-1)*c+1 .. i*c, c = ceil(L_T / L_S)
           uniform+last         student i <- {teacher round(i * L_T / L_S), teacher L_T}
 """
@@ -15,11 +16,13 @@ import math
 
 from pipeline.errors import DistilyError
 
-MAPPERS = ("last", "uniform", "last-k", "all", "uniform-consecutive", "uniform+last")
+MAPPERS = ("last", "uniform", "last-k", "all", "copied", "uniform-consecutive", "uniform+last")
 
 
-def map_layers(name: str, student_layers: int, teacher_layers: int, k: int = 4) -> list[tuple[int, list[int]]]:
-    """[(student_layer, [teacher_layers])], HF hidden-state numbering."""
+def map_layers(name: str, student_layers: int, teacher_layers: int, k: int = 4,
+               copied_from: list[int] | None = None) -> list[tuple[int, list[int]]]:
+    """[(student_layer, [teacher_layers])], HF hidden-state numbering. `copied_from`: the 0-based teacher
+    layer each student layer was initialised from (the `copied` mapper)."""
     s, t = student_layers, teacher_layers
     uniform = lambda i: max(1, round(i * t / s))  # noqa: E731
     if name == "last":
@@ -34,6 +37,10 @@ def map_layers(name: str, student_layers: int, teacher_layers: int, k: int = 4) 
         if s != t:
             raise DistilyError(f"--layer-mapper all needs equal depth; the student has {s} layers, the teacher {t}")
         return [(i, [i]) for i in range(1, s + 1)]
+    if name == "copied":
+        if copied_from is None or len(copied_from) != s:
+            raise DistilyError("--layer-mapper copied needs --init teacher-layers (student layer i learns from the teacher layer it copied)")
+        return [(i + 1, [l + 1]) for i, l in enumerate(copied_from)]
     if name == "uniform-consecutive":
         c = math.ceil(t / s)
         return [(i, list(range((i - 1) * c + 1, min(i * c, t) + 1))) for i in range(1, s + 1) if (i - 1) * c + 1 <= t]

@@ -3,9 +3,10 @@
 Recipe: the teacher's config with fewer layers (--student-layers) and any other overrides
 (--student-config '{"hidden_size": 384, ...}'). Initialisation:
   random          fresh weights (seeded);
-  teacher-layers  copy the chosen teacher layers (evenly spaced by default, first and last included, as
-                  DistilBERT and Minitron's depth pruning do) and, with --copy-embeddings, the embeddings,
-                  final norm and LM head. The teacher's weights are only read, never run.
+  teacher-layers  copy the chosen teacher layers and, with --copy-embeddings, the embeddings, final norm and
+                  LM head. --init-layers auto (default) chooses them by the damage their removal does to the
+                  cached teacher distributions (select_layers.py); evenly = evenly spaced, first and last
+                  included (DistilBERT, Minitron); or a list. The teacher runs only for that choice.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline.cache import CacheReader
@@ -21,12 +21,10 @@ from pipeline.config import TrainConfig
 from pipeline.errors import DistilyError
 from pipeline.resolve import resolve_model, tokenizer_fingerprint
 
+from .select_layers import check_init_layers, chosen_layers
+
 INITS = ("random", "teacher-layers")
 _LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
-
-
-def evenly_spaced(n_student: int, n_teacher: int) -> list[int]:
-    return [int(round(x)) for x in np.linspace(0, n_teacher - 1, n_student)]
 
 
 def load_tokenizer(reader: CacheReader):
@@ -90,31 +88,31 @@ def build_student(cfg: TrainConfig, reader: CacheReader):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     info = {"recipe": {"num_hidden_layers": n_student, **overrides}, "init": cfg.init}
     if cfg.init == "teacher-layers":
-        layers = cfg.init_layers or evenly_spaced(n_student, n_teacher)
-        if len(layers) != n_student or not all(0 <= l < n_teacher for l in layers):
-            raise DistilyError(f"--init-layers {layers} must name {n_student} teacher layers in [0, {n_teacher})")
-        copy_teacher_layers(model, teacher_weights(cfg, manifest), layers, cfg.copy_embeddings)
+        check_init_layers(cfg.init_layers, n_student, n_teacher, reader.num_sequences - cfg.eval_sequences, cfg.select_sequences)
+        teacher = load_teacher(cfg, manifest)
+        layers, selection = chosen_layers(cfg, reader, teacher, n_student)
+        copy_teacher_layers(model, teacher.state_dict(), layers, cfg.copy_embeddings)
+        del teacher
         info["teacher_layers"] = layers
+        if selection:
+            info["layer_selection"] = selection
     if cfg.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
         info["frozen"] = "embeddings"
     return model, tokenizer, info
 
 
-def teacher_weights(cfg: TrainConfig, manifest: dict) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def load_teacher(cfg: TrainConfig, manifest: dict, dtype=torch.float32):
+    """The teacher model (its weights seed --init teacher-layers; it also runs for --init-layers auto)."""
+    from transformers import AutoModelForCausalLM
 
     path = Path(cfg.teacher or manifest["teacher"]["path"])
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
-    if not files:
+    if not (path / "config.json").exists():
         raise DistilyError(
-            f"--init teacher-layers reads the teacher's weights, but {path} holds no *.safetensors. "
+            f"--init teacher-layers reads the teacher's weights, but {path} is not a model dir. "
             "Pass --teacher DIR (the teacher model dir), or use --init random."
         )
-    weights = {}
-    for f in files:
-        weights.update(load_file(f))
-    return weights
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
 def copy_teacher_layers(model, weights: dict[str, torch.Tensor], layers: list[int], copy_embeddings: bool) -> None:

@@ -29,11 +29,12 @@ import torch.distributed as dist
 from pipeline.cache import CacheReader
 from pipeline.config import TrainConfig
 from pipeline.errors import DistilyError
+from pipeline.resolve import resolve_model
 
 from . import losses
 from .data import CacheStream, make_loader, split_eval
 from .hidden import Projectors, check_hidden_options, mapped_hidden_loss
-from .layer_map import map_layers, required_teacher_layers
+from .layer_map import MAPPERS, map_layers, required_teacher_layers
 from .student import build_student, describe, student_depth
 
 OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "lion8bit", "adamw")
@@ -79,17 +80,38 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def load_online_teacher(path: str, manifest: dict):
+    """The --online-teacher reference model, after checking it speaks the cache's tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .student import check_tokenizer
+
+    local, _ = resolve_model(path)
+    check_tokenizer(AutoTokenizer.from_pretrained(local), manifest, f"--online-teacher {path}")
+    vocab = AutoConfig.from_pretrained(local).vocab_size
+    if vocab != manifest["teacher"]["vocab_size"]:
+        raise DistilyError(f"--online-teacher {path} has vocab_size {vocab}, the cache's teacher {manifest['teacher']['vocab_size']}")
+    model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    return model
+
+
 def validate(cfg: TrainConfig) -> None:
     """Every name and number checked before the cache or a model is touched."""
     losses.check_loss_name(cfg.loss, cfg.tail)
     check_hidden_options(cfg.hs_loss, cfg.hs_norm, cfg.projector)
-    map_layers(cfg.layer_mapper, 2, 2, 1)  # unknown mapper names fail here
+    if cfg.layer_mapper not in MAPPERS:
+        raise DistilyError(f"--layer-mapper {cfg.layer_mapper!r} is unknown; choose one of {', '.join(MAPPERS)}")
     if cfg.optimizer not in OPTIMIZERS:
         raise DistilyError(f"--optimizer {cfg.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
     if cfg.lr_schedule not in ("cosine", "linear", "constant"):
         raise DistilyError(f"--lr-schedule {cfg.lr_schedule!r} is unknown; choose cosine, linear or constant")
     if cfg.temperature <= 0:
         raise DistilyError("--temperature must be > 0")
+    if cfg.kd_top_k is not None and cfg.kd_top_k < 1:
+        raise DistilyError("--kd-top-k must be >= 1")
+    if cfg.online_teacher and (cfg.tail != "bucket" or cfg.kd_top_k):
+        raise DistilyError("--online-teacher uses the full vocabulary: --tail and --kd-top-k do not apply")
     for name in ("batch_size", "grad_accum", "max_steps", "save_steps", "logging_steps"):
         if getattr(cfg, name) < 1:
             raise DistilyError(f"--{name.replace('_', '-')} must be >= 1")
@@ -116,22 +138,27 @@ class Trainer:
             raise DistilyError(f"the cache {cfg.cache} is empty or unfinished; rerun `distily teacher-cache` to complete it")
         self.reader.check_files()
         self.manifest = manifest
+        if cfg.kd_top_k and cfg.kd_top_k > self.reader.top_k:
+            raise DistilyError(f"--kd-top-k {cfg.kd_top_k} is more than the cache holds (top-{self.reader.top_k})")
+        k = cfg.kd_top_k or self.reader.top_k
+        if cfg.temperature != 1.0 and cfg.tail == "bucket" and not cfg.online_teacher and cfg.loss != "ce" \
+                and k < manifest["teacher"]["vocab_size"]:
+            raise DistilyError(losses.TEMPERATURE_WITH_BUCKET)
         self.kd = cfg.loss != "ce" and cfg.kd_weight > 0
         self.gamma = cfg.cakld_gamma if cfg.cakld_gamma is not None else manifest.get("stats", {}).get("mean_target_prob", 0.5)
 
         self.pairs = []
-        if cfg.hs_weight > 0:  # checked before any weights are loaded
-            n_teacher = manifest["teacher"]["num_hidden_layers"]
-            self.pairs = map_layers(cfg.layer_mapper, student_depth(cfg, self.reader), n_teacher, cfg.layer_mapper_k)
-            need = required_teacher_layers(self.pairs)
-            missing = sorted(set(need) - set(self.reader.hidden_layers))
-            if missing:
-                raise DistilyError(
-                    f"--layer-mapper {cfg.layer_mapper} needs teacher hidden layers {need}, but the cache holds "
-                    f"{self.reader.hidden_layers} (missing {missing}). Capture them with "
-                    f"`distily teacher-cache --hidden-layers {','.join(map(str, need))}`."
-                )
+        copied = cfg.hs_weight > 0 and cfg.layer_mapper == "copied"
+        if cfg.hs_weight > 0 and not copied:  # checked before any weights are loaded
+            self.pairs = map_layers(cfg.layer_mapper, student_depth(cfg, self.reader),
+                                    manifest["teacher"]["num_hidden_layers"], cfg.layer_mapper_k)
+            self.check_cached_layers()
+        self.online = load_online_teacher(cfg.online_teacher, manifest) if cfg.online_teacher else None
         self.model, self.tokenizer, self.student_info = build_student(cfg, self.reader)
+        if copied:  # known once the layers are chosen
+            self.pairs = map_layers("copied", self.model.config.num_hidden_layers, manifest["teacher"]["num_hidden_layers"],
+                                    copied_from=self.student_info.get("teacher_layers"))
+            self.check_cached_layers()
         self.projectors = Projectors(
             cfg.projector, [s for s, _ in self.pairs], self.model.config.hidden_size, manifest["teacher"]["hidden_size"]
         )
@@ -139,6 +166,8 @@ class Trainer:
             self.model.gradient_checkpointing_enable()
         self.model.to(self.device)
         self.projectors.to(self.device)
+        if self.online is not None:
+            self.online.to(self.device)
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else self.device.type == "cuda"
         params = [p for p in [*self.model.parameters(), *self.projectors.parameters()] if p.requires_grad]
         self.optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
@@ -152,24 +181,44 @@ class Trainer:
             )
             # projectors are averaged by hand (they are not part of the DDP module)
 
+    def check_cached_layers(self) -> None:
+        need = required_teacher_layers(self.pairs)
+        missing = sorted(set(need) - set(self.reader.hidden_layers))
+        if missing and self.cfg.online_teacher is None:
+            raise DistilyError(
+                f"--layer-mapper {self.cfg.layer_mapper} needs teacher hidden layers {need}, but the cache holds "
+                f"{self.reader.hidden_layers} (missing {missing}). Capture them with "
+                f"`distily teacher-cache --hidden-layers {','.join(map(str, need))}`."
+            )
+
     # --------------------------------------------------------------------------------------- losses
 
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The training step's losses on one micro-batch: KD on the cached (or online) teacher, CE, hidden."""
         cfg = self.cfg
         ids = batch["input_ids"].to(self.device)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with autocast:
             out = self.ddp_model(input_ids=ids, output_hidden_states=bool(self.pairs))
+            if self.online is not None:
+                with torch.no_grad():
+                    teacher = self.online(input_ids=ids, output_hidden_states=bool(self.pairs))
         logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
         parts: dict[str, torch.Tensor] = {}
-        if self.kd:
+        if self.kd and self.online is not None:
+            teacher_logits = teacher.logits[:, :-1].reshape(-1, teacher.logits.shape[-1])
+            parts["kd"] = losses.kd_loss_full(cfg.loss, logits, teacher_logits, cfg.temperature, cfg.beta, self.gamma)
+        elif self.kd:
             parts["kd"] = losses.kd_loss(
                 cfg.loss, logits, *self.cached_targets(batch), cfg.temperature, cfg.tail, cfg.beta, self.gamma
             )
         if cfg.loss == "ce" or cfg.ce_weight > 0:
             parts["ce"] = losses.ce_loss(logits, ids[:, 1:].reshape(-1))
         if self.pairs:
-            teacher_hidden = {l: h.to(self.device) for l, h in batch["hidden_states"].items()}
+            if self.online is not None:
+                teacher_hidden = {l: teacher.hidden_states[l] for l in required_teacher_layers(self.pairs)}
+            else:
+                teacher_hidden = {l: h.to(self.device) for l, h in batch["hidden_states"].items()}
             parts["hs"] = mapped_hidden_loss(
                 self.pairs, out.hidden_states, teacher_hidden, self.projectors, cfg.hs_loss, cfg.hs_norm
             )
@@ -180,8 +229,11 @@ class Trainer:
     def cached_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The teacher's top-k ids, log-probs and tail mass, flattened over positions like the logits."""
         k = batch["topk_ids"].shape[-1]
-        return (batch["topk_ids"].to(self.device).reshape(-1, k), batch["topk_logprobs"].to(self.device).reshape(-1, k),
-                batch["tail_mass"].to(self.device).reshape(-1))
+        ids, logprobs = batch["topk_ids"].reshape(-1, k), batch["topk_logprobs"].reshape(-1, k)
+        tail = batch["tail_mass"].reshape(-1)
+        if self.cfg.kd_top_k and self.cfg.kd_top_k < k:
+            ids, logprobs, tail = losses.truncate_topk(ids, logprobs, self.cfg.kd_top_k)
+        return ids.to(self.device), logprobs.to(self.device), tail.to(self.device)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -309,6 +361,10 @@ class Trainer:
                           "layer_pairs": self.pairs, "cakld_gamma": self.gamma, "world_size": self.world,
                           "cache_manifest": self.manifest}
             (self.out / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
+            selection = self.student_info.get("layer_selection")
+            if selection and not resumed:
+                self.log({"step": 0, "init/selection_kl": selection["kl"], "init/evenly_kl": selection["evenly_kl"],
+                          "init/selection_seconds": selection["seconds"], "init/teacher_layers": selection["layers"]})
         stream = CacheStream(cfg.cache, self.train_pairs, cfg.batch_size, cfg.seed, cfg.shuffle_buffer, self.rank,
                              self.world, start=self.step * cfg.grad_accum, hidden_layers=required_teacher_layers(self.pairs))
         batches = iter(make_loader(stream, cfg.num_workers))

@@ -18,6 +18,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Layer selections are remembered under $DISTILY_HOME: a fresh one per session keeps tests independent.
+import tempfile  # noqa: E402
+
+os.environ["DISTILY_HOME"] = tempfile.mkdtemp(prefix="distily-home-")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -119,11 +119,47 @@ def test_student_rest_bucket_is_its_mass_outside_topk():
 def test_gradients_flow_and_ce_is_cross_entropy():
     s = random_logits(seed=11).float().requires_grad_()
     ids, lp, tail = cache_view(random_logits(seed=12), 8)
-    losses.kd_loss("jsd", s, ids, lp, tail, temperature=2.0).backward()
+    losses.kd_loss("jsd", s, ids, lp, tail, temperature=2.0, tail="renormalize").backward()
     assert s.grad.abs().sum() > 0
     y = torch.randint(0, V, (s.shape[0],))
     ref = -torch.log_softmax(s.detach().double(), -1)[torch.arange(len(y)), y].mean()
     assert losses.ce_loss(s.detach(), y).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", losses.KD_LOSSES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_online_full_vocab_loss_equals_the_cached_loss_at_k_equal_v(name, temperature):
+    t, s = random_logits(seed=21), random_logits(seed=22)
+    want = losses.kd_loss(name, s.float(), *cache_view(t, V), temperature=temperature, beta=0.3, gamma=0.6)
+    got = losses.kd_loss_full(name, s.float(), t.float(), temperature=temperature, beta=0.3, gamma=0.6)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+
+
+def zipf_logits(n: int, vocab: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ranks = torch.arange(1, vocab + 1, dtype=torch.float64)
+    sharp = 0.8 + 0.8 * torch.rand(n, 1, generator=g, dtype=torch.float64)
+    z = -sharp * ranks.log() + 0.3 * torch.randn(n, vocab, generator=g, dtype=torch.float64)
+    return torch.stack([row[torch.randperm(vocab, generator=g)] for row in z]).float()
+
+
+def test_temperature_with_the_tail_bucket_is_refused():
+    """At T > 1 the tail the cache lumps together holds most of the tempered mass: even the exact tempered
+    tail leaves the bucket KL far below the full-vocabulary KL, so the loss refuses rather than mislead."""
+    t = zipf_logits(64, 8192, seed=31)  # LM-like: Zipf over a random order, per-position sharpness and noise
+    s = (t + torch.randn(t.shape, generator=torch.Generator().manual_seed(32))).double()
+    t = t.double()
+    ids, lp, tail = cache_view(t, 8)
+    with pytest.raises(DistilyError, match="--temperature other than 1 needs --tail renormalize"):
+        losses.kd_loss("forward_kl", s.float(), ids, lp, tail, temperature=2.0)
+    T = 2.0
+    logp = torch.log_softmax(t, -1)
+    rest = torch.ones_like(logp, dtype=torch.bool).scatter(-1, ids, False)
+    exact_rest = torch.logsumexp(torch.where(rest, logp / T, float("-inf")), -1)  # the best any estimate can do
+    logp_b = torch.log_softmax(torch.cat([lp.double() / T, exact_rest[:, None]], -1), -1)
+    bucket = T * T * losses.forward_kl(logp_b, losses.student_log_probs(s, ids, T, "bucket").double()).mean()
+    full = losses.kd_loss_full("forward_kl", s.float(), t.float(), temperature=T)
+    assert bucket.item() < 0.5 * full.item()
 
 
 def test_unknown_loss_name():

@@ -24,7 +24,7 @@ def trainer_for(cache: str, optimizer: str, layers: int, batch: int):
     from pipeline.config import TrainConfig
     from stage_student.train import Trainer
 
-    cfg = TrainConfig(cache=cache, output=tempfile.mkdtemp(prefix="distily-bench-"), student_layers=layers,
+    cfg = TrainConfig(cache=cache, output=tempfile.mkdtemp(prefix="distily-bench-"), student_layers=layers, init_layers="evenly",
                       optimizer=optimizer, batch_size=batch, eval_sequences=0, num_workers=1, lr=1e-4)
     return Trainer(cfg)
 

@@ -25,6 +25,7 @@ def main() -> None:
     runs = Path(args.runs)
     py = sys.executable
     subprocess.run([py, HERE / "bench_capture.py", "--json", out / "capture.json"], check=True, cwd=ROOT)
+    subprocess.run([py, HERE / "bench_temperature.py", "--json", out / "temperature.json"], check=True, cwd=ROOT)
     if not (runs / "cache" / "manifest.json").exists():
         subprocess.run(["make", "--no-print-directory", "teacher-cache", f"RUNS={runs}"], check=True, cwd=ROOT)
     subprocess.run([py, HERE / "bench_train.py", "--cache", runs / "cache", "--json", out / "train.json"], check=True, cwd=ROOT)
@@ -35,6 +36,7 @@ def main() -> None:
     result = {
         "capture": json.loads((out / "capture.json").read_text()),
         "train": json.loads((out / "train.json").read_text()),
+        "temperature": json.loads((out / "temperature.json").read_text()),
         "kd_vs_ce": {n: {k: v for k, v in r.items() if k.startswith("eval/") or k == "tokens_seen"} for n, r in kd_vs_ce.items()},
     }
     (out / "bench.json").write_text(json.dumps(result, indent=2))
@@ -49,7 +51,8 @@ def main() -> None:
         lines.append(f"| train: {o['optimizer']} state bytes/param, peak RSS | {o['state_bytes_per_param']:.3f}, {o['peak_rss_mb']:.0f} MB |")
     for n, r in result["kd_vs_ce"].items():
         lines.append(f"| {n}: held-out CE / forward KL ({r.get('tokens_seen')} tokens) | {r['eval/ce']:.4f} / {r['eval/forward_kl']:.4f} |")
-    table = "\n".join(lines)
+    table = "\n".join(lines + ["", "KD temperature with a top-k cache (bucket KL vs full-vocabulary tempered KL):", "",
+                               *result["temperature"]["table"]])
     (out / "bench.md").write_text(table + "\n")
     print(table)
 

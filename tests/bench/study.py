@@ -1,0 +1,159 @@
+"""`make study`: which recipe gives the best student at the demo's budget? Sets `make demo`'s defaults.
+
+Every row trains the demo's student (15 of the embedded teacher's 30 layers, AdamW8bit, batches of 4 x 256
+tokens from the demo's cache in the same order, --steps steps: 60 is the demo's budget) with one thing changed, then measures perplexity
+on the 50 held-out Lee articles (text no row trained on). Rows run one after another, each a
+`distily train-student` process; a row whose result is already in the JSON is skipped, so an interrupted
+study resumes. Prints a markdown table and writes `OUT/study.json` and `OUT/study.md`.
+
+Also measured in the same run: the wall time of three students from one cache (capture included) against
+three online-KD runs (one measured; the online runs share nothing, so three take three times as long).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+# The demo's budget (Makefile: TOKENS, SEQ_LEN, TOP_K, STUDENT_LAYERS, STEPS, BATCH).
+CACHE_ARGS = ["--max-tokens", "65536", "--max-seq-len", "256", "--top-k", "64"]
+BASE = ["--student-layers", "15", "--init", "teacher-layers", "--optimizer", "adamw8bit", "--batch-size", "4",
+        "--warmup-steps", "5", "--logging-steps", "5", "--eval-sequences", "16"]
+DEMO_LR = "3e-4"  # the demo's learning rate before this study
+
+# name, what it tests, extra arguments ({teacher} and {hs_cache} are filled in)
+ROWS = [
+    ("ce", "CE only, auto init", ["--loss", "ce", "--lr", DEMO_LR]),
+    ("kd-evenly-k64", "top-64 KD, evenly spaced init", ["--init-layers", "evenly", "--lr", DEMO_LR]),
+    ("kd-auto-k64", "top-64 KD, auto init", ["--lr", DEMO_LR]),
+    ("kd-auto-k8", "top-8 KD (first 8 of the cached 64), auto init", ["--kd-top-k", "8", "--lr", DEMO_LR]),
+    ("online-auto", "online full-vocabulary KD (reference), auto init", ["--online-teacher", "{teacher}", "--lr", DEMO_LR]),
+    ("kd-auto-k64-T2", "top-64 KD, T=2 on the renormalised top-k, auto init",
+     ["--temperature", "2", "--tail", "renormalize", "--lr", DEMO_LR]),
+    ("kd-auto-k64-lr1e-3", "top-64 KD, auto init, lr 1e-3", ["--lr", "1e-3"]),
+    ("kd-auto-k64-lr3e-3", "top-64 KD, auto init, lr 3e-3", ["--lr", "3e-3"]),
+    ("kd-auto-k64-hs", "top-64 KD + hidden MSE (layernormed) on the copied layers, auto init",
+     ["--cache", "{hs_cache}", "--hs-weight", "1", "--layer-mapper", "copied", "--hs-norm", "layernorm", "--lr", DEMO_LR]),
+]
+
+
+def distily(*args: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([str(Path(sys.executable).parent / "distily"), *args], check=True, cwd=ROOT)
+    return time.perf_counter() - t0
+
+
+def perplexity(model_dir: str, texts: list[str]) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval.perplexity import evaluate_perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    r = evaluate_perplexity(model, AutoTokenizer.from_pretrained(model_dir), texts, 512, 256, 4)
+    return {"perplexity": r["perplexity"], "bits_per_byte": r["bits_per_byte"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench-results/study")
+    ap.add_argument("--runs", default="runs/study")
+    ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
+    ap.add_argument("--steps", type=int, default=60, help="optimizer steps per row [60, the demo's]")
+    args = ap.parse_args()
+    from pipeline.resolve import DatasetSpec, load_texts, resolve_model
+
+    out, runs = Path(args.out), Path(args.runs)
+    out.mkdir(parents=True, exist_ok=True)
+    jpath = out / "study.json"
+    study = json.loads(jpath.read_text()) if jpath.exists() else {"rows": {}}
+    if study.get("steps", args.steps) != args.steps:
+        raise SystemExit(f"{jpath} holds rows of {study['steps']} steps; use another --out for --steps {args.steps}")
+    study["steps"] = args.steps
+    save = lambda: jpath.write_text(json.dumps(study, indent=2))  # noqa: E731
+    texts = load_texts(DatasetSpec("lee"))
+    teacher, _ = resolve_model(None)
+    cache = runs / "cache"
+    if "capture_s" not in study:
+        study["capture_s"] = distily("teacher-cache", "-o", str(cache), *CACHE_ARGS)
+        save()
+    if "teacher" not in study:
+        study["teacher"] = perplexity(teacher, texts)
+        save()
+    wanted = [r for r in ROWS if not args.rows or r[0] in args.rows.split(",")]
+    for name, what, extra in wanted:
+        if name in study["rows"]:
+            continue
+        hs_cache = runs / "cache-hs"
+        if "{hs_cache}" in extra and not (hs_cache / "manifest.json").exists():
+            # the layers the auto-init student copied, in HF hidden-state numbering (layer i's output = i + 1)
+            auto = next(r for r in study["rows"].values() if r.get("teacher_layers") and r["init"] == "auto")
+            layers = ",".join(str(l + 1) for l in auto["teacher_layers"])
+            study["hs_capture_s"] = distily("teacher-cache", "-o", str(hs_cache), *CACHE_ARGS, "--hidden-layers", layers)
+        extra = [a.replace("{teacher}", teacher).replace("{hs_cache}", str(hs_cache)) for a in extra]
+        run_dir = runs / name
+        steps = str(args.steps)
+        args_ = ["train-student", "--cache", str(cache), "-o", str(run_dir), *BASE, "--max-steps", steps, "--save-steps", steps, *extra]
+        print(f"== {name}: {what}\n   distily {' '.join(args_)}", flush=True)
+        if (run_dir / "checkpoints").exists():
+            args_.append("--resume")
+        wall = distily(*args_)
+        result = json.loads((run_dir / "result.json").read_text())
+        run_config = json.loads((run_dir / "run_config.json").read_text())
+        student = run_config["student"]
+        study["rows"][name] = {
+            "what": what, "args": extra, "train_wall_s": wall, **perplexity(str(run_dir / "final"), texts),
+            "cache_eval_forward_kl": result.get("eval/forward_kl"), "cache_eval_ce": result.get("eval/ce"),
+            "tokens_seen": result["tokens_seen"], "teacher_layers": student.get("teacher_layers"),
+            "init": "auto" if student.get("layer_selection") else "evenly" if "evenly" in extra else "given",
+            "selection": {k: student["layer_selection"][k] for k in ("layers", "kl", "evenly_kl", "method", "seconds", "scored")}
+            if student.get("layer_selection") and "reused" not in student["layer_selection"] else None,
+        }
+        save()
+    report(study, out)
+
+
+def report(study: dict, out: Path) -> None:
+    t = study["teacher"]["perplexity"]
+    rows = study["rows"]
+    ce = rows.get("ce", {}).get("perplexity")
+    lines = [f"{study['steps']} steps of 4 x 256 tokens per row. Teacher held-out perplexity {t:.2f} "
+             f"(bits/byte {study['teacher']['bits_per_byte']:.3f}).", "",
+             "| row | what | held-out ppl | / teacher | / CE only | bits/byte | cache eval KL | train wall (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in sorted(rows.items(), key=lambda kv: kv[1]["perplexity"]):
+        kl = r.get("cache_eval_forward_kl")
+        cols = [name, r["what"], f"{r['perplexity']:.2f}", f"{r['perplexity'] / t:.2f}",
+                f"{r['perplexity'] / ce:.3f}" if ce else "-", f"{r['bits_per_byte']:.3f}",
+                f"{kl:.4f}" if kl is not None else "-", f"{r['train_wall_s']:.0f}"]
+        lines.append("| " + " | ".join(cols) + " |")
+    summary = {}
+    if "kd-auto-k64" in rows and "online-auto" in rows:
+        summary["topk64_over_online_ppl"] = rows["kd-auto-k64"]["perplexity"] / rows["online-auto"]["perplexity"]
+    three = [n for n in ("kd-auto-k64", "kd-auto-k8", "kd-auto-k64-T2") if n in rows]
+    if len(three) == 3 and "online-auto" in rows:
+        cached = study["capture_s"] + sum(rows[n]["train_wall_s"] for n in three)
+        online = 3 * rows["online-auto"]["train_wall_s"]
+        summary.update(three_cached_s=cached, three_online_s=online, three_cached_over_online=cached / online)
+    sel = next((r["selection"] for r in rows.values() if r.get("selection")), None)
+    if sel:
+        summary["selection"] = sel
+    study["summary"] = summary
+    if summary:
+        lines += [""] + [f"- {k}: {json.dumps(v) if isinstance(v, dict) else (f'{v:.3f}' if isinstance(v, float) else v)}"
+                         for k, v in summary.items()]
+    (out / "study.json").write_text(json.dumps(study, indent=2))
+    (out / "study.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
