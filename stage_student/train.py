@@ -365,8 +365,9 @@ class Trainer:
             if selection and not resumed:
                 self.log({"step": 0, "init/selection_kl": selection["kl"], "init/evenly_kl": selection["evenly_kl"],
                           "init/selection_seconds": selection["seconds"], "init/teacher_layers": selection["layers"]})
+        cached_hidden = [] if self.online is not None else required_teacher_layers(self.pairs)  # online: from its forward
         stream = CacheStream(cfg.cache, self.train_pairs, cfg.batch_size, cfg.seed, cfg.shuffle_buffer, self.rank,
-                             self.world, start=self.step * cfg.grad_accum, hidden_layers=required_teacher_layers(self.pairs))
+                             self.world, start=self.step * cfg.grad_accum, hidden_layers=cached_hidden)
         batches = iter(make_loader(stream, cfg.num_workers))
         data_log = open(self.out / f"data-rank{self.rank}.log", "a")
         stop_at = cfg.max_steps

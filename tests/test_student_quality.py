@@ -70,14 +70,15 @@ def test_online_kd_equals_cache_kd_when_k_is_the_vocabulary(tmp_path, tiny_teach
 
     V = AutoConfig.from_pretrained(tiny_teacher).vocab_size
     full = tmp_path / "cache-full"
-    run(capture_cfg(tiny_teacher, text_file, full, top_k=V, hidden_layers=[], vllm_max_logprobs=V))
-    kw = dict(init_layers="evenly", loss="jsd", temperature=2.0, max_steps=5)
+    run(capture_cfg(tiny_teacher, text_file, full, top_k=V, vllm_max_logprobs=V))  # fp32 hidden states too
+    kw = dict(init_layers="evenly", loss="jsd", temperature=2.0, max_steps=5, hs_weight=0.5, layer_mapper="last")
     train(cfg_for(full, tmp_path / "cached", **kw))
     train(cfg_for(full, tmp_path / "online", online_teacher=str(tiny_teacher), **kw))
     a, b = log(tmp_path / "cached"), log(tmp_path / "online")
     assert [r["step"] for r in a] == [1, 2, 3, 4, 5] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
-        assert rb["loss/kd"] == pytest.approx(ra["loss/kd"], rel=1e-4, abs=1e-6), ra["step"]
+        for key in ("loss/kd", "loss/hs"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
 
 
 def test_kd_top_k_equals_a_smaller_cache(tmp_path, tiny_teacher, text_file, hf_cache):
