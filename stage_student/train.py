@@ -209,9 +209,8 @@ class Trainer:
             teacher_logits = teacher.logits[:, :-1].reshape(-1, teacher.logits.shape[-1])
             parts["kd"] = losses.kd_loss_full(cfg.loss, logits, teacher_logits, cfg.temperature, cfg.beta, self.gamma)
         elif self.kd:
-            parts["kd"] = losses.kd_loss(
-                cfg.loss, logits, *self.cached_targets(batch), cfg.temperature, cfg.tail, cfg.beta, self.gamma
-            )
+            targets = self.cached_targets(batch, cfg.kd_top_k)
+            parts["kd"] = losses.kd_loss(cfg.loss, logits, *targets, cfg.temperature, cfg.tail, cfg.beta, self.gamma)
         if cfg.loss == "ce" or cfg.ce_weight > 0:
             parts["ce"] = losses.ce_loss(logits, ids[:, 1:].reshape(-1))
         if self.pairs:
@@ -226,13 +225,13 @@ class Trainer:
         parts["loss"] = sum(weights[k] * v for k, v in parts.items())
         return parts
 
-    def cached_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The teacher's top-k ids, log-probs and tail mass, flattened over positions like the logits."""
+    def cached_targets(self, batch: dict, kd_top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teacher's top-k ids, log-probs and tail mass (its first kd_top_k), flattened like the logits."""
         k = batch["topk_ids"].shape[-1]
         ids, logprobs = batch["topk_ids"].reshape(-1, k), batch["topk_logprobs"].reshape(-1, k)
         tail = batch["tail_mass"].reshape(-1)
-        if self.cfg.kd_top_k and self.cfg.kd_top_k < k:
-            ids, logprobs, tail = losses.truncate_topk(ids, logprobs, self.cfg.kd_top_k)
+        if kd_top_k and kd_top_k < k:
+            ids, logprobs, tail = losses.truncate_topk(ids, logprobs, kd_top_k)
         return ids.to(self.device), logprobs.to(self.device), tail.to(self.device)
 
     @torch.no_grad()
@@ -249,7 +248,7 @@ class Trainer:
             logits = self.model(input_ids=ids).logits[:, :-1].reshape(-1, self.model.config.vocab_size)
             vals = {
                 "eval/ce": losses.ce_loss(logits, ids[:, 1:].reshape(-1)),
-                "eval/forward_kl": losses.kd_loss("forward_kl", logits, *self.cached_targets(batch)),
+                "eval/forward_kl": losses.kd_loss("forward_kl", logits, *self.cached_targets(batch)),  # all k cached
             }
             for k, v in vals.items():
                 totals[k] = totals.get(k, 0.0) + v.item()
