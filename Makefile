@@ -19,9 +19,10 @@ HIDDEN_LAYERS ?=
 STUDENT_LAYERS ?= 15
 LOSS ?= forward_kl
 OPTIMIZER ?= adamw8bit
-STEPS ?= 60
+STEPS ?= 30
 BATCH ?= 4
-LR ?= 3e-4
+LR ?= 1e-3
+INIT_LAYERS ?= auto
 EVAL_LIMIT ?= 50
 TEST_ARGS ?=
 
@@ -31,7 +32,7 @@ export TOKENIZERS_PARALLELISM ?= false
 opt = $(if $(2),$(1) $(2))
 CACHE_ARGS = -o $(RUNS)/cache $(call opt,--teacher,$(TEACHER)) $(call opt,--dataset,$(DATASET)) \
 	--max-tokens $(TOKENS) --max-seq-len $(SEQ_LEN) --top-k $(TOP_K) $(call opt,--hidden-layers,$(HIDDEN_LAYERS))
-TRAIN_ARGS = --cache $(RUNS)/cache --student-layers $(STUDENT_LAYERS) --init teacher-layers --optimizer $(OPTIMIZER) \
+TRAIN_ARGS = --cache $(RUNS)/cache --student-layers $(STUDENT_LAYERS) --init teacher-layers --init-layers $(INIT_LAYERS) --optimizer $(OPTIMIZER) \
 	--max-steps $(STEPS) --batch-size $(BATCH) --lr $(LR) --warmup-steps 5 --save-steps 20 --logging-steps 5 --eval-sequences 16
 
 .PHONY: setup demo teacher-cache train-student train-student-ce eval test bench study clean
@@ -79,10 +80,10 @@ test: setup
 bench: setup
 	$(BIN)/python tests/bench/run_all.py --out bench-results
 
-# Which recipe gives the best student at the demo's budget (about 80 min here); resumable, row by row.
+# Which recipe gives the best student at the demo's budget (about 70 min here); resumable, row by row.
 study: setup
 	$(BIN)/python tests/bench/bench_temperature.py --json bench-results/temperature.json
-	$(BIN)/python tests/bench/study.py --out bench-results/study --runs runs/study
+	$(BIN)/python tests/bench/study.py --out bench-results/study --runs runs/study --steps $(STEPS)
 
 clean:
 	rm -rf runs bench-results .cache/test-vllm

@@ -1,7 +1,7 @@
 """`make study`: which recipe gives the best student at the demo's budget? Sets `make demo`'s defaults.
 
 Every row trains the demo's student (15 of the embedded teacher's 30 layers, AdamW8bit, batches of 4 x 256
-tokens from the demo's cache in the same order, --steps steps: 60 is the demo's budget) with one thing changed, then measures perplexity
+tokens from the demo's cache in the same order, --steps steps: 30, the demo's budget) with one thing changed, then measures perplexity
 on the 50 held-out Lee articles (text no row trained on). Rows run one after another, each a
 `distily train-student` process; a row whose result is already in the JSON is skipped, so an interrupted
 study resumes. Prints a markdown table and writes `OUT/study.json` and `OUT/study.md`.
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench-results/study")
     ap.add_argument("--runs", default="runs/study")
     ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
-    ap.add_argument("--steps", type=int, default=60, help="optimizer steps per row [60, the demo's]")
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per row [30, the demo's]")
     args = ap.parse_args()
     from pipeline.resolve import DatasetSpec, load_texts, resolve_model
 
