@@ -16,6 +16,8 @@ scored one starts from that one's hidden state after them (the teacher's, for bl
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +27,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import DistilyError
+from pipeline.manifest import atomic_write_json
+from pipeline.resolve import distily_home
 
 from .losses import kd_loss
 
@@ -232,12 +236,6 @@ def chosen_layers(cfg, reader, teacher: nn.Module, n_student: int) -> tuple[list
         return list(cfg.init_layers), None
     if cfg.init_layers == "evenly":
         return evenly_spaced(n_student, n_teacher), None
-    import hashlib
-    import json
-
-    from pipeline.manifest import atomic_write_json
-    from pipeline.resolve import distily_home
-
     m = reader.manifest
     key = {"version": 1, "teacher_sha256": m["teacher"]["weights_sha256"], "teacher": str(cfg.teacher or m["teacher"]["path"]),
            "dataset": m["dataset"]["fingerprint"], "top_k": reader.top_k, "n_student": n_student,

@@ -144,12 +144,14 @@ def test_bad_training_input(tmp_path, hf_cache, kw, message):
         Trainer(cfg_for(hf_cache, tmp_path, **kw))
 
 
-def test_student_with_another_tokenizer(tmp_path, hf_cache, texts):
-    student = tmp_path / "student"
-    tok = build_tokenizer(texts[:50], student, vocab_size=300)
-    build_llama(student, len(tok), layers=2)
-    with pytest.raises(DistilyError, match="is not the cache's"):
-        Trainer(cfg_for(hf_cache, tmp_path / "out", student=str(student)))
+def test_student_or_online_teacher_with_another_tokenizer(tmp_path, hf_cache, texts):
+    other = tmp_path / "other"
+    tok = build_tokenizer(texts[:50], other, vocab_size=300)
+    build_llama(other, len(tok), layers=2)
+    with pytest.raises(DistilyError, match="--student .* is not the cache's"):
+        Trainer(cfg_for(hf_cache, tmp_path / "out", student=str(other)))
+    with pytest.raises(DistilyError, match="--online-teacher .* is not the cache's"):
+        Trainer(cfg_for(hf_cache, tmp_path / "out", online_teacher=str(other)))
 
 
 def test_empty_or_missing_cache(tmp_path, hf_cache):
