@@ -127,18 +127,22 @@ def select_layers(model: nn.Module, input_ids: torch.Tensor, targets: tuple[torc
             s += 1
         return after[:s]
 
+    def from_prefix(kept: list[int], prefix: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+        """(KL, hidden state after each layer of `kept`), running only the layers after `prefix`: the hidden
+        states after kept[0], kept[1], ... from an earlier forward that kept them too."""
+        prefix = prefix[: len(kept) - 1]  # run at least one layer
+        kl, outputs, _ = pf.run(kept, len(prefix), prefix[-1] if prefix else None)
+        return kl, [*prefix, *outputs]
+
     def score(name: str, kept: list[int], prefix: list[torch.Tensor] | None = None) -> Candidate:
-        """`prefix`: the hidden states after kept[0], kept[1], ... from an earlier forward that kept them too."""
         key = tuple(kept)
-        prefix = (teacher_prefix(kept) if prefix is None else prefix)[: len(kept) - 1]  # run at least one layer
         if key not in scored:
-            scored[key] = Candidate(name, kept, pf.run(kept, len(prefix), prefix[-1] if prefix else None)[0])
+            scored[key] = Candidate(name, kept, from_prefix(kept, teacher_prefix(kept) if prefix is None else prefix)[0])
         return scored[key]
 
     def hidden_after(kept: list[int], prefix: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The hidden state after each layer of `kept` (one more forward; cheaper than keeping them all)."""
-        prefix = prefix[: len(kept) - 1]
-        return [*prefix, *pf.run(kept, len(prefix), prefix[-1] if prefix else None)[1]]
+        """One more forward for the greedy base's hidden states (cheaper than keeping every candidate's)."""
+        return from_prefix(kept, prefix)[1]
 
     def drop_block(size: int) -> list[Candidate]:
         return [score(f"drop {a}-{a + size - 1}", [l for l in range(n_teacher) if not a <= l < a + size])
@@ -243,8 +247,8 @@ def chosen_layers(cfg, reader, teacher: nn.Module, n_student: int) -> tuple[list
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     places = [Path(cfg.output) / "layer_selection.json", distily_home() / "layer-selection" / f"{digest}.json"]
     for path in places:
-        if path.exists() and json.loads(path.read_text()).get("key") == key:
-            result = json.loads(path.read_text())
+        result = json.loads(path.read_text()) if path.exists() else {}
+        if result.get("key") == key:
             print(f"layer selection: reusing {path}")
             print(format_table(result))
             break
