@@ -58,6 +58,7 @@ class TrainConfig:
     temperature: float = 1.0
     kd_top_k: int | None = None  # use only the teacher's top N of the cached k (tail mass recomputed)
     tail: str = "bucket"  # bucket | renormalize
+    loss_chunk_size: int = 1024  # positions per chunk of the fused LM head + loss; 0: full logits (the reference)
     beta: float = 0.5  # JSD beta; skew alpha
     cakld_gamma: float | None = None  # None: the teacher's mean confidence from the manifest
     kd_weight: float = 1.0
@@ -83,8 +84,9 @@ class TrainConfig:
     eval_sequences: int = 16  # held-out cache sequences (the cache's last ones) for eval loss; 0: none
     seed: int = 0
     shuffle_buffer: int = 256
-    num_workers: int = 1
+    num_workers: int | None = None  # DataLoader workers; None: 1 on GPUs, 0 on CPUs without a spare core
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the student's forward (inductor; CPU needs a C compiler)
     bf16: bool | None = None  # None: on when CUDA is available
     resume: bool = False
     stop_after_steps: int | None = None  # leave after this step (checkpointed), e.g. at a job's time limit

@@ -116,6 +116,20 @@ def collate(rows: list[dict]) -> dict:
     return batch
 
 
+def auto_workers(device_type: str) -> int:
+    """--num-workers by default: decode in a worker process only where it has a core of its own.
+
+    On a GPU node the CPU cores are idle while the GPU trains, so one worker decodes ahead. When training on
+    the CPU, torch's compute threads use every core; a worker there steals them (streamed steps were 1.09x
+    the in-memory ones on 2 cores), while decoding a batch in the loop costs about 1% of a step, so decode
+    inline unless there are cores beyond torch's threads.
+    """
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if device_type == "cuda" or cores > torch.get_num_threads() else 0
+
+
 def make_loader(stream: CacheStream, num_workers: int) -> DataLoader:
     return DataLoader(
         stream, batch_size=None, num_workers=num_workers, prefetch_factor=4 if num_workers else None,

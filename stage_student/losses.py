@@ -128,7 +128,7 @@ def kd_loss(name: str, student_logits, topk_ids, topk_logprobs, tail_mass, tempe
     """Mean over positions of D(P_teacher, Q_student). Inputs are flattened over positions: [N, V], [N, k], [N]."""
     logq = student_log_probs(student_logits, topk_ids, temperature, tail)
     logp = teacher_log_probs(topk_logprobs, tail_mass, student_logits.shape[-1], temperature, tail)
-    return _divergence(name, logp, logq, temperature, beta, gamma)
+    return divergence(name, logp, logq, temperature, beta, gamma)
 
 
 def kd_loss_full(name: str, student_logits, teacher_logits, temperature: float = 1.0, beta: float = 0.5,
@@ -136,10 +136,10 @@ def kd_loss_full(name: str, student_logits, teacher_logits, temperature: float =
     """The same divergence on full-vocabulary teacher logits (online KD, the reference): [N, V], [N, V]."""
     logq = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     logp = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return _divergence(name, logp, logq, temperature, beta, gamma)
+    return divergence(name, logp, logq, temperature, beta, gamma)
 
 
-def _divergence(name: str, logp, logq, temperature: float, beta: float, gamma: float):
+def divergence(name: str, logp, logq, temperature: float, beta: float, gamma: float):
     per_position = DIVERGENCES[name](logp, logq, beta=beta, gamma=gamma)
     scale = temperature**2 if name != "tvd" else 1.0
     return scale * per_position.mean()

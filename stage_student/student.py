@@ -151,3 +151,38 @@ def describe(model) -> dict:
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "config": json.loads(model.config.to_json_string()),
     }
+
+
+class StudentForward(torch.nn.Module):
+    """The student up to what the loss needs, so the LM head can run inside the chunked loss (chunked.py).
+
+    fuse=True: returns the final (normed) hidden states; the head's weight and bias go to the loss.
+    fuse=False (--loss-chunk-size 0, or a head that is not one plain linear layer, e.g. logit soft-capping):
+    returns the logits. Either way also the per-layer hidden states when asked (hidden-state losses).
+    """
+
+    def __init__(self, model, fuse: bool):
+        super().__init__()
+        self.model = model
+        self.fuse = fuse and can_fuse_head(model)
+
+    def forward(self, input_ids, output_hidden_states: bool = False):
+        if self.fuse:
+            out = self.model.get_decoder()(input_ids=input_ids, output_hidden_states=output_hidden_states, use_cache=False)
+            return out.last_hidden_state, out.hidden_states
+        out = self.model(input_ids=input_ids, output_hidden_states=output_hidden_states, use_cache=False)
+        return out.logits, out.hidden_states
+
+    def head(self):
+        """(weight, bias) of the LM head when fused, else (None, None): the forward's output is already logits."""
+        if not self.fuse:
+            return None, None
+        head = self.model.get_output_embeddings()
+        return head.weight, head.bias
+
+
+def can_fuse_head(model) -> bool:
+    """True when logits = final hidden @ W^T (+ b) exactly: a plain linear head, no soft-capping or scaling."""
+    config = model.config
+    scaled = any(getattr(config, name, None) not in (None, 1.0) for name in ("final_logit_softcapping", "logit_scale"))
+    return isinstance(model.get_output_embeddings(), torch.nn.Linear) and not scaled

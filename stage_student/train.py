@@ -11,6 +11,7 @@ Layout of the output dir:
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -31,11 +32,11 @@ from pipeline.config import TrainConfig
 from pipeline.errors import DistilyError
 from pipeline.resolve import resolve_model
 
-from . import losses
-from .data import CacheStream, make_loader, split_eval
+from . import chunked, losses
+from .data import CacheStream, auto_workers, make_loader, split_eval
 from .hidden import Projectors, check_hidden_options, mapped_hidden_loss
 from .layer_map import MAPPERS, map_layers, required_teacher_layers
-from .student import build_student, describe, student_depth
+from .student import StudentForward, build_student, describe, student_depth
 
 OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "lion8bit", "adamw")
 
@@ -74,10 +75,27 @@ def optimizer_state_bytes(optimizer) -> int:
     return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
 
 
-def peak_memory_mb(device: torch.device) -> float:
+def reset_peak_memory(device: torch.device) -> None:
+    """Restart the peak: the CUDA allocator's, or on Linux this process's resident-set high-water mark."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere the CPU peak is the process's lifetime peak
+
+
+def memory_mb(device: torch.device) -> tuple[float, float]:
+    """(current, peak since the last reset) in MB: CUDA tensors allocated, or this process's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20, torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
+    except (OSError, KeyError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak, peak
 
 
 def load_online_teacher(path: str, manifest: dict):
@@ -108,6 +126,8 @@ def validate(cfg: TrainConfig) -> None:
         raise DistilyError(f"--lr-schedule {cfg.lr_schedule!r} is unknown; choose cosine, linear or constant")
     if cfg.temperature <= 0:
         raise DistilyError("--temperature must be > 0")
+    if cfg.loss_chunk_size < 0:
+        raise DistilyError("--loss-chunk-size must be >= 0 (0: the full-logits reference loss)")
     if cfg.kd_top_k is not None and cfg.kd_top_k < 1:
         raise DistilyError("--kd-top-k must be >= 1")
     if cfg.online_teacher and (cfg.tail != "bucket" or cfg.kd_top_k):
@@ -174,12 +194,18 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.train_pairs, self.eval_pairs = split_eval(manifest["shards"], cfg.eval_sequences)
         self.step, self.tokens_seen = 0, 0
-        self.ddp_model = self.model
+        self.loss_spec = chunked.LossSpec(
+            kd=cfg.loss if self.kd else None, kd_weight=cfg.kd_weight, ce_weight=1.0 if cfg.loss == "ce" else cfg.ce_weight,
+            temperature=cfg.temperature, tail=cfg.tail, beta=cfg.beta, gamma=self.gamma)
+        self.student_forward = StudentForward(self.model, fuse=cfg.loss_chunk_size > 0)
+        self.forward_fn = self.student_forward
         if self.world > 1:
-            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            self.forward_fn = torch.nn.parallel.DistributedDataParallel(
+                self.student_forward, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
             # projectors are averaged by hand (they are not part of the DDP module)
+        if cfg.compile:
+            self.forward_fn = torch.compile(self.forward_fn)
 
     def check_cached_layers(self) -> None:
         need = required_teacher_layers(self.pairs)
@@ -194,35 +220,49 @@ class Trainer:
     # --------------------------------------------------------------------------------------- losses
 
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        """The training step's losses on one micro-batch: KD on the cached (or online) teacher, CE, hidden."""
+        """The training step's losses on one micro-batch: KD on the cached (or online) teacher, CE, hidden.
+
+        The LM head runs inside the chunked loss (chunked.py) unless --loss-chunk-size is 0, which keeps the
+        plain full-logits reference path of losses.py."""
         cfg = self.cfg
         ids = batch["input_ids"].to(self.device)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with autocast:
-            out = self.ddp_model(input_ids=ids, output_hidden_states=bool(self.pairs))
+            out, student_hidden = self.forward_fn(input_ids=ids, output_hidden_states=bool(self.pairs))
             if self.online is not None:
                 with torch.no_grad():
                     teacher = self.online(input_ids=ids, output_hidden_states=bool(self.pairs))
-        logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
-        parts: dict[str, torch.Tensor] = {}
-        if self.kd and self.online is not None:
-            teacher_logits = teacher.logits[:, :-1].reshape(-1, teacher.logits.shape[-1])
-            parts["kd"] = losses.kd_loss_full(cfg.loss, logits, teacher_logits, cfg.temperature, cfg.beta, self.gamma)
-        elif self.kd:
-            targets = self.cached_targets(batch, cfg.kd_top_k)
-            parts["kd"] = losses.kd_loss(cfg.loss, logits, *targets, cfg.temperature, cfg.tail, cfg.beta, self.gamma)
-        if cfg.loss == "ce" or cfg.ce_weight > 0:
-            parts["ce"] = losses.ce_loss(logits, ids[:, 1:].reshape(-1))
+            targets = chunked.Targets(labels=ids[:, 1:].reshape(-1))
+            if self.kd and self.online is not None:
+                targets.teacher_logits = teacher.logits[:, :-1].reshape(-1, teacher.logits.shape[-1])
+            elif self.kd:
+                targets.topk_ids, targets.topk_logprobs, targets.tail_mass = self.cached_targets(batch, cfg.kd_top_k)
+            parts = self.head_losses(out[:, :-1].reshape(-1, out.shape[-1]), targets, self.loss_spec)
         if self.pairs:
             if self.online is not None:
                 teacher_hidden = {l: teacher.hidden_states[l] for l in required_teacher_layers(self.pairs)}
             else:
                 teacher_hidden = {l: h.to(self.device) for l, h in batch["hidden_states"].items()}
             parts["hs"] = mapped_hidden_loss(
-                self.pairs, out.hidden_states, teacher_hidden, self.projectors, cfg.hs_loss, cfg.hs_norm
+                self.pairs, student_hidden, teacher_hidden, self.projectors, cfg.hs_loss, cfg.hs_norm
             )
-        weights = {"kd": cfg.kd_weight, "ce": 1.0 if cfg.loss == "ce" else cfg.ce_weight, "hs": cfg.hs_weight}
-        parts["loss"] = sum(weights[k] * v for k, v in parts.items())
+            parts["loss"] = parts["loss"] + cfg.hs_weight * parts["hs"]
+        return parts
+
+    def head_losses(self, out, targets: chunked.Targets, spec: chunked.LossSpec) -> dict[str, torch.Tensor]:
+        """KD and CE from the student's output over positions [N, H] (fused head) or its logits [N, V]."""
+        weight, bias = self.student_forward.head()
+        if weight is not None or self.cfg.loss_chunk_size > 0:
+            return chunked.head_losses(out, weight, bias, spec, targets, self.cfg.loss_chunk_size)
+        parts = {}  # --loss-chunk-size 0: the reference, on the full logits
+        if spec.kd and targets.teacher_logits is not None:
+            parts["kd"] = losses.kd_loss_full(spec.kd, out, targets.teacher_logits, spec.temperature, spec.beta, spec.gamma)
+        elif spec.kd:
+            parts["kd"] = losses.kd_loss(spec.kd, out, targets.topk_ids, targets.topk_logprobs, targets.tail_mass,
+                                         spec.temperature, spec.tail, spec.beta, spec.gamma)
+        if spec.ce_weight > 0:
+            parts["ce"] = losses.ce_loss(out, targets.labels)
+        parts["loss"] = spec.kd_weight * parts.get("kd", 0.0) + spec.ce_weight * parts.get("ce", 0.0)
         return parts
 
     def cached_targets(self, batch: dict, kd_top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -241,17 +281,18 @@ class Trainer:
             return {}
         self.model.eval()
         stream = CacheStream(self.cfg.cache, self.eval_pairs, 1, 0, 1, epochs=1)
+        spec = chunked.LossSpec(kd="forward_kl", ce_weight=1.0)  # KL on all k cached, whatever --kd-top-k
         totals: dict[str, float] = {}
         n = 0
         for batch in stream:
             ids = batch["input_ids"].to(self.device)
-            logits = self.model(input_ids=ids).logits[:, :-1].reshape(-1, self.model.config.vocab_size)
-            vals = {
-                "eval/ce": losses.ce_loss(logits, ids[:, 1:].reshape(-1)),
-                "eval/forward_kl": losses.kd_loss("forward_kl", logits, *self.cached_targets(batch)),  # all k cached
-            }
-            for k, v in vals.items():
-                totals[k] = totals.get(k, 0.0) + v.item()
+            out, _ = self.student_forward(input_ids=ids)
+            ids_k, logprobs, tail = self.cached_targets(batch)
+            targets = chunked.Targets(labels=ids[:, 1:].reshape(-1), topk_ids=ids_k, topk_logprobs=logprobs, tail_mass=tail)
+            parts = self.head_losses(out[:, :-1].reshape(-1, out.shape[-1]), targets, spec)
+            for k in ("ce", "kd"):
+                name = "eval/ce" if k == "ce" else "eval/forward_kl"
+                totals[name] = totals.get(name, 0.0) + parts[k].item()
             n += 1
         self.model.train()
         return {k: v / n for k, v in totals.items()}
@@ -328,6 +369,26 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ run
 
+    def new_window(self) -> dict:
+        """Sums over one logging window; the memory peak restarts with it."""
+        reset_peak_memory(self.device)
+        return {"time": 0.0, "data": 0.0, "tokens": 0, "steps": 0, "losses": {}, "peak": 0.0}
+
+    def timed_evaluate(self, window: dict | None = None) -> dict:
+        """evaluate() between garbage collections, with its own time and memory peak (kept out of the window's)."""
+        if window is not None:
+            window["peak"] = max(window["peak"], memory_mb(self.device)[1])
+        gc.collect()
+        reset_peak_memory(self.device)
+        t0 = time.perf_counter()
+        result = self.evaluate()
+        if result:
+            result["eval_time_s"] = time.perf_counter() - t0
+            result["eval_peak_memory_mb"] = memory_mb(self.device)[1]
+        gc.collect()
+        reset_peak_memory(self.device)
+        return result
+
     def log(self, record: dict) -> None:
         if self.rank != 0:
             return
@@ -367,11 +428,12 @@ class Trainer:
         cached_hidden = [] if self.online is not None else required_teacher_layers(self.pairs)  # online: from its forward
         stream = CacheStream(cfg.cache, self.train_pairs, cfg.batch_size, cfg.seed, cfg.shuffle_buffer, self.rank,
                              self.world, start=self.step * cfg.grad_accum, hidden_layers=cached_hidden)
-        batches = iter(make_loader(stream, cfg.num_workers))
+        workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(self.device.type)
+        batches = iter(make_loader(stream, workers))
         data_log = open(self.out / f"data-rank{self.rank}.log", "a")
         stop_at = cfg.max_steps
         self.model.train()
-        window = {"time": 0.0, "data": 0.0, "tokens": 0, "steps": 0}
+        window = self.new_window()
         last: dict = {}
         while self.step < stop_at:
             t0 = time.perf_counter()
@@ -384,7 +446,7 @@ class Trainer:
                 wait += time.perf_counter() - tw
                 seqs.extend(batch["seq_index"].tolist())
                 sync = micro == cfg.grad_accum - 1 or self.world == 1
-                ctx = self.ddp_model.no_sync() if not sync and self.world > 1 else nullcontext()
+                ctx = self.forward_fn.no_sync() if not sync and self.world > 1 else nullcontext()
                 with ctx:
                     parts = self.compute_losses(batch)
                     (parts["loss"] / cfg.grad_accum).backward()
@@ -405,27 +467,36 @@ class Trainer:
             step_tokens = len(seqs) * batch["input_ids"].shape[1] * self.world
             self.tokens_seen += step_tokens
             data_log.write(f"{self.step} {' '.join(map(str, seqs))}\n")
-            dt = time.perf_counter() - t0
-            window["time"] += dt
+            window["time"] += time.perf_counter() - t0
             window["data"] += wait
             window["tokens"] += step_tokens
             window["steps"] += 1
             last = {"step": self.step, **{f"loss/{k}" if k != "loss" else "loss": v for k, v in sums.items()}}
+            for k, v in last.items():
+                if k != "step":
+                    window["losses"][k] = window["losses"].get(k, 0.0) + v
+            record = {}
             if self.step % cfg.logging_steps == 0 or self.step == stop_at or self.step == 1:
+                current, peak = memory_mb(self.device)
+                peak = max(peak, window["peak"])
+                steps = window["steps"]
                 record = {
-                    **last, "lr": lr, "grad_norm": grad_norm, "tokens_seen": self.tokens_seen,
-                    "tokens_per_s": window["tokens"] / window["time"], "step_time_s": window["time"] / window["steps"],
-                    "data_wait_s": window["data"] / window["steps"], "peak_memory_mb": peak_memory_mb(self.device),
-                    "epoch": self.step * cfg.grad_accum / stream.per_epoch,
+                    "step": self.step, **{k: v / steps for k, v in window["losses"].items()},  # window means
+                    "lr": lr, "grad_norm": grad_norm, "tokens_seen": self.tokens_seen,
+                    "tokens_per_s": window["tokens"] / window["time"], "step_time_s": window["time"] / steps,
+                    "data_wait_s": window["data"] / steps, "memory_mb": current, "peak_memory_mb": peak,
+                    "epoch": self.step * cfg.grad_accum / stream.per_epoch, "window_steps": steps,
                 }
                 if self.step == 1:
                     record["optimizer_state_bytes"] = optimizer_state_bytes(self.optimizer)
-                if cfg.eval_steps and self.step % cfg.eval_steps == 0:
-                    record.update(self.evaluate())
+            if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step != stop_at:  # the end evaluates below
+                record = {"step": self.step, **record, **self.timed_evaluate(window)}
+            if record:
                 self.log(record)
                 if self.rank == 0:
                     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
-                window = {"time": 0.0, "data": 0.0, "tokens": 0, "steps": 0}
+            if "window_steps" in record:
+                window = self.new_window()
             stopping = bool(cfg.stop_after_steps) and self.step >= cfg.stop_after_steps
             if self.step % cfg.save_steps == 0 or self.step == stop_at or stopping:
                 self.save_checkpoint()
@@ -436,7 +507,7 @@ class Trainer:
             dist.barrier()
         result = {**last, "tokens_seen": self.tokens_seen, "finished": self.step >= stop_at}
         if result["finished"]:
-            result.update(self.evaluate())
+            result.update(self.timed_evaluate())
             result["final"] = str(self.save_final())
             if self.rank == 0:
                 (self.out / "result.json").write_text(json.dumps(result, indent=2))

@@ -175,3 +175,30 @@ def test_empty_or_missing_cache(tmp_path, hf_cache):
     (broken / "shard-00003.hidden.safetensors.zst").unlink()
     with pytest.raises(CacheError, match="shard-00003.hidden.safetensors.zst is missing"):
         CacheReader(broken).check_files()
+
+
+def test_logged_values_are_window_means_and_eval_is_timed_apart(tmp_path, hf_cache):
+    kw = dict(ce_weight=0.3, max_steps=6, eval_steps=3)
+    train(cfg_for(hf_cache, tmp_path / "every", **kw))
+    train(cfg_for(hf_cache, tmp_path / "window", **{**kw, "logging_steps": 3}))
+    every = {r["step"]: r for r in log(tmp_path / "every")}
+    window = {r["step"]: r for r in log(tmp_path / "window")}
+    assert sorted(window) == [1, 3, 6] and window[3]["window_steps"] == 2 and window[6]["window_steps"] == 3
+    for key in ("loss", "loss/kd", "loss/ce"):
+        assert window[6][key] == pytest.approx(sum(every[s][key] for s in (4, 5, 6)) / 3, rel=1e-6)
+        assert window[3][key] == pytest.approx((every[2][key] + every[3][key]) / 2, rel=1e-6)
+    assert window[3]["eval_time_s"] > 0 and "eval/forward_kl" in window[3] and "eval_time_s" not in window[1]
+    assert all(r["memory_mb"] > 0 and r["peak_memory_mb"] >= r["memory_mb"] * 0.5 for r in window.values())
+
+
+def test_window_peak_memory_restarts():
+    from stage_student.train import memory_mb, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)
+    block = torch.ones(200 * 2**20 // 4)  # 200 MB touched
+    _, peak_with = memory_mb(cpu)
+    del block
+    reset_peak_memory(cpu)
+    current, peak_after = memory_mb(cpu)
+    assert peak_with - peak_after > 150 and peak_after < current + 50

@@ -1,6 +1,7 @@
 """Stage-two costs, side by side in one run, on a teacher cache (default: the demo's runs/demo/cache):
 
-  step time streaming from the cache (DataLoader workers decoding shards) vs the same batches in memory
+  step time streaming from the cache (decoding inline, --num-workers 0, and in one DataLoader worker) vs the
+  same batch again from memory, alternating step by step
   optimizer state bytes/param and peak RSS: AdamW8bit vs PagedAdamW8bit vs Lion8bit vs torch AdamW
   (each optimizer in its own process, so peak RSS is its own)
 
@@ -35,28 +36,26 @@ def one_step(trainer, batch) -> None:
     trainer.optimizer.zero_grad(set_to_none=True)
 
 
-def step_times(cache: str, layers: int, batch: int, steps: int) -> dict:
+def step_times(cache: str, layers: int, batch: int, steps: int, workers: int) -> dict:
+    """Steps fed by the cache loader vs steps on a batch already in memory, alternating (same noise for both)."""
     from stage_student.data import CacheStream, make_loader
 
     t = trainer_for(cache, "adamw8bit", layers, batch)
     stream = CacheStream(cache, t.train_pairs, batch, 0, 256)
-    loader = iter(make_loader(stream, 1))
+    loader = iter(make_loader(stream, workers))
     one_step(t, next(loader))  # warm-up (allocations, worker start)
-    t0 = time.perf_counter()
-    wait = 0.0
+    streamed, in_memory, wait = 0.0, 0.0, 0.0
     for _ in range(steps):
-        tw = time.perf_counter()
+        t0 = time.perf_counter()
         b = next(loader)
-        wait += time.perf_counter() - tw
+        wait += time.perf_counter() - t0
         one_step(t, b)
-    streamed = (time.perf_counter() - t0) / steps
-    in_memory_batches = [next(loader) for _ in range(steps)]
-    t0 = time.perf_counter()
-    for b in in_memory_batches:
+        t1 = time.perf_counter()
         one_step(t, b)
-    in_memory = (time.perf_counter() - t0) / steps
-    return {"streamed_step_s": streamed, "in_memory_step_s": in_memory, "ratio": streamed / in_memory,
-            "data_wait_per_step_s": wait / steps, "tokens_per_step": batch * b["input_ids"].shape[1]}
+        in_memory += time.perf_counter() - t1
+        streamed += t1 - t0
+    return {"num_workers": workers, "streamed_step_s": streamed / steps, "in_memory_step_s": in_memory / steps,
+            "ratio": streamed / in_memory, "data_wait_per_step_s": wait / steps, "tokens_per_step": batch * b["input_ids"].shape[1]}
 
 
 def optimizer_child(cache: str, optimizer: str, layers: int, batch: int) -> None:
@@ -84,19 +83,18 @@ def main() -> dict:
     args = ap.parse_args()
     if args.child:
         return optimizer_child(args.cache, args.child, args.student_layers, args.batch_size)
-    timing = step_times(args.cache, args.student_layers, args.batch_size, args.steps)
+    timing = [step_times(args.cache, args.student_layers, args.batch_size, args.steps, w) for w in (0, 1)]
     optim = []
     for name in ("adamw8bit", "paged_adamw8bit", "lion8bit", "adamw"):
         out = subprocess.run([sys.executable, __file__, "--cache", args.cache, "--student-layers", str(args.student_layers),
                               "--batch-size", str(args.batch_size), "--child", name], capture_output=True, text=True, check=True)
         optim.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    result = {"cache": args.cache, "student_layers": args.student_layers, "batch_size": args.batch_size, "step": timing,
+    result = {"cache": args.cache, "student_layers": args.student_layers, "batch_size": args.batch_size, "steps": timing,
               "optimizers": optim}
     print("\n| measurement | value |\n|---|---|")
-    print(f"| step time streamed from cache (s) | {timing['streamed_step_s']:.3f} |")
-    print(f"| step time, same batches in memory (s) | {timing['in_memory_step_s']:.3f} |")
-    print(f"| streamed / in-memory | {timing['ratio']:.3f} |")
-    print(f"| data wait per step (s) | {timing['data_wait_per_step_s']:.4f} |")
+    for r in timing:
+        print(f"| --num-workers {r['num_workers']}: step streamed / in memory (s) | {r['streamed_step_s']:.3f} / "
+              f"{r['in_memory_step_s']:.3f} = {r['ratio']:.3f}; data wait {r['data_wait_per_step_s']:.4f} s |")
     print("\n| optimizer | state bytes/param | peak RSS (MB) |\n|---|---|---|")
     for o in optim:
         print(f"| {o['optimizer']} | {o['state_bytes_per_param']:.3f} | {o['peak_rss_mb']:.0f} |")

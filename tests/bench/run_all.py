@@ -29,6 +29,7 @@ def main() -> None:
     if not (runs / "cache" / "manifest.json").exists():
         subprocess.run(["make", "--no-print-directory", "teacher-cache", f"RUNS={runs}"], check=True, cwd=ROOT)
     subprocess.run([py, HERE / "bench_train.py", "--cache", runs / "cache", "--json", out / "train.json"], check=True, cwd=ROOT)
+    subprocess.run([py, HERE / "bench_kd_step.py", "--cache", runs / "cache", "--json", out / "kd_step.json"], check=True, cwd=ROOT)
     for target, name in (("train-student", "student-kd"), ("train-student-ce", "student-ce")):
         if not (runs / name / "result.json").exists():
             subprocess.run(["make", "--no-print-directory", target, f"RUNS={runs}"], check=True, cwd=ROOT)
@@ -37,6 +38,7 @@ def main() -> None:
         "capture": json.loads((out / "capture.json").read_text()),
         "train": json.loads((out / "train.json").read_text()),
         "temperature": json.loads((out / "temperature.json").read_text()),
+        "kd_step": json.loads((out / "kd_step.json").read_text()),
         "kd_vs_ce": {n: {k: v for k, v in r.items() if k.startswith("eval/") or k == "tokens_seen"} for n, r in kd_vs_ce.items()},
     }
     (out / "bench.json").write_text(json.dumps(result, indent=2))
@@ -45,13 +47,15 @@ def main() -> None:
         lines.append(f"| capture: {name} (tokens/s) | {r['tokens_per_s']:.1f} |")
     for k, v in {**result["capture"]["ratios"], **result["capture"]["bytes_per_token"]}.items():
         lines.append(f"| capture: {k} | {v:.3f} |")
-    step = result["train"]["step"]
-    lines.append(f"| train: step streamed / in memory | {step['ratio']:.3f} ({step['streamed_step_s']:.2f} s vs {step['in_memory_step_s']:.2f} s) |")
+    for step in result["train"]["steps"]:
+        lines.append(f"| train: step streamed / in memory, --num-workers {step['num_workers']} | {step['ratio']:.3f} "
+                     f"({step['streamed_step_s']:.2f} s vs {step['in_memory_step_s']:.2f} s) |")
     for o in result["train"]["optimizers"]:
         lines.append(f"| train: {o['optimizer']} state bytes/param, peak RSS | {o['state_bytes_per_param']:.3f}, {o['peak_rss_mb']:.0f} MB |")
     for n, r in result["kd_vs_ce"].items():
         lines.append(f"| {n}: held-out CE / forward KL ({r.get('tokens_seen')} tokens) | {r['eval/ce']:.4f} / {r['eval/forward_kl']:.4f} |")
-    table = "\n".join(lines + ["", "KD temperature with a top-k cache (bucket KL vs full-vocabulary tempered KL):", "",
+    table = "\n".join(lines + ["", "KD step vs CE step, peak KD-step memory at a 151,936-token vocabulary:", "",
+                               *result["kd_step"]["table"], "", "KD temperature with a top-k cache (bucket KL vs full-vocabulary tempered KL):", "",
                                *result["temperature"]["table"]])
     (out / "bench.md").write_text(table + "\n")
     print(table)

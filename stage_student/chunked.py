@@ -1,0 +1,216 @@
+"""The LM head and the KD/CE losses, fused and computed in chunks of positions (`--loss-chunk-size`).
+
+The plain way (`--loss-chunk-size 0`, the reference in losses.py) builds the student's logits for every
+position, [N, V], and the losses then make several more [N, V] float tensors (the tempered logits, a copy
+with the teacher's top-k masked out, the log-sum-exps and, in the backward, their gradients). At a
+151,936-token vocabulary and 4 x 1024 positions each is 2.5 GB.
+
+Here the student stops at its final hidden states h [N, H]. For each chunk of C positions the head makes
+z = h_c W^T (+ b) [C, V], the chunk's losses and their gradient dL/dz are computed at once, and dL/dh_c and
+dL/dW are accumulated; z is freed before the next chunk. The gradients are computed in the forward pass
+(as fused linear-cross-entropy kernels do) and scaled by the incoming gradient in the backward, so no
+chunk is ever recomputed. Peak memory is a few [C, V] tensors instead of several [N, V] ones.
+
+Cached targets (top-k ids, log-probs, tail mass) take the fast path, `cached_chunk`: every loss depends on
+the logits only through the top-k logits and one log-sum-exp over the other tokens per temperature (plus
+the true token's logit for CE), so autograd runs on those small [C, k+1] tensors, and the gradient wrt z is
+put back together in place:  dL/dz_j = g_rest * softmax(z / t masked to j outside the top-k)_j / t  for
+the tail tokens, g_j for the top-k, + g_y at the true token. Any other target (the full-vocabulary
+--online-teacher) takes `autograd_chunk`, the reference losses on each chunk. Both equal losses.py to
+float32 rounding (tests/test_chunked_loss.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import losses
+
+
+@dataclass
+class LossSpec:
+    """Which losses the head feeds and how they are weighted into the total."""
+
+    kd: str | None = "forward_kl"  # a losses.KD_LOSSES name, or None for no KD term
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    temperature: float = 1.0
+    tail: str = "bucket"
+    beta: float = 0.5
+    gamma: float = 0.5
+
+
+@dataclass
+class Targets:
+    """Flattened over the N positions: next tokens [N], and cached top-k [N, k] + tail [N] or full logits [N, V]."""
+
+    labels: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+    tail_mass: torch.Tensor | None = None
+    teacher_logits: torch.Tensor | None = None
+
+
+def head_losses(hidden, head_weight, head_bias, spec: LossSpec, targets: Targets, chunk_size: int) -> dict:
+    """{"kd", "ce": detached means over positions, "loss": their weighted sum, differentiable wrt hidden/W/b}.
+
+    head_weight None: `hidden` already holds the logits [N, V] (heads that are not a plain linear layer).
+    """
+    need_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, head_weight, head_bias))
+    n = hidden.shape[0]
+    fn = cached_chunk if targets.teacher_logits is None else autograd_chunk
+    names = [name for name, on in (("kd", spec.kd is not None), ("ce", spec.ce_weight > 0)) if on]
+
+    def chunk(z, sl):
+        return fn(z, sl, n, spec, targets, need_grad)
+
+    total, parts = _FusedHead.apply(hidden, head_weight, head_bias, chunk, max(1, chunk_size or n), need_grad, names)
+    out = {name: parts[i] for i, name in enumerate(names)}
+    out["loss"] = total
+    return out
+
+
+class _FusedHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, chunk, chunk_size, need_grad, names):
+        n = hidden.shape[0]
+        compute = _compute_dtype(hidden, weight)
+        w = weight.to(compute) if weight is not None else None
+        b = bias.to(compute) if bias is not None else None
+        grad_h = torch.empty_like(hidden) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad and weight is not None else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_grad and bias is not None else None
+        total = torch.zeros((), device=hidden.device)
+        parts = torch.zeros(len(names), device=hidden.device)
+        for start in range(0, n, chunk_size):
+            sl = slice(start, min(n, start + chunk_size))
+            h = hidden[sl].to(compute)
+            z = F.linear(h, w, b).float() if w is not None else hidden[sl].float().clone()
+            values, gz = chunk(z, sl)
+            del z
+            total += values["loss"]
+            for i, name in enumerate(names):
+                parts[i] += values[name]
+            if gz is None:
+                continue
+            if w is None:
+                grad_h[sl] = gz.to(hidden.dtype)
+                continue
+            gz = gz.to(compute)
+            grad_h[sl] = (gz @ w).to(hidden.dtype)
+            grad_w += (gz.t() @ h).float()
+            if grad_b is not None:
+                grad_b += gz.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.weight_dtype = weight.dtype if weight is not None else None
+        ctx.mark_non_differentiable(parts)
+        return total, parts
+
+    @staticmethod
+    def backward(ctx, g_total, _g_parts):
+        grads = [None if g is None else g * g_total.to(g.dtype) for g in ctx.saved_tensors]
+        if grads[1] is not None:
+            grads[1] = grads[1].to(ctx.weight_dtype)
+        if grads[2] is not None:
+            grads[2] = grads[2].to(ctx.weight_dtype)
+        return (*grads, None, None, None, None)
+
+
+def _compute_dtype(hidden, weight):
+    """The head's matmul dtype: the autocast dtype when autocast is on (bf16 on GPUs), else the weight's."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype if weight is not None else hidden.dtype
+
+
+# ------------------------------------------------------------------------------------------- chunks
+
+
+def cached_chunk(z, sl: slice, n: int, spec: LossSpec, t: Targets, need_grad: bool):
+    """Losses of one chunk of logits z [C, V] against cached top-k targets, and dL/dz (z is overwritten)."""
+    c, vocab = z.shape
+    kd, ce = spec.kd is not None, spec.ce_weight > 0
+    # CE alone: the "top-k" is empty and the tail is the whole vocabulary
+    ids = t.topk_ids[sl].long() if kd else torch.empty(c, 0, dtype=torch.long, device=z.device)
+    has_rest = ids.shape[-1] < vocab
+    labels = t.labels[sl].long() if ce else None
+    temps = []  # the temperatures whose tail log-sum-exp a loss needs
+    if has_rest and kd and spec.tail == "bucket":
+        temps.append(spec.temperature)
+    if has_rest and ce and 1.0 not in temps:
+        temps.append(1.0)
+    need_rest = bool(temps)
+
+    picked = z.gather(-1, ids)
+    label_logit = z.gather(-1, labels[:, None])[:, 0] if ce else None
+    rest = {}
+    if need_rest:
+        z.scatter_(-1, ids, float("-inf"))  # z now holds the tail tokens only
+        for temp in temps:
+            rest[temp] = torch.logsumexp(z / temp if temp != 1.0 else z, dim=-1)
+
+    leaves = [x.detach().requires_grad_(need_grad) for x in (picked, *rest.values(), *([label_logit] if ce else []))]
+    p_leaf, r_leaf = leaves[0], dict(zip(rest, leaves[1 : 1 + len(rest)]))
+    with torch.enable_grad():
+        values = {}
+        if kd:
+            scaled = p_leaf / spec.temperature
+            if spec.tail == "renormalize" or not has_rest:
+                logq = torch.log_softmax(scaled, dim=-1)
+            else:
+                buckets = torch.cat([scaled, r_leaf[spec.temperature][:, None]], dim=-1)
+                logq = buckets - torch.logsumexp(buckets, dim=-1, keepdim=True)
+            logp = losses.teacher_log_probs(t.topk_logprobs[sl], t.tail_mass[sl], vocab, spec.temperature, spec.tail)
+            values["kd"] = losses.divergence(spec.kd, logp, logq, spec.temperature, spec.beta, spec.gamma) * (c / n)
+        if ce:
+            full = torch.cat([p_leaf, r_leaf[1.0][:, None]], dim=-1) if has_rest else p_leaf
+            values["ce"] = (torch.logsumexp(full, dim=-1) - leaves[-1]).sum() / n
+        values["loss"] = spec.kd_weight * values.get("kd", 0.0) + spec.ce_weight * values.get("ce", 0.0)
+        if not need_grad:
+            return {k: v.detach() for k, v in values.items()}, None
+        grads = torch.autograd.grad(values["loss"], leaves, allow_unused=True)
+    g_picked, g_rest = grads[0], dict(zip(rest, grads[1 : 1 + len(rest)]))
+
+    # dL/dz, built in z's memory: the tail part first (softmax over the tail tokens, per temperature), then the
+    # top-k entries (which the tail part leaves at 0) and the true token.
+    if need_rest:
+        extra = [_tail_grad(z, rest[temp], g_rest[temp], temp) for temp in list(rest)[:-1]]
+        last = list(rest)[-1]
+        z.div_(last) if last != 1.0 else None
+        z.sub_(rest[last][:, None]).exp_().mul_(_zero_if_none(g_rest[last], rest[last])[:, None] / last)
+        for e in extra:
+            z.add_(e)
+    else:
+        z.zero_()
+    if ids.shape[-1]:
+        z.scatter_add_(-1, ids, _zero_if_none(g_picked, picked))
+    if ce:
+        z.scatter_add_(-1, labels[:, None], _zero_if_none(grads[-1], label_logit)[:, None])
+    return {k: v.detach() for k, v in values.items()}, z
+
+
+def _tail_grad(z_tail, lse, g, temp):
+    return torch.exp(z_tail / temp - lse[:, None]) * (_zero_if_none(g, lse)[:, None] / temp)
+
+
+def _zero_if_none(g, like):
+    return torch.zeros_like(like) if g is None else g
+
+
+def autograd_chunk(z, sl: slice, n: int, spec: LossSpec, t: Targets, need_grad: bool):
+    """The reference losses of losses.py on one chunk (full-vocabulary teacher logits), and dL/dz."""
+    c = z.shape[0]
+    z = z.detach().requires_grad_(need_grad)
+    with torch.enable_grad():
+        values = {}
+        if spec.kd is not None:
+            values["kd"] = losses.kd_loss_full(spec.kd, z, t.teacher_logits[sl], spec.temperature, spec.beta, spec.gamma) * (c / n)
+        if spec.ce_weight > 0:
+            values["ce"] = losses.ce_loss(z, t.labels[sl]) * (c / n)
+        values["loss"] = spec.kd_weight * values.get("kd", 0.0) + spec.ce_weight * values.get("ce", 0.0)
+        grad = torch.autograd.grad(values["loss"], z)[0] if need_grad else None
+    return {k: v.detach() for k, v in values.items()}, grad
