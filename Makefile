@@ -35,7 +35,7 @@ CACHE_ARGS = -o $(RUNS)/cache $(call opt,--teacher,$(TEACHER)) $(call opt,--data
 TRAIN_ARGS = --cache $(RUNS)/cache --student-layers $(STUDENT_LAYERS) --init teacher-layers --init-layers $(INIT_LAYERS) --optimizer $(OPTIMIZER) \
 	--max-steps $(STEPS) --batch-size $(BATCH) --lr $(LR) --warmup-steps 5 --save-steps 20 --logging-steps 5 --eval-sequences 16
 
-.PHONY: setup demo teacher-cache train-student train-student-ce eval test bench study clean
+.PHONY: setup demo teacher-cache train-student train-student-ce eval test bench faults study clean
 
 setup: $(VENV)/.installed
 
@@ -79,6 +79,10 @@ test: setup
 
 bench: setup
 	$(BIN)/python tests/bench/run_all.py --out bench-results
+
+# kill -9 at random moments: concurrent array jobs into one dir, and a training run resumed after each kill.
+faults: setup
+	$(BIN)/python tests/bench/faults.py --json bench-results/faults.json
 
 # Which recipe gives the best student at the demo's budget (about 70 min here); resumable, row by row.
 study: setup

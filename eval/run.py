@@ -9,16 +9,48 @@ import torch
 
 from pipeline.config import EvalConfig
 from pipeline.errors import DistilyError
+from pipeline.manifest import atomic_write_bytes
 from pipeline.resolve import DEFAULT_EVAL_DATASET, DatasetSpec, load_texts, resolve_model
 
 from . import harness, report
 from .perplexity import evaluate_perplexity
-from .tasks import write_suite
+from .tasks import write_benchmark_tasks, write_suite
 
 
-def label_for(path: str) -> str:
+def label_for(path: str, depth: int = 1) -> str:
+    """A model's name in the report: its run dir's last `depth` path parts (`runs/kd/final` -> `kd`)."""
+    p = Path(path).resolve() if Path(path).exists() else Path(path)
+    parts = (p.parent if p.name == "final" else p).parts
+    return "/".join(parts[-depth:])
+
+
+def unique_labels(paths: list[str]) -> list[str]:
+    """One label per model, never two alike: more of the path where names collide, else a counter."""
+    depth = [1] * len(paths)
+    for _ in range(8):
+        labels = [label_for(p, d) for p, d in zip(paths, depth)]
+        clashes = {l for l in labels if labels.count(l) > 1 or l == "teacher"}
+        if not clashes:
+            return labels
+        depth = [d + 1 if l in clashes else d for l, d in zip(labels, depth)]
+    seen: dict[str, int] = {}
+    out = []
+    for l in labels:
+        seen[l] = seen.get(l, 0) + 1
+        out.append(l if seen[l] == 1 else f"{l}-{seen[l]}")
+    return out
+
+
+def model_dir(path: str) -> str:
+    """The model to evaluate: a model dir as given, or the final model of a `train-student --output` run dir."""
     p = Path(path)
-    return p.parent.name if p.name == "final" else p.name
+    if (p / "config.json").exists() or not (p / "run_config.json").exists():
+        return path
+    if not (p / "final" / "config.json").exists():
+        raise DistilyError(f"{path} is a training run that has not finished (no final/): finish it with "
+                           "`distily train-student ... --resume`, or evaluate a checkpoint's model")
+    print(f"{path} is a training run dir: evaluating its final model, {p / 'final'}")
+    return str(p / "final")
 
 
 def training_dir(model_path: str) -> Path | None:
@@ -50,21 +82,21 @@ def evaluate_model(path: str, texts: list[str], cfg: EvalConfig, include_path: s
 
 
 def run(cfg: EvalConfig) -> dict:
-    student_dir = training_dir(cfg.model)
+    paths = [model_dir(p) for p in (cfg.model, *cfg.baseline)]
+    student_dir = training_dir(paths[0])
     run_config = json.loads((student_dir / "run_config.json").read_text()) if student_dir else None
     teacher = cfg.teacher or (run_config or {}).get("cache_manifest", {}).get("teacher", {}).get("path")
-    models = {label_for(cfg.model): cfg.model}
-    for b in cfg.baseline:
-        models[label_for(b)] = b
+    labels = unique_labels(paths)
+    models = dict(zip(labels, paths))
     if teacher:
         models = {"teacher": teacher, **models}
     for name, path in models.items():  # fail on a bad path before any model is loaded
         resolve_model(path) if name == "teacher" else _check_dir(path)
-    spec = DatasetSpec(cfg.dataset or DEFAULT_EVAL_DATASET, None, cfg.split, cfg.text_column)
+    spec = DatasetSpec(cfg.dataset or DEFAULT_EVAL_DATASET, None, cfg.split, cfg.text_column, cfg.sample_by)
     texts = load_texts(spec)[: cfg.max_documents]
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    include = str(write_suite(load_texts(DatasetSpec(DEFAULT_EVAL_DATASET)), out / "tasks"))
+    include = str(write_benchmark_tasks(write_suite(load_texts(DatasetSpec(DEFAULT_EVAL_DATASET)), out / "tasks")))
     results = {}
     for name, path in models.items():
         print(f"evaluating {name} ({path})", flush=True)
@@ -72,7 +104,7 @@ def run(cfg: EvalConfig) -> dict:
     teacher_name = "teacher" if teacher else None
     table = report.comparison_table(results, teacher_name)
     notes = sorted({n for r in results.values() for n in r["notes"]})
-    student = label_for(cfg.model)
+    student = labels[0]
     summary = {"dataset": spec.to_dict(), "tasks": cfg.tasks, "limit": cfg.limit, "models": results, "notes": notes}
     if teacher_name:
         summary["ratios"] = {
@@ -82,16 +114,16 @@ def run(cfg: EvalConfig) -> dict:
     logs = {n: d / "log.jsonl" for n, p in models.items() if n != "teacher" and (d := training_dir(p))}
     plots = [report.plot_training({n: f for n, f in logs.items() if f.exists()}, out), report.plot_comparison(results, teacher_name, out)]
     summary["plots"] = [str(p) for p in plots if p]
-    (out / "eval.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_bytes(out / "eval.json", json.dumps(summary, indent=2, default=str).encode())
     md = [f"# distily eval: {', '.join(results)}", "", f"held-out text: `{spec.path}` ({len(texts)} documents)", "", table, ""]
     md += [f"- {n}" for n in notes]
     md += [f"![{Path(p).stem}]({Path(p).name})" for p in summary["plots"]]
-    (out / "eval.md").write_text("\n".join(md) + "\n")
+    atomic_write_bytes(out / "eval.md", ("\n".join(md) + "\n").encode())
     if student_dir:
         if run_config is not None and (student_dir / "result.json").exists():
             run_config["tokens_seen"] = json.loads((student_dir / "result.json").read_text()).get("tokens_seen")
         card = report.model_card(student, results, table, run_config, spec.path)
-        Path(models[student], "README.md").write_text(card)
+        atomic_write_bytes(Path(models[student], "README.md"), card.encode())
         summary["model_card"] = str(Path(models[student], "README.md"))
     summary["table"] = table
     return summary

@@ -6,12 +6,18 @@ From the held-out Lee news corpus (gensim's test data; the teacher cache uses th
   distily_lee_rolling   loglikelihood_rolling: whole articles: word/byte perplexity, bits per byte
 grouped as `distily_offline`. The JSONL files and YAML configs are written to a directory that is passed
 to lm-eval's TaskManager(include_path=...). Generation is seeded, so every run sees the same items.
+
+Also written there: benchmark tasks of the roadmap that lm-eval lacks, in lm-eval's own YAML format with
+their standard metrics (task_metrics.py): `distily_squad` (SQuAD v1.1: exact match, F1), `distily_hotpotqa`
+(HotpotQA distractor: answer exact match, F1), `distily_conll2003` (CoNLL-2003 as prompted extraction:
+entity-level micro F1, precision, recall). They read the hub datasets, or local files in the same formats.
 """
 from __future__ import annotations
 
 import json
 import random
 import re
+import shutil
 from pathlib import Path
 
 import yaml
@@ -85,4 +91,61 @@ def write_suite(docs: list[str], out_dir: str | Path) -> Path:
     for name, cfg in task_configs(files).items():
         (out / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     (out / f"{GROUP}.yaml").write_text(yaml.safe_dump({"group": GROUP, "task": list(items)}, sort_keys=False))
+    return out
+
+
+# Hub dataset, config, split, and the YAML body of each benchmark task (lm-eval's format; `!function`
+# refers to task_metrics.py, copied next to the YAML).
+BENCHMARKS = {
+    "distily_squad": ("rajpurkar/squad", None, "validation", """\
+output_type: generate_until
+doc_to_text: "Title: {{title}}\\n\\nBackground: {{context}}\\n\\nQuestion: {{question}}\\n\\nAnswer:"
+doc_to_target: "{{answers.text[0]}}"
+generation_kwargs: {until: ["\\n"], do_sample: false, max_gen_toks: 32}
+process_results: !function task_metrics.process_squad
+metric_list:
+  - {metric: exact_match, aggregation: mean, higher_is_better: true}
+  - {metric: f1, aggregation: mean, higher_is_better: true}
+"""),
+    "distily_hotpotqa": ("hotpotqa/hotpot_qa", "distractor", "validation", """\
+output_type: generate_until
+doc_to_text: !function task_metrics.hotpotqa_prompt
+doc_to_target: "{{answer}}"
+generation_kwargs: {until: ["\\n"], do_sample: false, max_gen_toks: 32}
+process_results: !function task_metrics.process_hotpotqa
+metric_list:
+  - {metric: exact_match, aggregation: mean, higher_is_better: true}
+  - {metric: f1, aggregation: mean, higher_is_better: true}
+"""),
+    "distily_conll2003": ("eriktks/conll2003", None, "test", """\
+output_type: generate_until
+doc_to_text: !function task_metrics.conll_prompt
+doc_to_target: !function task_metrics.conll_target
+generation_kwargs: {until: ["\\n"], do_sample: false, max_gen_toks: 64}
+process_results: !function task_metrics.process_conll
+metric_list:
+  - {metric: entity_f1, aggregation: !function task_metrics.micro_f1, higher_is_better: true}
+  - {metric: entity_precision, aggregation: !function task_metrics.micro_precision, higher_is_better: true}
+  - {metric: entity_recall, aggregation: !function task_metrics.micro_recall, higher_is_better: true}
+"""),
+}
+
+
+def write_benchmark_tasks(out_dir: str | Path, data_files: dict[str, str] | None = None) -> Path:
+    """Write the benchmark task YAMLs (and task_metrics.py) into out_dir, an lm-eval include_path.
+
+    data_files: {task: local JSONL/Parquet file in the hub dataset's format} instead of the hub dataset
+    (offline machines, tests)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(__file__).with_name("task_metrics.py"), out / "task_metrics.py")
+    for name, (path, config, split, body) in BENCHMARKS.items():
+        local = (data_files or {}).get(name)
+        if local:
+            builder = "parquet" if str(local).endswith(".parquet") else "json"
+            source = f"dataset_path: {builder}\ndataset_kwargs: {json.dumps({'data_files': {split: str(local)}})}\n"
+        else:
+            source = f"dataset_path: {path}\n" + (f"dataset_name: {config}\n" if config else "")
+        split_key = "test_split" if split == "test" else "validation_split"
+        (out / f"{name}.yaml").write_text(f"task: {name}\n{source}{split_key}: {split}\nmetadata: {{version: 1.0}}\n{body}")
     return out

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from functools import cached_property
 from pathlib import Path
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 import zstandard
 
 from . import schema
-from .manifest import CacheError, atomic_write_bytes, sha256_file
+from .manifest import CacheError, atomic_write_bytes, atomic_write_json, merge, read_json, sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -271,3 +272,32 @@ def verify_shard_files(cache_dir: str | os.PathLike, shard: dict, fs=None) -> st
         if sha256_file(p, fs) != shard[sha_key]:
             return f"{shard[key]} is corrupt or truncated (checksum mismatch)"
     return None
+
+
+def merge_manifests(out: str, parts_dirs: list[str]) -> dict:
+    """Join array-job outputs: part manifests in `out` (and shard files from `parts_dirs`) -> manifest.json."""
+    out_path = Path(out)
+    dirs = [out_path, *[Path(d) for d in parts_dirs]]
+    part_files = [p for d in dirs for p in sorted(d.glob("manifest.part-*.json"))]
+    if not part_files:
+        raise CacheError(f"no manifest.part-*.json in {', '.join(map(str, dirs))}: nothing to merge")
+    parts = []
+    for pf in part_files:
+        part = read_json(pf)
+        if pf.parent != out_path:  # bring the shard files of jobs that wrote elsewhere
+            for name in ("tokenizer", schema.TEACHER_CONFIG):
+                src = pf.parent / name
+                if src.exists() and not (out_path / name).exists():
+                    (shutil.copytree if src.is_dir() else shutil.copyfile)(src, out_path / name)
+            for shard in part["shards"]:
+                for key in ("file", "hidden_file"):
+                    if shard.get(key):
+                        shutil.copyfile(pf.parent / shard[key], out_path / shard[key])
+        parts.append(part)
+    merged = merge(parts)
+    for shard in merged["shards"]:
+        problem = verify_shard_files(out_path, shard)
+        if problem:
+            raise CacheError(f"merge: {problem}")
+    atomic_write_json(out_path / schema.MANIFEST, merged)
+    return merged

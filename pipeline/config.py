@@ -1,142 +1,238 @@
-"""Run configuration: one dataclass per command, filled from a YAML file with CLI overrides on top.
+"""Run configuration: one dataclass per command. Each option is declared once, as a field here: its type,
+default and help. The CLI flags (pipeline/cli.py), YAML keys and `--help` text are derived from these
+fields, and every value (flag or YAML) is converted to the field's type by `coerce`.
 
 A YAML file may hold the options of one command flat, or of several under their command names::
 
     teacher_cache: {top_k: 64, hidden_layers: [10, 20, 30]}
-    train_student: {loss: forward_kl, max_steps: 200}
+    train_student: {loss: forward_kl, max_steps: 200, lr: 3e-4}
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import json
+import types
+import typing
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .manifest import CacheError
+from .errors import ConfigError
+
+
+def opt(default=MISSING, help: str = "", *, factory=MISSING, names: tuple[str, ...] = (), shown: str | None = None,
+        flag: str | None = None, keywords: tuple[str, ...] = ()):
+    """A config field with its CLI help. names: extra flag names (-o); shown: the default as --help shows it
+    (for None or computed defaults); flag: a boolean's "--on/--off" spelling; keywords: words a list
+    field also accepts instead of a list (e.g. auto)."""
+    meta = {"help": help, "names": names, "shown": shown, "flag": flag, "keywords": keywords}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+SAMPLE_BY_HELP = ("Plain-text files: one document per line | paragraph (blank-line separated) | document (whole file) | "
+                  "auto (paragraph when the text has blank lines, as hard-wrapped prose does, else line).")
 
 
 @dataclass
 class CaptureConfig:
-    output: str = "runs/cache"
-    teacher: str | None = None  # None: the embedded SmolLM2-135M-Instruct
-    dataset: str | None = None  # None: the embedded Lee news corpus
-    dataset_config: str | None = None
-    split: str = "train"
-    text_column: str = "text"
-    max_seq_len: int = 512
-    max_tokens: int | None = None
-    top_k: int = 64
-    hidden_layers: list[int] = field(default_factory=list)
-    hidden_dtype: str = "bfloat16"
-    backend: str = "vllm"  # vllm | hf
-    dtype: str = "float32"  # teacher compute dtype; float32 on CPUs without native bf16
-    sequences_per_shard: int = 64
-    num_shards: int = 1  # array jobs: how many
-    shard_index: int = 0  # array jobs: which one this is
-    vllm_max_logprobs: int = 128
-    enforce_eager: bool = True
-    hf_batch_size: int = 4
-    seed: int = 0
+    output: str = opt("runs/cache", "Cache directory (local or a shared filesystem).", names=("-o",))
+    teacher: str | None = opt(None, "HF model dir or hub id.", shown="embedded SmolLM2-135M-Instruct")
+    dataset: str | None = opt(None, "txt/jsonl/parquet file, glob, dir or hub id.", shown="embedded Lee corpus")
+    dataset_config: str | None = opt(None, "Hub dataset config name.")
+    split: str = opt("train", "Hub dataset split.")
+    text_column: str = opt("text", "Column holding the text.")
+    sample_by: str = opt("auto", SAMPLE_BY_HELP)
+    max_seq_len: int = opt(512, "Packed sequence length.")
+    max_tokens: int | None = opt(None, "Capture at most this many dataset tokens.", shown="all")
+    top_k: int = opt(64, "Teacher top-k log-probs per position.")
+    hidden_layers: list[int] = opt(help="Hidden-state layers to store, comma-separated, HF numbering (0 = embeddings).",
+                                   factory=list, shown="none")
+    hidden_dtype: str = opt("bfloat16", "Storage dtype of hidden states: float32 | float16 | bfloat16.")
+    backend: str = opt("vllm", "Teacher engine: vllm, or hf (the reference).")
+    dtype: str = opt("float32", "Teacher compute dtype (float32 on CPUs without native bf16).")
+    sequences_per_shard: int = opt(64, "Sequences per shard file.")
+    num_shards: int = opt(1, "Array jobs: number of jobs.")
+    shard_index: int = opt(0, "Array jobs: this job's index.")
+    vllm_max_logprobs: int = opt(128, "vLLM's max_logprobs cap.")
+    enforce_eager: bool = opt(True, "vLLM: eager mode (no CUDA graphs / compilation).")
+    hf_batch_size: int = opt(4, "--backend hf: sequences per forward.")
+    seed: int = opt(0, "Engine seed.")
 
 
 @dataclass
 class TrainConfig:
-    cache: str = "runs/cache"
-    output: str = "runs/student"
-    student: str | None = None  # HF model dir/id; None: a recipe derived from the cache's teacher config
-    student_layers: int | None = None
-    student_config: dict = field(default_factory=dict)  # overrides for the recipe (hidden_size, ...)
-    init: str = "teacher-layers"  # random | teacher-layers
-    init_layers: list[int] | str = "auto"  # auto (chosen from the cache) | evenly | teacher layers to copy (0-based)
-    select_sequences: int = 2  # --init-layers auto: cached sequences the candidates are scored on
-    teacher: str | None = None  # weights for init teacher-layers; default: the path in the manifest
-    online_teacher: str | None = None  # reference: run this teacher in the loop, full-vocabulary targets
-    copy_embeddings: bool = True
-    freeze_embeddings: bool = False
-    loss: str = "forward_kl"
-    temperature: float = 1.0
-    kd_top_k: int | None = None  # use only the teacher's top N of the cached k (tail mass recomputed)
-    tail: str = "bucket"  # bucket | renormalize
-    loss_chunk_size: int = 1024  # positions per chunk of the fused LM head + loss; 0: full logits (the reference)
-    beta: float = 0.5  # JSD beta; skew alpha
-    cakld_gamma: float | None = None  # None: the teacher's mean confidence from the manifest
-    kd_weight: float = 1.0
-    ce_weight: float = 0.0
-    hs_weight: float = 0.0
-    hs_loss: str = "mse"  # mse | cosine
-    hs_norm: str = "none"  # none | layernorm | teacher_layernorm
-    layer_mapper: str = "last"
-    layer_mapper_k: int = 4
-    projector: str = "auto"  # auto | none | linear | orthogonal
-    optimizer: str = "adamw8bit"
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    lr_schedule: str = "cosine"  # cosine | linear | constant
-    max_grad_norm: float = 1.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_steps: int = 100
-    save_steps: int = 50
-    logging_steps: int = 10
-    eval_steps: int = 0
-    eval_sequences: int = 16  # held-out cache sequences (the cache's last ones) for eval loss; 0: none
-    seed: int = 0
-    shuffle_buffer: int = 256
-    num_workers: int | None = None  # DataLoader workers; None: 1 on GPUs, 0 on CPUs without a spare core
-    gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the student's forward (inductor; CPU needs a C compiler)
-    bf16: bool | None = None  # None: on when CUDA is available
-    resume: bool = False
-    stop_after_steps: int | None = None  # leave after this step (checkpointed), e.g. at a job's time limit
+    cache: str = opt("runs/cache", "Teacher cache dir or fsspec URL.")
+    output: str = opt("runs/student", "Run dir.", names=("-o",))
+    student: str | None = opt(None, "Student HF model dir/id.", shown="a recipe from the teacher config")
+    student_layers: int | None = opt(None, "Recipe: number of layers.", shown="teacher's / 2")
+    student_config: dict = opt(help='Recipe: config overrides as JSON, e.g. \'{"hidden_size": 384}\'.', factory=dict, shown="none")
+    init: str = opt("teacher-layers", "Initialisation: random | teacher-layers.")
+    init_layers: list[int] | str = opt("auto", "auto (chosen from the cache) | evenly | teacher layers (0-based) to copy, "
+                                       "e.g. 0,1,2,20.", keywords=("auto", "evenly"))
+    select_sequences: int = opt(2, "--init-layers auto: cached sequences to score candidates on.")
+    teacher: str | None = opt(None, "Teacher weights dir for --init teacher-layers.", shown="the manifest's path")
+    online_teacher: str | None = opt(None, "Reference only: run this teacher in the loop for full-vocabulary KD.")
+    copy_embeddings: bool = opt(True, "Copy the teacher's embeddings, final norm and LM head.")
+    freeze_embeddings: bool = opt(False, "Freeze the input embeddings.", flag="--freeze-embeddings/--train-embeddings")
+    loss: str = opt("forward_kl", "forward_kl | reverse_kl | jsd | skew_kl | skew_rkl | cakld | tvd | ce.")
+    temperature: float = opt(1.0, "KD temperature.")
+    kd_top_k: int | None = opt(None, "Use only the teacher's top N of the cached top-k (tail mass recomputed).",
+                               shown="all cached")
+    tail: str = opt("bucket", "Teacher tail outside the top-k: bucket | renormalize.")
+    loss_chunk_size: int = opt(1024, "Positions per chunk of the fused LM head + KD/CE loss; 0: full logits (the reference).")
+    beta: float = opt(0.5, "JSD beta / skew alpha, in [0, 1].")
+    cakld_gamma: float | None = opt(None, "CAKLD gamma.", shown="the teacher's mean confidence from the manifest")
+    kd_weight: float = opt(1.0, "Weight of the logit KD loss.")
+    ce_weight: float = opt(0.0, "Weight of CE on the true next token.")
+    hs_weight: float = opt(0.0, "Weight of the hidden-state loss.")
+    hs_loss: str = opt("mse", "Hidden-state loss: mse | cosine.")
+    hs_norm: str = opt("none", "Hidden-state norm: none | layernorm | teacher_layernorm.")
+    layer_mapper: str = opt("last", "last | uniform | last-k | all | copied | uniform-consecutive | uniform+last.")
+    layer_mapper_k: int = opt(4, "k of --layer-mapper last-k.")
+    projector: str = opt("auto", "Student-to-teacher width projector: auto | none | linear | orthogonal.")
+    optimizer: str = opt("adamw8bit", "adamw8bit | paged_adamw8bit | lion8bit | adamw.")
+    lr: float = opt(3e-4, "Peak learning rate.")
+    weight_decay: float = opt(0.0, "Weight decay.")
+    warmup_steps: int = opt(10, "Linear warm-up steps.")
+    lr_schedule: str = opt("cosine", "After warm-up: cosine | linear | constant.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm.")
+    batch_size: int = opt(4, "Sequences per micro-batch per rank.")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
+    max_steps: int = opt(100, "Optimizer steps; with --resume, a larger value extends the run.")
+    save_steps: int = opt(50, "Checkpoint every N steps.")
+    logging_steps: int = opt(10, "Log every N steps (values are means over the window).")
+    eval_steps: int = opt(0, "Held-out eval every N steps (0: at the end only).")
+    eval_sequences: int = opt(16, "Cache sequences (the last ones) held out for the eval loss; 0: none.")
+    seed: int = opt(0, "Seed for init and data order.")
+    shuffle_buffer: int = opt(256, "Shuffle buffer across shards, in sequences.")
+    num_workers: int | None = opt(None, "DataLoader workers decoding shards.", shown="1 on GPUs, 0 on CPUs without a spare core")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward (less memory).")
+    compile: bool = opt(False, "torch.compile the student's forward (inductor; CPUs need a C compiler).")
+    bf16: bool | None = opt(None, "bf16 autocast.", shown="on when CUDA is available")
+    resume: bool = opt(False, "Continue from the latest checkpoint in --output.")
+    stop_after_steps: int | None = opt(None, "Leave after this step, checkpointed (a job's time limit).")
 
 
 @dataclass
 class EvalConfig:
-    model: str = "runs/student/final"
-    teacher: str | None = None
-    baseline: list[str] = field(default_factory=list)  # more models for the table (e.g. a CE-only student)
-    dataset: str | None = None  # None: the embedded held-out Lee text
-    text_column: str = "text"
-    split: str = "test"
-    max_documents: int | None = None
-    max_seq_len: int = 512
-    stride: int = 256
-    batch_size: int = 4
-    tasks: list[str] = field(default_factory=lambda: ["distily_offline"])
-    limit: int | None = None
-    output: str = "runs/eval"
-    training_log: str | None = None
+    model: str = opt("runs/student/final", "Student: an HF model dir, or a train-student run dir (its final/).")
+    teacher: str | None = opt(None, "Teacher to compare with.", shown="the student's cache teacher")
+    baseline: list[str] = opt(help="More models for the table (repeatable), e.g. a CE-only student.", factory=list, shown="none")
+    dataset: str | None = opt(None, "Held-out text: txt/jsonl/parquet file, glob or hub id.", shown="embedded Lee eval text")
+    text_column: str = opt("text", "Column holding the text.")
+    split: str = opt("test", "Hub dataset split.")
+    sample_by: str = opt("auto", SAMPLE_BY_HELP)
+    max_documents: int | None = opt(None, "Sample size: the first N documents.", shown="all")
+    max_seq_len: int = opt(512, "Perplexity window.")
+    stride: int = opt(256, "Sliding-window stride.")
+    batch_size: int = opt(4, "Batch size.")
+    tasks: list[str] = opt(help="lm-eval tasks, comma-separated or repeated ('' for none).",
+                           factory=lambda: ["distily_offline"], shown="distily_offline")
+    limit: int | None = opt(None, "lm-eval: at most N examples per task.", shown="all")
+    output: str = opt("runs/eval", "Report dir.", names=("-o",))
+    training_log: str | None = opt(None, "A log.jsonl to plot.", shown="the student's run dir")
 
 
-SECTIONS = ("teacher_cache", "train_student", "eval")
+SECTIONS = {"teacher_cache": CaptureConfig, "train_student": TrainConfig, "eval": EvalConfig}
 
 
 def load(cls, yaml_path: str | None, section: str, overrides: dict):
-    """Build `cls` from YAML (the section or the flat file) and non-None CLI overrides."""
+    """Build `cls` from YAML (the section or the flat file) and non-None CLI overrides, every value checked
+    and converted to its field's type."""
     values: dict = {}
     if yaml_path:
         if not Path(yaml_path).exists():
-            raise CacheError(f"--config {yaml_path}: no such file")
-        data = {k.replace("-", "_"): v for k, v in (yaml.safe_load(Path(yaml_path).read_text()) or {}).items()}
+            raise ConfigError(f"--config {yaml_path}: no such file")
+        try:
+            data = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {yaml_path} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {yaml_path} must hold a mapping of option names to values")
+        data = {str(k).replace("-", "_"): v for k, v in data.items()}
         values = data[section] if isinstance(data.get(section), dict) else {k: v for k, v in data.items() if k not in SECTIONS}
-        values = {k.replace("-", "_"): v for k, v in values.items()}
+        values = {str(k).replace("-", "_"): v for k, v in values.items()}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise CacheError(f"unknown option(s) {unknown} for {section}; known: {sorted(names)}")
-    return cls(**values)
+        raise ConfigError(f"unknown option(s) {unknown} for {section}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: coerce(f"{section}.{k}", v, hints[k], fields[k].metadata.get("keywords", ())) for k, v in values.items()})
+
+
+def coerce(key: str, value, kind, keywords: tuple[str, ...] = ()):
+    """`value` (from YAML or a flag) as type `kind`, or a ConfigError naming the key and what was expected."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return coerce(key, value, arm, keywords)
+            except ConfigError as e:
+                errors.append(str(e))
+        wanted = [e.split("expected ", 1)[1].rsplit(", got ", 1)[0] for e in errors]
+        raise ConfigError(f"{key}: expected {' or '.join(wanted)}, got {value!r}")
+    origin = typing.get_origin(kind) or kind
+    try:
+        if origin is bool:
+            if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+                return value.strip().lower() in ("true", "yes", "on", "1")
+            if isinstance(value, bool):
+                return value
+        elif origin is int and not isinstance(value, bool):
+            if isinstance(value, int):
+                return value
+            if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+                return int(value)
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+        elif origin is float and not isinstance(value, bool):
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):
+                return float(value)
+        elif origin is str:
+            if keywords and value not in keywords:
+                raise ValueError
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                return str(value)
+        elif origin is list:
+            (item,) = args
+            original = value
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()] if value.strip() else []
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = [value]
+            if isinstance(value, (list, tuple)):
+                parts = [p for v in value for p in (v.split(",") if isinstance(v, str) and item is str else [v])]
+                try:
+                    return [coerce(key, p.strip() if isinstance(p, str) else p, item) for p in parts
+                            if not (isinstance(p, str) and not p.strip())]
+                except ConfigError:
+                    name = {int: "integers", float: "numbers", str: "strings"}.get(item, str(item))
+                    raise ConfigError(f"{key}: expected a list of {name} (or comma-separated), got {original!r}") from None
+        elif origin is dict:
+            if isinstance(value, str):
+                value = json.loads(value)
+            if isinstance(value, dict):
+                return value
+    except (ValueError, json.JSONDecodeError):
+        pass
+    wanted = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping (or JSON)",
+              list: "a list (or comma-separated)"}.get(origin, str(kind))
+    if keywords and origin is str:
+        wanted = " or ".join(keywords)
+    raise ConfigError(f"{key}: expected {wanted}, got {value!r}")
 
 
 def parse_int_list(text: str | list | None, keywords: tuple[str, ...] = ()) -> list[int] | str | None:
-    if text is None or isinstance(text, list) or text in keywords:
-        return text
-    text = text.strip()
-    if not text:
-        return []
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise CacheError(f"expected a comma-separated list of integers, got {text!r}") from e
+    """A comma-separated list of integers (or one of `keywords`), as flags and YAML may give it."""
+    if text is None:
+        return None
+    return coerce("list", text, list[int] | str if keywords else list[int], keywords)

@@ -7,3 +7,7 @@ class DistilyError(RuntimeError):
 
 class CacheError(DistilyError):
     """A cache is missing, corrupt, or does not fit the run that uses it."""
+
+
+class ConfigError(DistilyError):
+    """An option has an unknown name, a value of the wrong type, or a config file is unreadable."""

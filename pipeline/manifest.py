@@ -16,6 +16,7 @@ A manifest is a plain JSON dict::
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -36,7 +37,11 @@ def sha256_file(path: str | os.PathLike, fs=None) -> str:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary name in the same directory, fsync, then rename: never a half-written file."""
+    """Write to a temporary name in the same directory, fsync, then rename: never a half-written file.
+
+    The temporary name is `.NAME.<unique>.tmp` (unique per writer), so writers of different files, or
+    several jobs in one directory, never touch each other's temporaries; `stale_temps(dir, NAME)` finds them.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -45,10 +50,39 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename in `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """fsync every file under a directory, then the directories (before renaming the tree into place)."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(root)
+
+
+def stale_temps(directory: str | os.PathLike, name: str) -> list[Path]:
+    """Temporaries left by interrupted atomic writes of `directory/name`."""
+    return sorted(Path(directory).glob(f".{glob.escape(name)}.*.tmp"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

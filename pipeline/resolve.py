@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class DatasetSpec:
     config: str | None = None
     split: str = "train"
     text_column: str = "text"
+    sample_by: str = "auto"  # plain-text files: line | paragraph | document | auto (see text_sample_by)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -79,6 +81,8 @@ def load_texts(spec: DatasetSpec) -> list[str]:
         if len(suffixes) > 1:
             raise CacheError(f"--dataset {spec.path!r} mixes file types {sorted(suffixes)}; use one kind")
         builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffixes.pop(), "text")
+        if builder == "text":
+            kwargs["sample_by"] = text_sample_by(files, spec.sample_by, kwargs.get("encoding", "utf-8"))
         try:
             ds = datasets.load_dataset(builder, data_files=files, split="train", **(kwargs if builder == "text" else {}))
         except Exception as e:
@@ -99,6 +103,28 @@ def load_texts(spec: DatasetSpec) -> list[str]:
     if not texts:
         raise CacheError(f"--dataset {spec.path!r} holds no text in column {spec.text_column!r}")
     return texts
+
+
+SAMPLE_BY = ("auto", "line", "paragraph", "document")
+
+
+def text_sample_by(files: list[str], sample_by: str, encoding: str) -> str:
+    """What one document is in a plain-text file (the `datasets` text loader's sample_by).
+
+    auto: a paragraph (text between blank lines) when the files have blank lines, as hard-wrapped prose
+    does, so a wrapped book stays whole paragraphs instead of one context-free document per line; else a
+    line (a file with one document per line, such as the embedded Lee corpus).
+    """
+    if sample_by not in SAMPLE_BY:
+        raise CacheError(f"--sample-by {sample_by!r} is unknown; choose one of {', '.join(SAMPLE_BY)}")
+    if sample_by != "auto":
+        return sample_by
+    for f in files:
+        with open(f, encoding=encoding, errors="replace") as fh:
+            head = fh.read(1 << 20).replace("\r\n", "\n")
+        if re.search(r"\n[ \t]*\n", head.strip("\n")):
+            return "paragraph"
+    return "line"
 
 
 def _looks_like_hub_id(path: str) -> bool:

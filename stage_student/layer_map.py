@@ -7,12 +7,11 @@ norm); the embeddings (0) are never mapped.
           last-k               the student's last k layers <- the teacher's last k layers, in order
           all                  student i <- teacher i (equal depth only)
           copied               student i <- the teacher layer it was copied from (--init teacher-layers)
-  1-to-N  uniform-consecutive  student i <- teacher layers (i-1)*c+1 .. i*c, c = ceil(L_T / L_S)
+  1-to-N  uniform-consecutive  student i <- teacher layers ceil((i-1) L_T / L_S) + 1 .. ceil(i L_T / L_S): the teacher's
+                               layers in L_S contiguous groups, every student layer mapped
           uniform+last         student i <- {teacher round(i * L_T / L_S), teacher L_T}
 """
 from __future__ import annotations
-
-import math
 
 from pipeline.errors import DistilyError
 
@@ -42,8 +41,12 @@ def map_layers(name: str, student_layers: int, teacher_layers: int, k: int = 4,
             raise DistilyError("--layer-mapper copied needs --init teacher-layers (student layer i learns from the teacher layer it copied)")
         return [(i + 1, [l + 1]) for i, l in enumerate(copied_from)]
     if name == "uniform-consecutive":
-        c = math.ceil(t / s)
-        return [(i, list(range((i - 1) * c + 1, min(i * c, t) + 1))) for i in range(1, s + 1) if (i - 1) * c + 1 <= t]
+        # every student layer gets a contiguous group; group sizes differ by at most one
+        groups = []
+        for i in range(1, s + 1):
+            lo = min(t, -(-(i - 1) * t // s) + 1)
+            groups.append((i, list(range(lo, max(lo, -(-i * t // s)) + 1))))
+        return groups
     if name == "uniform+last":
         return [(i, sorted({uniform(i), t})) for i in range(1, s + 1)]
     raise DistilyError(f"--layer-mapper {name!r} is unknown; choose one of {', '.join(MAPPERS)}")

@@ -18,7 +18,8 @@ tempers the top-k alone (as other top-k toolkits do); --online-teacher tempers t
 
 Divergences D(P, Q), summed over buckets and averaged over positions:
   forward_kl  KL(P||Q)                      reverse_kl  KL(Q||P)
-  jsd         beta KL(P||M) + (1-beta) KL(Q||M), M = beta P + (1-beta) Q      (generalised JSD, GKD)
+  jsd         beta KL(P||M) + (1-beta) KL(Q||M), M = beta P + (1-beta) Q      (generalised JSD, GKD;
+              at beta 0 and 1 its limits as GKD and TRL define them: KL(P||Q) and KL(Q||P))
   skew_kl     KL(P || a P + (1-a) Q)        skew_rkl    KL(Q || a Q + (1-a) P)  (DistiLLM, a = beta)
   cakld       gamma KL(Q||P) + (1-gamma) KL(P||Q), gamma = teacher's mean confidence (BitDistiller)
   tvd         1/2 sum |P - Q|
@@ -95,8 +96,10 @@ def reverse_kl(logp, logq, **_):
 
 
 def jsd(logp, logq, beta: float = 0.5, **_):
-    if beta <= 0 or beta >= 1:
-        return torch.zeros(logp.shape[:-1], device=logp.device)
+    if beta <= 0:  # the limits GKD (and TRL) use: forward KL at beta 0, reverse KL at beta 1
+        return _kl(logp, logq)
+    if beta >= 1:
+        return _kl(logq, logp)
     logm = _log_mix(logp, logq, beta)
     return beta * _kl(logp, logm) + (1 - beta) * _kl(logq, logm)
 

@@ -21,10 +21,9 @@ from pipeline.config import TrainConfig
 from pipeline.errors import DistilyError
 from pipeline.resolve import resolve_model, tokenizer_fingerprint
 
-from .select_layers import check_init_layers, chosen_layers
+from .select_layers import check_init_layers, chosen_layers, evenly_spaced
 
 INITS = ("random", "teacher-layers")
-_LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
 
 
 def load_tokenizer(reader: CacheReader):
@@ -49,7 +48,7 @@ def student_depth(cfg: TrainConfig, reader: CacheReader) -> int:
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(resolve_model(cfg.student)[0]).num_hidden_layers
-    teacher_layers = reader.teacher_config()["num_hidden_layers"]
+    teacher_layers = reader.manifest["teacher"]["num_hidden_layers"]
     return cfg.student_layers or (cfg.student_config or {}).get("num_hidden_layers") or max(1, teacher_layers // 2)
 
 
@@ -74,7 +73,7 @@ def build_student(cfg: TrainConfig, reader: CacheReader):
     tokenizer = load_tokenizer(reader)
     check_tokenizer(tokenizer, manifest, "the cache's tokenizer dir")
     teacher_cfg = reader.teacher_config()
-    n_teacher = teacher_cfg["num_hidden_layers"]
+    n_teacher = manifest["teacher"]["num_hidden_layers"]
     overrides = dict(cfg.student_config or {})
     overrides.pop("num_hidden_layers", None)
     n_student = student_depth(cfg, reader)
@@ -82,20 +81,27 @@ def build_student(cfg: TrainConfig, reader: CacheReader):
     unknown = sorted(set(overrides) - set(student_cfg))
     if unknown:
         raise DistilyError(f"--student-config keys {unknown} are not in the teacher's {teacher_cfg['model_type']} config")
-    student_cfg.update(overrides, num_hidden_layers=n_student)
-    config = AutoConfig.for_model(**student_cfg)
-    torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     info = {"recipe": {"num_hidden_layers": n_student, **overrides}, "init": cfg.init}
+    teacher, layers = None, evenly_spaced(n_student, n_teacher)
     if cfg.init == "teacher-layers":
         check_init_layers(cfg.init_layers, n_student, n_teacher, reader.num_sequences - cfg.eval_sequences, cfg.select_sequences)
         teacher = load_teacher(cfg, manifest)
         layers, selection = chosen_layers(cfg, reader, teacher, n_student)
-        copy_teacher_layers(model, teacher.state_dict(), layers, cfg.copy_embeddings)
-        del teacher
         info["teacher_layers"] = layers
         if selection:
             info["layer_selection"] = selection
+    # per-layer settings (e.g. layer_types: sliding or full attention) follow the teacher layers kept
+    for key, value in student_cfg.items():
+        if isinstance(value, list) and len(value) == n_teacher and key not in overrides:
+            student_cfg[key] = [value[l] for l in layers]
+    depth_key = type(AutoConfig.for_model(teacher_cfg["model_type"])).attribute_map.get("num_hidden_layers", "num_hidden_layers")
+    student_cfg.update(overrides, **{depth_key: n_student})  # n_layer for GPT-2
+    config = AutoConfig.for_model(**student_cfg)
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if teacher is not None:
+        copy_teacher_layers(model, teacher.state_dict(), layers, cfg.copy_embeddings)
+        del teacher
     if cfg.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
         info["frozen"] = "embeddings"
@@ -115,23 +121,35 @@ def load_teacher(cfg: TrainConfig, manifest: dict, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
+def layer_list_name(model) -> str:
+    """The qualified name of the ModuleList of decoder layers: model.layers (Llama, Qwen2, Mistral, Phi-3,
+    Gemma), transformer.h (GPT-2), ..."""
+    n = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return name
+    raise DistilyError(f"found no list of {n} decoder layers in {type(model).__name__}; use --init random")
+
+
 def copy_teacher_layers(model, weights: dict[str, torch.Tensor], layers: list[int], copy_embeddings: bool) -> None:
     """Student layer i <- teacher layer layers[i]; non-layer weights (embeddings, norm, head) if asked."""
     own = model.state_dict()
+    prefix = layer_list_name(model)
+    layer_key = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
     new = {}
     for name, tensor in weights.items():
-        m = _LAYER.search(name)
+        m = layer_key.search(name)
         if m:
-            t_layer = int(m.group(2))
+            t_layer = int(m.group(1))
             for s_layer, src in enumerate(layers):
                 if src == t_layer:
-                    new[_LAYER.sub(rf"\g<1>layers.{s_layer}.", name, count=1)] = tensor
+                    new[layer_key.sub(f"{prefix}.{s_layer}.", name, count=1)] = tensor
         elif copy_embeddings:
             new[name] = tensor
-    if "lm_head.weight" in own and "lm_head.weight" not in new and copy_embeddings:
-        embed = next((v for k, v in new.items() if k.endswith("embed_tokens.weight")), None)
-        if embed is not None:  # a tied teacher stores no lm_head
-            new["lm_head.weight"] = embed
+    head = next((f"{n}.weight" for n, mod in model.named_modules() if mod is model.get_output_embeddings()), None)
+    embed = next((f"{n}.weight" for n, mod in model.named_modules() if mod is model.get_input_embeddings()), None)
+    if copy_embeddings and head in own and head not in new and embed in new:
+        new[head] = new[embed]  # a tied teacher stores no separate LM head
     for name, tensor in new.items():
         if name not in own:
             continue
@@ -140,7 +158,7 @@ def copy_teacher_layers(model, weights: dict[str, torch.Tensor], layers: list[in
                 f"--init teacher-layers cannot copy {name}: teacher {tuple(tensor.shape)} vs student "
                 f"{tuple(own[name].shape)}. A narrower student needs --init random."
             )
-    missing = [n for n in own if n not in new and _LAYER.search(n)]
+    missing = [n for n in own if n not in new and layer_key.search(n)]
     if missing:
         raise DistilyError(f"--init teacher-layers found no teacher weights for {missing[:3]}...")
     model.load_state_dict({**own, **{k: v for k, v in new.items() if k in own}})

@@ -12,6 +12,7 @@ Layout of the output dir:
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import math
 import os
@@ -29,7 +30,8 @@ import torch.distributed as dist
 
 from pipeline.cache import CacheReader
 from pipeline.config import TrainConfig
-from pipeline.errors import DistilyError
+from pipeline.errors import ConfigError, DistilyError
+from pipeline.manifest import atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree, identity
 from pipeline.resolve import resolve_model
 
 from . import chunked, losses
@@ -98,6 +100,20 @@ def memory_mb(device: torch.device) -> tuple[float, float]:
         return peak, peak
 
 
+CHECKPOINT_DONE = "trainer_state.json"
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """checkpoints/step-N dirs whose write finished, oldest first (a partial write is never one of them)."""
+    return sorted(p for p in directory.glob("step-??????") if (p / CHECKPOINT_DONE).exists() and (p / "state.pt").exists())
+
+
+def cache_fingerprint(manifest: dict) -> str:
+    """What a checkpoint remembers of its cache: the capture settings and every shard's checksum."""
+    ident = {**identity(manifest), "shards": [(s["index"], s["sha256"], s.get("hidden_sha256")) for s in manifest["shards"]]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def load_online_teacher(path: str, manifest: dict):
     """The --online-teacher reference model, after checking it speaks the cache's tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -119,22 +135,24 @@ def validate(cfg: TrainConfig) -> None:
     losses.check_loss_name(cfg.loss, cfg.tail)
     check_hidden_options(cfg.hs_loss, cfg.hs_norm, cfg.projector)
     if cfg.layer_mapper not in MAPPERS:
-        raise DistilyError(f"--layer-mapper {cfg.layer_mapper!r} is unknown; choose one of {', '.join(MAPPERS)}")
+        raise ConfigError(f"--layer-mapper {cfg.layer_mapper!r} is unknown; choose one of {', '.join(MAPPERS)}")
     if cfg.optimizer not in OPTIMIZERS:
-        raise DistilyError(f"--optimizer {cfg.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"--optimizer {cfg.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
     if cfg.lr_schedule not in ("cosine", "linear", "constant"):
-        raise DistilyError(f"--lr-schedule {cfg.lr_schedule!r} is unknown; choose cosine, linear or constant")
+        raise ConfigError(f"--lr-schedule {cfg.lr_schedule!r} is unknown; choose cosine, linear or constant")
     if cfg.temperature <= 0:
-        raise DistilyError("--temperature must be > 0")
+        raise ConfigError("--temperature must be > 0")
+    if not 0 <= cfg.beta <= 1:
+        raise ConfigError(f"--beta {cfg.beta} must be in [0, 1] (JSD's mixture weight, skew KL's alpha)")
     if cfg.loss_chunk_size < 0:
-        raise DistilyError("--loss-chunk-size must be >= 0 (0: the full-logits reference loss)")
+        raise ConfigError("--loss-chunk-size must be >= 0 (0: the full-logits reference loss)")
     if cfg.kd_top_k is not None and cfg.kd_top_k < 1:
-        raise DistilyError("--kd-top-k must be >= 1")
+        raise ConfigError("--kd-top-k must be >= 1")
     if cfg.online_teacher and (cfg.tail != "bucket" or cfg.kd_top_k):
-        raise DistilyError("--online-teacher uses the full vocabulary: --tail and --kd-top-k do not apply")
+        raise ConfigError("--online-teacher uses the full vocabulary: --tail and --kd-top-k do not apply")
     for name in ("batch_size", "grad_accum", "max_steps", "save_steps", "logging_steps"):
         if getattr(cfg, name) < 1:
-            raise DistilyError(f"--{name.replace('_', '-')} must be >= 1")
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -194,6 +212,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.train_pairs, self.eval_pairs = split_eval(manifest["shards"], cfg.eval_sequences)
         self.step, self.tokens_seen = 0, 0
+        self.window: dict | None = None  # sums over the current logging window
         self.loss_spec = chunked.LossSpec(
             kd=cfg.loss if self.kd else None, kd_weight=cfg.kd_weight, ce_weight=1.0 if cfg.loss == "ce" else cfg.ce_weight,
             temperature=cfg.temperature, tail=cfg.tail, beta=cfg.beta, gamma=self.gamma)
@@ -303,10 +322,17 @@ class Trainer:
         return self.out / "checkpoints"
 
     def run_shape(self) -> dict:
-        """What a resumed run must share with the checkpoint for the loader position to mean the same."""
-        return {"world_size": self.world, "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum}
+        """What a resumed run must share with the checkpoint: the loader position and the data it walks
+        must mean the same, and so must the loss it optimises."""
+        cfg = self.cfg
+        fields = ("batch_size", "grad_accum", "seed", "shuffle_buffer", "eval_sequences", "loss", "temperature", "tail",
+                  "kd_top_k", "beta", "kd_weight", "ce_weight", "hs_weight", "hs_loss", "hs_norm", "layer_mapper",
+                  "layer_mapper_k", "projector", "online_teacher")
+        return {"world_size": self.world, **{f: getattr(cfg, f) for f in fields}, "cakld_gamma": self.gamma,
+                "cache_fingerprint": cache_fingerprint(self.manifest)}
 
     def save_checkpoint(self) -> None:
+        """checkpoints/step-N/: written under a temporary name, fsynced, then renamed; the last two are kept."""
         if self.rank != 0:
             return
         final = self.checkpoint_dir() / f"step-{self.step:06d}"
@@ -325,22 +351,30 @@ class Trainer:
             tmp / "state.pt",
         )
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "loader_micro_batch": self.step * self.cfg.grad_accum,
-                 **self.run_shape()}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+                 "log_window": self.window, **self.run_shape()}  # the open logging window: its means survive a resume
+        (tmp / CHECKPOINT_DONE).write_text(json.dumps(state, indent=2))  # written last: marks a whole checkpoint
+        fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in sorted(self.checkpoint_dir().glob("step-??????"))[:-2]:  # keep the last two
-            shutil.rmtree(old)
+        fsync_dir(self.checkpoint_dir())
+        for old in complete_checkpoints(self.checkpoint_dir())[:-2]:  # keep the last two
+            trash = old.with_name(f".trash-{old.name}")
+            os.replace(old, trash)  # out of sight before deletion, so a half-deleted dir is never a candidate
+            shutil.rmtree(trash)
 
     def load_checkpoint(self) -> bool:
-        done = sorted(self.checkpoint_dir().glob("step-??????"))
+        done = complete_checkpoints(self.checkpoint_dir())
         if not done:
             return False
         path = done[-1]
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = json.loads((path / CHECKPOINT_DONE).read_text())
         for key, value in self.run_shape().items():
-            if state[key] != value:
-                raise DistilyError(f"cannot resume from {path}: it was trained with {key}={state[key]}; use the same value")
+            if key in state and state[key] != value:
+                flag = "the cache (--cache)" if key == "cache_fingerprint" else f"{key}={state[key]!r}"
+                raise DistilyError(
+                    f"cannot resume from {path}: it was trained with {flag}, this run has "
+                    f"{value!r}. Resume with the same value, or start a new --output."
+                )
         blob = torch.load(path / "state.pt", map_location=self.device, weights_only=False)
         self.model.load_state_dict(blob["model"])
         self.projectors.load_state_dict(blob["projectors"])
@@ -353,7 +387,24 @@ class Trainer:
         if blob["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.window = state.get("log_window")
         return True
+
+    def truncate_logs(self) -> None:
+        """After a resume: drop what the killed run logged past the checkpoint, so each step appears once."""
+        files = [self.out / f"data-rank{self.rank}.log"] + ([self.out / "log.jsonl"] if self.rank == 0 else [])
+        for path in files:
+            if not path.exists():
+                continue
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    step = json.loads(line)["step"] if path.suffix == ".jsonl" else int(line.split()[0])
+                except (ValueError, KeyError, IndexError):
+                    break  # a line cut short by the kill, and anything after it
+                if step <= self.step:
+                    keep.append(line + "\n")
+            atomic_write_bytes(path, "".join(keep).encode())
 
     def save_final(self) -> Path:
         final = self.out / "final"
@@ -363,6 +414,7 @@ class Trainer:
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
             torch.save(self.projectors.state_dict(), tmp / "projectors.pt")
+            fsync_tree(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         return final
@@ -402,12 +454,14 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume and list(self.checkpoint_dir().glob("step-??????")):
+        if not cfg.resume and complete_checkpoints(self.checkpoint_dir()):
             raise DistilyError(
                 f"{self.out} holds checkpoints of an earlier run: pass --resume to continue it, or use a new --output"
             )
         resumed = cfg.resume and self.load_checkpoint()
-        if not resumed:
+        if resumed:
+            self.truncate_logs()
+        else:
             if cfg.resume and self.rank == 0:
                 print(f"--resume: no checkpoint in {self.checkpoint_dir()}, starting from step 0")
             (self.out / f"data-rank{self.rank}.log").unlink(missing_ok=True)
@@ -416,11 +470,11 @@ class Trainer:
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.out / "tb"))
+            self.tb = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1 if resumed else None)
             run_config = {"config": asdict(cfg), "student": {**self.student_info, **describe(self.model)},
                           "layer_pairs": self.pairs, "cakld_gamma": self.gamma, "world_size": self.world,
                           "cache_manifest": self.manifest}
-            (self.out / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
+            atomic_write_json(self.out / "run_config.json", json.loads(json.dumps(run_config, default=str)))
             selection = self.student_info.get("layer_selection")
             if selection and not resumed:
                 self.log({"step": 0, "init/selection_kl": selection["kl"], "init/evenly_kl": selection["evenly_kl"],
@@ -433,7 +487,8 @@ class Trainer:
         data_log = open(self.out / f"data-rank{self.rank}.log", "a")
         stop_at = cfg.max_steps
         self.model.train()
-        window = self.new_window()
+        if not resumed or self.window is None:
+            self.window = self.new_window()
         last: dict = {}
         while self.step < stop_at:
             t0 = time.perf_counter()
@@ -467,38 +522,40 @@ class Trainer:
             step_tokens = len(seqs) * batch["input_ids"].shape[1] * self.world
             self.tokens_seen += step_tokens
             data_log.write(f"{self.step} {' '.join(map(str, seqs))}\n")
-            window["time"] += time.perf_counter() - t0
-            window["data"] += wait
-            window["tokens"] += step_tokens
-            window["steps"] += 1
+            self.window["time"] += time.perf_counter() - t0
+            self.window["data"] += wait
+            self.window["tokens"] += step_tokens
+            self.window["steps"] += 1
             last = {"step": self.step, **{f"loss/{k}" if k != "loss" else "loss": v for k, v in sums.items()}}
             for k, v in last.items():
                 if k != "step":
-                    window["losses"][k] = window["losses"].get(k, 0.0) + v
+                    self.window["losses"][k] = self.window["losses"].get(k, 0.0) + v
             record = {}
             if self.step % cfg.logging_steps == 0 or self.step == stop_at or self.step == 1:
                 current, peak = memory_mb(self.device)
-                peak = max(peak, window["peak"])
-                steps = window["steps"]
+                peak = max(peak, self.window["peak"])
+                steps = self.window["steps"]
                 record = {
-                    "step": self.step, **{k: v / steps for k, v in window["losses"].items()},  # window means
+                    "step": self.step, **{k: v / steps for k, v in self.window["losses"].items()},  # window means
                     "lr": lr, "grad_norm": grad_norm, "tokens_seen": self.tokens_seen,
-                    "tokens_per_s": window["tokens"] / window["time"], "step_time_s": window["time"] / steps,
-                    "data_wait_s": window["data"] / steps, "memory_mb": current, "peak_memory_mb": peak,
+                    "tokens_per_s": self.window["tokens"] / self.window["time"], "step_time_s": self.window["time"] / steps,
+                    "data_wait_s": self.window["data"] / steps, "memory_mb": current, "peak_memory_mb": peak,
                     "epoch": self.step * cfg.grad_accum / stream.per_epoch, "window_steps": steps,
                 }
                 if self.step == 1:
                     record["optimizer_state_bytes"] = optimizer_state_bytes(self.optimizer)
             if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step != stop_at:  # the end evaluates below
-                record = {"step": self.step, **record, **self.timed_evaluate(window)}
+                record = {"step": self.step, **record, **self.timed_evaluate(self.window)}
             if record:
                 self.log(record)
                 if self.rank == 0:
                     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
             if "window_steps" in record:
-                window = self.new_window()
+                self.window = self.new_window()
             stopping = bool(cfg.stop_after_steps) and self.step >= cfg.stop_after_steps
             if self.step % cfg.save_steps == 0 or self.step == stop_at or stopping:
+                data_log.flush()  # the data log holds every step the checkpoint covers
+                os.fsync(data_log.fileno())
                 self.save_checkpoint()
             if stopping:
                 break  # a time-limited job: the checkpoint above lets --resume continue
@@ -510,7 +567,7 @@ class Trainer:
             result.update(self.timed_evaluate())
             result["final"] = str(self.save_final())
             if self.rank == 0:
-                (self.out / "result.json").write_text(json.dumps(result, indent=2))
+                atomic_write_json(self.out / "result.json", result)
                 self.log({"step": self.step, **{k: v for k, v in result.items() if k.startswith("eval/")}})
         if self.rank == 0:
             self.tb.close()

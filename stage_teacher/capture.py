@@ -7,7 +7,9 @@ Array jobs (--num-shards N --shard-index I) own the cache shards j with j % N ==
 """
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -16,13 +18,18 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import __version__, schema
-from pipeline.cache import verify_shard_files, write_shard
+from pipeline.cache import merge_manifests, verify_shard_files, write_shard  # noqa: F401  (merge: re-exported)
 from pipeline.config import CaptureConfig
+from pipeline.errors import ConfigError
 from pipeline.manifest import (
     CacheError,
+    atomic_write_bytes,
     atomic_write_json,
     check_same_cache,
+    fsync_dir,
+    fsync_tree,
     read_json,
+    stale_temps,
     stats_from_shards,
 )
 from pipeline.resolve import (
@@ -53,35 +60,43 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
     """Validate everything and build the manifest skeleton; nothing expensive, no engine."""
     from transformers import AutoConfig, AutoTokenizer
 
+    if "://" in cfg.output and not cfg.output.startswith("file://"):
+        raise ConfigError(
+            f"--output {cfg.output}: the capture writes to a local or shared-filesystem directory (atomic renames, "
+            "many jobs into one dir), not to a URL. Write to a local or mounted dir and copy it up afterwards "
+            "(e.g. `aws s3 sync DIR s3://...`); train-student reads the cache from the URL directly."
+        )
     if cfg.backend not in ("vllm", "hf"):
-        raise CacheError(f"--backend {cfg.backend!r} is unknown; use vllm or hf")
+        raise ConfigError(f"--backend {cfg.backend!r} is unknown; use vllm or hf")
     if cfg.hidden_dtype not in schema.HIDDEN_DTYPES:
-        raise CacheError(f"--hidden-dtype {cfg.hidden_dtype!r} is unknown; use one of {schema.HIDDEN_DTYPES}")
+        raise ConfigError(f"--hidden-dtype {cfg.hidden_dtype!r} is unknown; use one of {schema.HIDDEN_DTYPES}")
     if not 0 <= cfg.shard_index < cfg.num_shards:
-        raise CacheError(f"--shard-index {cfg.shard_index} must be in [0, --num-shards {cfg.num_shards})")
+        raise ConfigError(f"--shard-index {cfg.shard_index} must be in [0, --num-shards {cfg.num_shards})")
     if cfg.max_seq_len < 2:
-        raise CacheError("--max-seq-len must be at least 2")
+        raise ConfigError("--max-seq-len must be at least 2")
     model_dir, info = resolve_model(cfg.teacher)
     teacher_cfg = AutoConfig.from_pretrained(model_dir)
     num_layers = teacher_cfg.num_hidden_layers
     bad = [l for l in cfg.hidden_layers if not 0 <= l <= num_layers]
     if bad:
-        raise CacheError(
+        raise ConfigError(
             f"--hidden-layers {bad} out of range: the teacher has {num_layers} layers, so valid indices are "
             f"0 (embeddings) .. {num_layers} (final, after the norm), as in HF output_hidden_states"
         )
+    if cfg.backend == "vllm" and cfg.hidden_layers:
+        check_vllm_hidden_capture(teacher_cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     vocab = teacher_cfg.vocab_size
     if not 1 <= cfg.top_k <= vocab:
-        raise CacheError(f"--top-k {cfg.top_k} must be between 1 and the vocab size {vocab}")
+        raise ConfigError(f"--top-k {cfg.top_k} must be between 1 and the vocab size {vocab}")
     if cfg.backend == "vllm" and cfg.top_k > cfg.vllm_max_logprobs:
-        raise CacheError(
+        raise ConfigError(
             f"--top-k {cfg.top_k} is larger than vLLM's max_logprobs {cfg.vllm_max_logprobs}, which vLLM refuses. "
             f"Raise it with --vllm-max-logprobs {cfg.top_k} (or lower --top-k)."
         )
     if max(teacher_cfg.max_position_embeddings, 0) < cfg.max_seq_len + 1:
-        raise CacheError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {teacher_cfg.max_position_embeddings} positions")
-    spec = DatasetSpec(cfg.dataset or DEFAULT_DATASET, cfg.dataset_config, cfg.split, cfg.text_column)
+        raise ConfigError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {teacher_cfg.max_position_embeddings} positions")
+    spec = DatasetSpec(cfg.dataset or DEFAULT_DATASET, cfg.dataset_config, cfg.split, cfg.text_column, cfg.sample_by)
     sequences = pack(tokenizer, load_texts(spec), cfg.max_seq_len, cfg.max_tokens)
     manifest = {
         "format_version": schema.FORMAT_VERSION,
@@ -122,6 +137,24 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
     return manifest, sequences, model_dir, tokenizer
 
 
+def check_vllm_hidden_capture(teacher_cfg) -> None:
+    """Refuse, before the engine starts, a family whose decoder the vLLM hidden-state hooks cannot follow
+    (judged on the HF model built on the meta device: the families share the module names)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .vllm_backend import has_hookable_decoder
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(teacher_cfg)
+    if not has_hookable_decoder(model, teacher_cfg.num_hidden_layers):
+        raise ConfigError(
+            f"--hidden-layers under vLLM needs a decoder with embed_tokens, layers and norm; a {teacher_cfg.model_type} "
+            "teacher has none. Capture its hidden states with --backend hf, or its logits alone under vLLM "
+            "(no --hidden-layers)."
+        )
+
+
 def manifest_file(out: Path, cfg: CaptureConfig) -> Path:
     return out / (schema.MANIFEST if cfg.num_shards == 1 else schema.part_manifest_name(cfg.shard_index, cfg.num_shards))
 
@@ -148,8 +181,8 @@ def load_existing(out: Path, cfg: CaptureConfig, manifest: dict) -> list[dict]:
 def run(cfg: CaptureConfig, teacher=None) -> dict:
     """Capture (or resume) the cache described by cfg. `teacher`: an already started backend to reuse
     (it must have been built with the same top-k and hidden layers); it is left open."""
-    out = Path(cfg.output)
     manifest, sequences, model_dir, tokenizer = prepare(cfg)
+    out = Path(cfg.output.removeprefix("file://"))
     out.mkdir(parents=True, exist_ok=True)
     done = load_existing(out, cfg, manifest)
     per = cfg.sequences_per_shard
@@ -157,11 +190,12 @@ def run(cfg: CaptureConfig, teacher=None) -> dict:
     finished = {s["index"] for s in done}
     todo = [j for j in owned if j not in finished]
     manifest["shards"] = sorted(done, key=lambda s: s["index"])
-    for stale in out.glob(".*.tmp"):  # temp files of an interrupted write
-        stale.unlink()
-    tokenizer.save_pretrained(out / schema.TOKENIZER_DIR)
-    shutil.copyfile(Path(model_dir) / "config.json", out / schema.TEACHER_CONFIG)
     mfile = manifest_file(out, cfg)
+    # Temporaries of this job's own interrupted writes; other jobs in the same dir keep theirs.
+    own = [mfile.name, *(name for j in owned for name in (schema.shard_name(j), schema.hidden_name(j)))]
+    for stale in (t for name in own for t in stale_temps(out, name)):
+        stale.unlink(missing_ok=True)
+    write_shared_files(out, tokenizer, model_dir)
     print(f"teacher cache {out}: {len(sequences)} sequences x {cfg.max_seq_len} tokens, "
           f"{len(owned)} shards for this job, {len(owned) - len(todo)} already done")
     if todo:
@@ -179,6 +213,33 @@ def run(cfg: CaptureConfig, teacher=None) -> dict:
     manifest["complete"] = True
     atomic_write_json(mfile, manifest)
     return manifest
+
+
+def write_shared_files(out: Path, tokenizer, model_dir: str) -> None:
+    """The tokenizer and teacher config every job of a cache shares: written once, atomically.
+
+    The first job to finish writing renames its copy into place; a job that finds them there leaves them
+    (they are the same: every job's manifest identity, tokenizer hash included, was checked against the
+    others'). Temporary copies of jobs killed mid-write are removed once they are an hour old.
+    """
+    target = out / schema.TOKENIZER_DIR
+    for stale in out.glob(f".{schema.TOKENIZER_DIR}.*.tmp"):
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
+    if not target.exists():
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{schema.TOKENIZER_DIR}.", suffix=".tmp"))
+        try:
+            tokenizer.save_pretrained(tmp)
+            fsync_tree(tmp)
+            os.rename(tmp, target)  # atomic; fails if another job's copy got there first
+            fsync_dir(out)
+        except OSError:
+            if not target.exists():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not (out / schema.TEACHER_CONFIG).exists():
+        atomic_write_bytes(out / schema.TEACHER_CONFIG, (Path(model_dir) / "config.json").read_bytes())
 
 
 def capture_shards(cfg, teacher, sequences, todo, out, manifest, mfile) -> None:
@@ -219,34 +280,3 @@ def make_backend(cfg: CaptureConfig, model_dir: str, num_layers: int):
         model_dir, cfg.top_k, cfg.hidden_layers, num_layers, cfg.max_seq_len, cfg.dtype,
         cfg.vllm_max_logprobs, cfg.enforce_eager, cfg.seed,
     )
-
-
-def merge_manifests(out: str, parts_dirs: list[str]) -> dict:
-    """Join array-job outputs: part manifests in `out` (and shard files from `parts_dirs`) -> manifest.json."""
-    from pipeline.manifest import merge
-
-    out_path = Path(out)
-    dirs = [out_path, *[Path(d) for d in parts_dirs]]
-    part_files = [p for d in dirs for p in sorted(d.glob("manifest.part-*.json"))]
-    if not part_files:
-        raise CacheError(f"no manifest.part-*.json in {', '.join(map(str, dirs))}: nothing to merge")
-    parts = []
-    for pf in part_files:
-        part = read_json(pf)
-        if pf.parent != out_path:  # bring the shard files of jobs that wrote elsewhere
-            for name in ("tokenizer", schema.TEACHER_CONFIG):
-                src = pf.parent / name
-                if src.exists() and not (out_path / name).exists():
-                    (shutil.copytree if src.is_dir() else shutil.copyfile)(src, out_path / name)
-            for shard in part["shards"]:
-                for key in ("file", "hidden_file"):
-                    if shard.get(key):
-                        shutil.copyfile(pf.parent / shard[key], out_path / shard[key])
-        parts.append(part)
-    merged = merge(parts)
-    for shard in merged["shards"]:
-        problem = verify_shard_files(out_path, shard)
-        if problem:
-            raise CacheError(f"merge: {problem}")
-    atomic_write_json(out_path / schema.MANIFEST, merged)
-    return merged

@@ -85,6 +85,9 @@ class VLLMTeacher:
         def record_positions(module, args, kwargs):
             pos = kwargs.get("positions", args[0] if args else None)
             records[-1]["pos"] = pos.detach().cpu().clone()
+            if 0 in self.hidden_layers:  # the stream entering layer 1: the embeddings, scaled where the model
+                h = kwargs.get("hidden_states", args[1] if len(args) > 1 else None)  # scales them (Gemma)
+                records[-1]["h"][0] = h.detach().float().cpu().clone()
 
         def capture(layer: int):
             def hook(module, args, out):
@@ -100,8 +103,8 @@ class VLLMTeacher:
         decoder.layers[0].register_forward_pre_hook(record_positions, with_kwargs=True)
         for layer in self.hidden_layers:
             if layer == 0:
-                module = decoder.embed_tokens
-            elif layer == self.num_layers:
+                continue  # recorded by record_positions
+            if layer == self.num_layers:
                 module = decoder.norm  # HF's last hidden state is after the final norm
             else:
                 module = decoder.layers[layer - 1]
@@ -174,6 +177,16 @@ class VLLMTeacher:
         del self.llm
 
 
+def has_hookable_decoder(model: torch.nn.Module, num_layers: int) -> bool:
+    """Whether a model (vLLM's, or the HF one of the same family: they share these names) has the decoder
+    the hidden-state hooks need."""
+    try:
+        _find_decoder(model, num_layers)
+        return True
+    except CacheError:
+        return False
+
+
 def _find_decoder(model: torch.nn.Module, num_layers: int) -> torch.nn.Module:
     """The module that owns embed_tokens, layers (a ModuleList of num_layers) and the final norm."""
     for module in model.modules():
@@ -187,5 +200,6 @@ def _find_decoder(model: torch.nn.Module, num_layers: int) -> torch.nn.Module:
             return module
     raise CacheError(
         "hidden-state capture under vLLM needs a decoder with embed_tokens, layers and norm "
-        f"(Llama/Mistral/Qwen style); this model has none with {num_layers} layers. Use --backend hf."
+        f"(Llama/Mistral/Qwen/Phi-3/Gemma style); this model has none with {num_layers} layers. Capture its "
+        "hidden states with --backend hf, or capture logits only under vLLM (no --hidden-layers)."
     )

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,10 @@ from eval.harness import run_tasks
 from eval.perplexity import evaluate_perplexity, windows
 from eval.tasks import write_suite
 from pipeline.config import EvalConfig
+from pipeline.errors import DistilyError
 from pipeline.resolve import DatasetSpec, load_texts
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +89,8 @@ def test_eval_report_and_model_card(tmp_path, hf_cache, tiny_teacher):
 
     for name, loss in (("kd", "forward_kl"), ("ce", "ce")):
         train(cfg_for(hf_cache, tmp_path / name, max_steps=3, loss=loss))
-    summary = run(EvalConfig(model=str(tmp_path / "kd" / "final"), baseline=[str(tmp_path / "ce" / "final")],
+    # --model takes the run dir train-student wrote (its final/ is evaluated), --baseline a model dir
+    summary = run(EvalConfig(model=str(tmp_path / "kd"), baseline=[str(tmp_path / "ce" / "final")],
                              max_documents=4, max_seq_len=128, stride=64, limit=3, output=str(tmp_path / "eval")))
     models = summary["models"]
     assert list(models) == ["teacher", "kd", "ce"]  # the teacher comes from the cache manifest
@@ -119,3 +124,60 @@ def test_lastword_task_scores_what_a_direct_forward_does(tmp_path, teacher_model
             logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
         lls.append(sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole))))
     assert metrics["distily_lee_lastword/perplexity"] == pytest.approx(math.exp(-sum(lls) / len(lls)), rel=1e-4)
+
+
+def test_report_labels_are_unique_and_unfinished_runs_are_refused(tmp_path):
+    from eval.run import model_dir, unique_labels
+
+    paths = ["runs/a/student/final", "runs/b/student/final", "runs/c/kd", "elsewhere/teacher"]
+    assert unique_labels(paths) == ["a/student", "b/student", "kd", "elsewhere/teacher"]
+    assert unique_labels(["x/final", "x/final"]) == ["x", "x-2"]
+    (tmp_path / "run_config.json").write_text("{}")
+    with pytest.raises(DistilyError, match="has not finished"):
+        model_dir(str(tmp_path))
+
+
+def test_benchmark_task_metrics_match_the_official_definitions():
+    from eval import task_metrics as m
+
+    assert m.exact_match("the Denver Broncos!", "Denver Broncos") == 1.0
+    assert m.f1("Denver Broncos won", "Denver Broncos") == pytest.approx(0.8)
+    assert m.process_squad({"answers": {"text": ["Carolina", "Carolina Panthers"]}}, ["Carolina Panthers\nmore"]) == \
+        {"exact_match": 1.0, "f1": 1.0}
+    assert m.f1("no", "yes", yes_no=True) == 0.0 and m.f1("yes", "yes", yes_no=True) == 1.0
+    rows = [json.loads(l) for l in (FIXTURES / "conll2003.jsonl").read_text().splitlines()]
+    assert m.gold_entities(rows[0]["tokens"], rows[0]["ner_tags"]) == {("ORG", "EU"), ("MISC", "German"), ("MISC", "British")}
+    assert m.gold_entities(rows[1]["tokens"], rows[1]["ner_tags"]) == {("PER", "Peter Blackburn")}
+    counts = m.process_conll(rows[0], ["ORG: EU; misc: German. ; LOC: Paris"])["entity_f1"]
+    assert counts == (2, 1, 1) and m.micro_f1([counts]) == pytest.approx(2 / 3)
+    assert m.micro_f1([(1, 0, 0), (0, 1, 1)]) == pytest.approx(2 / 4)  # micro: summed over sentences
+
+
+def test_benchmark_tasks_run_offline_in_lm_eval(tmp_path, teacher_model):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from eval import task_metrics as m
+    from eval.tasks import BENCHMARKS, write_benchmark_tasks
+
+    files = {"distily_squad": FIXTURES / "squad.jsonl", "distily_hotpotqa": FIXTURES / "hotpotqa.jsonl",
+             "distily_conll2003": FIXTURES / "conll2003.jsonl"}
+    include = write_benchmark_tasks(tmp_path / "tasks", {k: str(v) for k, v in files.items()})
+    model, tok = teacher_model
+    out = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=2, max_length=512), tasks=list(BENCHMARKS),
+                          task_manager=TaskManager(include_path=str(include)), log_samples=True, bootstrap_iters=0,
+                          verbosity="ERROR", gen_kwargs="max_gen_toks=8")
+    process = {"distily_squad": m.process_squad, "distily_hotpotqa": m.process_hotpotqa, "distily_conll2003": m.process_conll}
+    for task in BENCHMARKS:
+        samples = out["samples"][task]
+        assert len(samples) == len(files[task].read_text().splitlines())
+        per_doc = [process[task](s["doc"], s["filtered_resps"]) for s in samples]
+        got = out["results"][task]
+        if task == "distily_conll2003":
+            assert got["entity_f1,none"] == pytest.approx(m.micro_f1([d["entity_f1"] for d in per_doc]))
+        else:
+            for metric in ("exact_match", "f1"):
+                assert got[f"{metric},none"] == pytest.approx(sum(d[metric] for d in per_doc) / len(per_doc))
+    squad_prompt = out["samples"]["distily_squad"][0]["arguments"][0][0]
+    assert "Question: Which NFL team represented the AFC at Super Bowl 50?" in squad_prompt

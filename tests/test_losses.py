@@ -198,10 +198,23 @@ def test_layer_mappers_of_2310_08797():
     assert map_layers("uniform", 3, 30) == [(1, [10]), (2, [20]), (3, [30])]
     assert map_layers("last-k", 6, 12, k=2) == [(5, [11]), (6, [12])]
     assert map_layers("all", 3, 3) == [(1, [1]), (2, [2]), (3, [3])]
-    assert map_layers("uniform-consecutive", 3, 7) == [(1, [1, 2, 3]), (2, [4, 5, 6]), (3, [7])]
+    assert map_layers("uniform-consecutive", 3, 7) == [(1, [1, 2, 3]), (2, [4, 5]), (3, [6, 7])]
     assert map_layers("uniform-consecutive", 15, 30)[-1] == (15, [29, 30])
+    for s, t in ((12, 30), (4, 2), (7, 7), (5, 31)):  # every student layer mapped, every teacher layer used, in order
+        pairs = map_layers("uniform-consecutive", s, t)
+        assert [i for i, _ in pairs] == list(range(1, s + 1))
+        flat = [l for _, ls in pairs for l in ls]
+        assert sorted(set(flat)) == list(range(1, t + 1)) and flat == sorted(flat)
     assert map_layers("uniform+last", 2, 6) == [(1, [3, 6]), (2, [6])]
     with pytest.raises(DistilyError, match="equal depth"):
         map_layers("all", 2, 4)
     with pytest.raises(DistilyError, match="unknown"):
         map_layers("every-other", 2, 4)
+
+
+def test_jsd_at_beta_0_and_1_is_the_forward_and_reverse_kl():
+    torch.manual_seed(3)
+    logp, logq = torch.randn(6, 9).log_softmax(-1), torch.randn(6, 9).log_softmax(-1)
+    torch.testing.assert_close(losses.jsd(logp, logq, beta=0.0), losses.forward_kl(logp, logq))
+    torch.testing.assert_close(losses.jsd(logp, logq, beta=1.0), losses.reverse_kl(logp, logq))
+    assert losses.forward_kl(logp, logq).min() > 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 
 from conftest import TINY_HIDDEN_LAYERS, TINY_K, assert_same_rows, capture_cfg, read_all
 from pipeline.cache import CacheReader
+from pipeline.errors import ConfigError, DistilyError
 from pipeline.manifest import CacheError
 from stage_teacher.capture import merge_manifests, run
 
@@ -132,12 +134,15 @@ def test_merge_refuses_missing_parts(tmp_path, tiny_teacher, text_file):
         ({"top_k": 9, "backend": "vllm"}, "--vllm-max-logprobs 9"),
         ({"top_k": 100000}, "vocab size"),
         ({"backend": "sglang"}, "unknown"),
+        ({"output": "s3://bucket/cache"}, "not to a URL"),
     ],
 )
 def test_bad_input_fails_before_the_engine(tmp_path, tiny_teacher, text_file, kw, message):
-    with pytest.raises(CacheError, match=message):
+    with pytest.raises(DistilyError, match=message) as e:
         run(capture_cfg(tiny_teacher, text_file, tmp_path, **kw))
-    assert not list(tmp_path.glob("shard-*"))
+    assert not list(tmp_path.glob("shard-*")) and not os.path.exists("s3:")
+    # options that are wrong in themselves are config errors; a missing file or model is not
+    assert isinstance(e.value, ConfigError) == (set(kw) - {"teacher", "dataset"} != set())
 
 
 def test_empty_dataset(tmp_path, tiny_teacher):
@@ -191,3 +196,26 @@ def test_cli_inspect_verify_and_yaml(tmp_path, tiny_teacher, text_file, hf_cache
     assert r.returncode == 1 and "shard-00000.hidden.safetensors.zst" in r.stderr
     r = subprocess.run([*cli, "teacher-cache", "--teacher", "/nope", "-o", str(tmp_path / "d")], capture_output=True, text=True)
     assert r.returncode == 2 and "no such directory" in r.stderr
+
+
+def test_hard_wrapped_prose_stays_whole_paragraphs(tmp_path, tiny_teacher):
+    import textwrap
+
+    from transformers import AutoTokenizer
+
+    from pipeline.resolve import DatasetSpec, load_texts, pack
+
+    paragraphs = [" ".join(f"word{i}{j} and more words to wrap" for j in range(12)) for i in range(3)]
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(textwrap.fill(p, 40) for p in paragraphs) + "\n")
+    lines = [l for l in book.read_text().splitlines() if l.strip()]
+    auto = load_texts(DatasetSpec(str(book)))
+    assert len(auto) == 3 and all(p.replace("\n", " ").strip() == q for p, q in zip(auto, paragraphs))
+    assert len(load_texts(DatasetSpec(str(book), sample_by="line"))) == len(lines) > 9
+    assert len(load_texts(DatasetSpec(str(book), sample_by="document"))) == 1
+    assert len(load_texts(DatasetSpec("lee"))) == 50  # one document per line, no blank lines: lines
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    stream = pack(tok, auto, 1)  # [tokens, 1]: every token kept
+    assert (stream == tok.eos_token_id).sum() == 3  # an EOS after each paragraph, none at line breaks
+    with pytest.raises(CacheError, match="--sample-by 'sentence' is unknown"):
+        load_texts(DatasetSpec(str(book), sample_by="sentence"))

@@ -1,0 +1,21 @@
+"""`distily train-student`: its options are the fields of pipeline.config.TrainConfig."""
+from __future__ import annotations
+
+import typer
+
+from pipeline.cli import Command
+from pipeline.config import TrainConfig
+
+
+def run(cfg: TrainConfig) -> None:
+    from .train import train
+
+    result = train(cfg)
+    if result.get("finished"):
+        typer.echo(f"student saved to {result['final']}")
+    else:
+        typer.echo(f"stopped at step {result['step']}; continue with --resume")
+
+
+COMMAND = Command("train-student", TrainConfig, "train_student", run,
+                  "Train a student from a teacher cache with an 8-bit optimizer (runs under torchrun unchanged).")

@@ -1,0 +1,83 @@
+"""Options have one source of truth: the config dataclasses. Flags, YAML and help follow them."""
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+
+import pytest
+import typer
+
+from conftest import ROOT
+from pipeline import config as C
+from pipeline.cli import app
+from pipeline.errors import CacheError, ConfigError
+
+
+def flags_of_every_command() -> dict[str, set[str]]:
+    group = typer.main.get_command(app)
+    return {name: {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)} for name, cmd in group.commands.items()}
+
+
+def test_every_field_is_a_flag_and_every_flag_a_field():
+    flags = flags_of_every_command()
+    for name, cls in (("teacher-cache", C.CaptureConfig), ("train-student", C.TrainConfig), ("eval", C.EvalConfig)):
+        fields = {"--" + f.replace("_", "-") for f in C.dataclasses.asdict(cls())}
+        assert fields <= flags[name], fields - flags[name]
+        long_flags = {f for f in flags[name] if f.startswith("--") and not f.startswith("--no-")}
+        assert long_flags - fields - {"--config", "--help", "--train-embeddings"} == set()
+
+
+def test_yaml_values_take_the_field_types(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("train_student:\n  lr: 3e-4\n  init_layers: '0,1,2'\n  student_config: {hidden_size: 64}\n"
+                   "  bf16: 'true'\n  max_steps: '20'\nteacher_cache:\n  hidden_layers: '10,20'\n")
+    t = C.load(C.TrainConfig, str(cfg), "train_student", {"batch_size": "8"})
+    assert (t.lr, t.init_layers, t.student_config, t.bf16, t.max_steps, t.batch_size) == (3e-4, [0, 1, 2], {"hidden_size": 64}, True, 20, 8)
+    assert C.load(C.CaptureConfig, str(cfg), "teacher_cache", {}).hidden_layers == [10, 20]
+    cfg.write_text("hidden_layers: [10, 20]\ntop_k: 32\n")
+    assert C.load(C.CaptureConfig, str(cfg), "teacher_cache", {}).hidden_layers == [10, 20]
+    assert C.load(C.TrainConfig, None, "train_student", {"init_layers": "evenly"}).init_layers == "evenly"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lr", "fast", "train_student.lr: expected a number, got 'fast'"),
+    ("max_steps", "1.5", "train_student.max_steps: expected an integer"),
+    ("resume", "maybe", "train_student.resume: expected true or false"),
+    ("init_layers", "first", "train_student.init_layers: expected a list of integers .* or auto or evenly"),
+    ("student_config", "{not json", "train_student.student_config: expected a mapping"),
+    ("colour", "red", r"unknown option\(s\) \['colour'\]"),
+])
+def test_a_wrong_value_is_a_config_error_naming_the_key(key, value, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        C.load(C.TrainConfig, None, "train_student", {key: value})
+    assert not isinstance(e.value, CacheError)
+
+
+def test_cli_reads_yaml_numbers_and_reports_bad_types(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("train_student:\n  lr: 3e-4\n  max_steps: lots\n")
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train-student", "--config", str(cfg)], capture_output=True, text=True)
+    assert r.returncode == 2 and "train_student.max_steps: expected an integer, got 'lots'" in r.stderr
+
+
+# flags of other tools the README shows (torchrun, sbatch, pip)
+FOREIGN = {"--extra-index-url", "--no-deps", "--nproc-per-node", "--array", "--gres", "--ntasks", "--help", "--nnodes", "--node-rank", "--rdzv-endpoint", "--depth"}
+
+
+def test_every_flag_the_readme_shows_exists():
+    flags = set().union(*flags_of_every_command().values())
+    readme = (ROOT / "README.md").read_text()
+    shown = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", readme))
+    missing = sorted(shown - flags - FOREIGN)
+    assert not missing, f"README shows flags no command has: {missing}"
+    assert {"--loss-chunk-size", "--init-layers", "--num-shards"} <= shown
+
+
+def test_pipeline_imports_no_stage():
+    for path in (ROOT / "pipeline").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            assert not [n for n in names if n.split(".")[0] in ("stage_teacher", "stage_student", "eval")], (path, names)

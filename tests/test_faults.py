@@ -1,0 +1,88 @@
+"""Small versions of `make faults` (tests/bench/faults.py): real CLI jobs, SIGKILLed at random moments."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+
+from conftest import ROOT, capture_cfg
+from pipeline.errors import DistilyError
+from stage_teacher.capture import run
+from stage_student.train import complete_checkpoints, train
+from test_train_student import cfg_for, log
+
+sys.path.insert(0, str(ROOT / "tests" / "bench"))
+import faults  # noqa: E402
+
+
+def test_concurrent_capture_jobs_killed_and_restarted_merge_to_a_single_jobs_cache(tmp_path):
+    teacher, text = faults.make_fixtures(tmp_path)
+    cap = faults.capture_faults(teacher, text, tmp_path / "capture", jobs=4, kills=1, seed=1, tokens=32 * 24)
+    # a job that finishes within the random delay after its first write escapes its kill: count, not assume
+    assert cap["kills"] >= 2 and cap["rows"] == 24
+    assert cap["rows_lost"] == cap["rows_duplicated"] == cap["rows_differing"] == cap["verify_problems"] == 0
+    tr = faults.train_faults(tmp_path / "capture" / "shared", tmp_path / "train", kills=2, seed=1, steps=10)
+    assert tr["kills"] >= 1 and tr["steps_logged"] == 10 and tr["steps_repeated"] == tr["steps_missing"] == 0
+    assert tr["max_loss_difference"] <= 1e-6 and tr["max_weight_difference"] <= 1e-6 and tr["data_log_equal"]
+    assert tr["tensorboard_steps"] == 10 and tr["tensorboard_repeated"] == 0
+
+
+def test_a_job_removes_only_its_own_stale_temporaries(tmp_path, tiny_teacher, text_file):
+    cfg = capture_cfg(tiny_teacher, text_file, tmp_path, num_shards=2, shard_index=0)
+    mine, theirs = tmp_path / ".shard-00002.parquet.abc.tmp", tmp_path / ".shard-00001.parquet.abc.tmp"
+    tmp_path.mkdir(exist_ok=True)
+    mine.write_bytes(b"half")
+    theirs.write_bytes(b"in flight")  # job 1 owns odd shards and is still writing
+    run(cfg)
+    assert not mine.exists() and theirs.read_bytes() == b"in flight"
+    assert (tmp_path / "tokenizer" / "tokenizer.json").exists() and not list(tmp_path.glob(".tokenizer.*"))
+
+
+def test_partial_checkpoints_are_never_loaded(tmp_path, hf_cache):
+    train(cfg_for(hf_cache, tmp_path, max_steps=3, save_steps=2, stop_after_steps=2))
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / "step-000003.tmp").mkdir()
+    (ckpt / "step-000003.tmp" / "state.pt").write_bytes(b"cut short")
+    (ckpt / "step-000004").mkdir()  # a checkpoint without its trainer_state.json: its write never finished
+    (ckpt / "step-000004" / "state.pt").write_bytes(b"cut short")
+    assert [p.name for p in complete_checkpoints(ckpt)] == ["step-000002"]
+    result = train(cfg_for(hf_cache, tmp_path, max_steps=3, save_steps=2, resume=True))
+    assert result["finished"] and [r["step"] for r in log(tmp_path)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"seed": 1}, "seed=0"), ({"shuffle_buffer": 4}, "shuffle_buffer=8"), ({"eval_sequences": 6}, "eval_sequences=4"),
+    ({"loss": "jsd"}, "loss='forward_kl'"), ({"temperature": 2.0, "tail": "renormalize"}, "temperature=1.0"),
+    ({"ce_weight": 0.5}, "ce_weight=0.0"),
+])
+def test_resume_refuses_a_different_setup_naming_the_field(tmp_path, hf_cache, change, field):
+    train(cfg_for(hf_cache, tmp_path, max_steps=4, save_steps=2, stop_after_steps=2))
+    with pytest.raises(DistilyError, match=f"cannot resume .*{field.replace('(', '[(]')}"):
+        train(cfg_for(hf_cache, tmp_path, max_steps=4, save_steps=2, resume=True, **change))
+
+
+def test_resume_refuses_another_cache(tmp_path, hf_cache):
+    other = tmp_path / "other-cache"
+    shutil.copytree(hf_cache, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:-1]  # a different (smaller) cache
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    train(cfg_for(hf_cache, tmp_path / "run", max_steps=4, save_steps=2, stop_after_steps=2))
+    with pytest.raises(DistilyError, match=r"cannot resume .*the cache \(--cache\)"):
+        train(cfg_for(other, tmp_path / "run", max_steps=4, save_steps=2, resume=True))
+
+
+def test_resume_inside_a_logging_window_logs_the_same_means(tmp_path, hf_cache):
+    kw = dict(ce_weight=0.3, max_steps=6, logging_steps=3, save_steps=100)
+    train(cfg_for(hf_cache, tmp_path / "a", **kw))
+    train(cfg_for(hf_cache, tmp_path / "b", stop_after_steps=4, **kw))  # checkpoint at step 4, inside the window 4..6
+    train(cfg_for(hf_cache, tmp_path / "b", resume=True, **kw))
+    a, b = log(tmp_path / "a"), log(tmp_path / "b")
+    assert [r["step"] for r in b] == [1, 3, 6]
+    by_step = {r["step"]: r for r in b}
+    for ra in a:
+        for key in ("loss", "loss/kd", "loss/ce"):
+            assert by_step[ra["step"]][key] == pytest.approx(ra[key], abs=1e-6), (ra["step"], key)
+    assert by_step[6]["window_steps"] == 3
