@@ -101,6 +101,8 @@ def identity(manifest: dict) -> dict:
     """The fields two captures must share to be parts of one cache (everything but shards, time, job)."""
     ident = {k: manifest.get(k) for k in IDENTITY_KEYS}
     ident["teacher"] = {k: v for k, v in (ident["teacher"] or {}).items() if k not in ("path",)}
+    if ident.get("dataset"):  # caches written before --sample-by existed read text files as `auto` does
+        ident["dataset"] = {**ident["dataset"], "spec": {"sample_by": "auto", **ident["dataset"].get("spec", {})}}
     return ident
 
 

@@ -219,3 +219,14 @@ def test_hard_wrapped_prose_stays_whole_paragraphs(tmp_path, tiny_teacher):
     assert (stream == tok.eos_token_id).sum() == 3  # an EOS after each paragraph, none at line breaks
     with pytest.raises(CacheError, match="--sample-by 'sentence' is unknown"):
         load_texts(DatasetSpec(str(book), sample_by="sentence"))
+
+
+def test_a_cache_from_before_sample_by_keeps_its_identity(hf_cache):
+    from pipeline.manifest import identity
+
+    manifest = CacheReader(hf_cache).manifest
+    old = json.loads(json.dumps(manifest))
+    del old["dataset"]["spec"]["sample_by"]  # as written before the option existed
+    assert identity(old) == identity(manifest)
+    old["dataset"]["spec"]["sample_by"] = "line"
+    assert identity(old) != identity(manifest)
