@@ -201,16 +201,25 @@ def _zero_if_none(g, like):
     return torch.zeros_like(like) if g is None else g
 
 
+def reference_losses(logits, spec: LossSpec, t: Targets) -> dict:
+    """The losses of losses.py on full logits [N, V] (the reference; --loss-chunk-size 0), differentiable."""
+    values = {}
+    if spec.kd is not None and t.teacher_logits is not None:
+        values["kd"] = losses.kd_loss_full(spec.kd, logits, t.teacher_logits, spec.temperature, spec.beta, spec.gamma)
+    elif spec.kd is not None:
+        values["kd"] = losses.kd_loss(spec.kd, logits, t.topk_ids, t.topk_logprobs, t.tail_mass, spec.temperature,
+                                      spec.tail, spec.beta, spec.gamma)
+    if spec.ce_weight > 0:
+        values["ce"] = losses.ce_loss(logits, t.labels)
+    values["loss"] = spec.kd_weight * values.get("kd", 0.0) + spec.ce_weight * values.get("ce", 0.0)
+    return values
+
+
 def autograd_chunk(z, sl: slice, n: int, spec: LossSpec, t: Targets, need_grad: bool):
-    """The reference losses of losses.py on one chunk (full-vocabulary teacher logits), and dL/dz."""
-    c = z.shape[0]
+    """The reference losses on one chunk (full-vocabulary teacher logits), scaled to its share, and dL/dz."""
     z = z.detach().requires_grad_(need_grad)
+    chunk_targets = Targets(**{k: v[sl] if v is not None else None for k, v in vars(t).items()})
     with torch.enable_grad():
-        values = {}
-        if spec.kd is not None:
-            values["kd"] = losses.kd_loss_full(spec.kd, z, t.teacher_logits[sl], spec.temperature, spec.beta, spec.gamma) * (c / n)
-        if spec.ce_weight > 0:
-            values["ce"] = losses.ce_loss(z, t.labels[sl]) * (c / n)
-        values["loss"] = spec.kd_weight * values.get("kd", 0.0) + spec.ce_weight * values.get("ce", 0.0)
+        values = {k: v * (z.shape[0] / n) for k, v in reference_losses(z, spec, chunk_targets).items()}
         grad = torch.autograd.grad(values["loss"], z)[0] if need_grad else None
     return {k: v.detach() for k, v in values.items()}, grad

@@ -273,16 +273,7 @@ class Trainer:
         weight, bias = self.student_forward.head()
         if weight is not None or self.cfg.loss_chunk_size > 0:
             return chunked.head_losses(out, weight, bias, spec, targets, self.cfg.loss_chunk_size)
-        parts = {}  # --loss-chunk-size 0: the reference, on the full logits
-        if spec.kd and targets.teacher_logits is not None:
-            parts["kd"] = losses.kd_loss_full(spec.kd, out, targets.teacher_logits, spec.temperature, spec.beta, spec.gamma)
-        elif spec.kd:
-            parts["kd"] = losses.kd_loss(spec.kd, out, targets.topk_ids, targets.topk_logprobs, targets.tail_mass,
-                                         spec.temperature, spec.tail, spec.beta, spec.gamma)
-        if spec.ce_weight > 0:
-            parts["ce"] = losses.ce_loss(out, targets.labels)
-        parts["loss"] = spec.kd_weight * parts.get("kd", 0.0) + spec.ce_weight * parts.get("ce", 0.0)
-        return parts
+        return chunked.reference_losses(out, spec, targets)  # --loss-chunk-size 0: on the full logits
 
     def cached_targets(self, batch: dict, kd_top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The teacher's top-k ids, log-probs and tail mass (its first kd_top_k), flattened like the logits."""
