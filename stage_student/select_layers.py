@@ -45,14 +45,21 @@ def evenly_spaced(n_student: int, n_teacher: int) -> list[int]:
     return [int(round(x)) for x in np.linspace(0, n_teacher - 1, n_student)]
 
 
-def decoder_stack(model: nn.Module) -> tuple[nn.Module, str]:
-    """(parent module, attribute) of the ModuleList holding the decoder layers, for any HF causal LM."""
+def layer_list_name(model: nn.Module) -> str:
+    """The qualified name of the ModuleList of decoder layers, for any HF causal LM: model.layers (Llama,
+    Qwen2, Mistral, Phi-3, Gemma), transformer.h (GPT-2), ..."""
     n = model.config.num_hidden_layers
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, nn.ModuleList) and len(child) == n:
-                return parent, name
-    raise DistilyError(f"found no list of {n} decoder layers in {type(model).__name__}; pass --init-layers explicitly")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return name
+    raise DistilyError(f"found no list of {n} decoder layers in {type(model).__name__}: --init teacher-layers cannot "
+                       "map its layers; use --init random")
+
+
+def decoder_stack(model: nn.Module) -> tuple[nn.Module, str]:
+    """(parent module, attribute) of the ModuleList holding the decoder layers."""
+    parent, _, attr = layer_list_name(model).rpartition(".")
+    return model.get_submodule(parent), attr
 
 
 def _first_tensor(x):

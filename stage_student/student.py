@@ -21,7 +21,7 @@ from pipeline.config import TrainConfig
 from pipeline.errors import DistilyError
 from pipeline.resolve import resolve_model, tokenizer_fingerprint
 
-from .select_layers import check_init_layers, chosen_layers, evenly_spaced
+from .select_layers import check_init_layers, chosen_layers, evenly_spaced, layer_list_name
 
 INITS = ("random", "teacher-layers")
 
@@ -119,16 +119,6 @@ def load_teacher(cfg: TrainConfig, manifest: dict, dtype=torch.float32):
             "Pass --teacher DIR (the teacher model dir), or use --init random."
         )
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-
-
-def layer_list_name(model) -> str:
-    """The qualified name of the ModuleList of decoder layers: model.layers (Llama, Qwen2, Mistral, Phi-3,
-    Gemma), transformer.h (GPT-2), ..."""
-    n = model.config.num_hidden_layers
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return name
-    raise DistilyError(f"found no list of {n} decoder layers in {type(model).__name__}; use --init random")
 
 
 def copy_teacher_layers(model, weights: dict[str, torch.Tensor], layers: list[int], copy_embeddings: bool) -> None:
