@@ -8,6 +8,10 @@ Public API (used by the trainer, by users and by our checks)::
     for seq in reader.iter_sequences():        # one dict of numpy arrays per sequence
         seq["input_ids"], seq["topk_ids"], seq["topk_logprobs"], seq["target_logprob"],
         seq["tail_mass"], seq["hidden_states"]  # {layer: [T, H] float32}, when layers were captured
+        seq["sample_ids"], seq["sample_counts"]  # RS-KD caches: [T-1, m], padding id -1 with count 0; also
+        seq["sample_weights"], seq["teacher_entropy"]  # count / N (x p/q at t != 1); H(p) per position [T-1]
+
+Values come back decoded (int64 ids, float32 log-probs and hidden states) whatever the stored form and version.
 """
 from __future__ import annotations
 
@@ -33,40 +37,50 @@ from .manifest import CacheError, atomic_write_bytes, atomic_write_json, merge, 
 if TYPE_CHECKING:
     import torch
 
+SAMPLE_KEYS = ("sample_ids", "sample_counts", "sample_weights")
+
 # ----------------------------------------------------------------------------------------------- write
 
 
 def write_shard(
     cache_dir: str | os.PathLike,
     index: int,
+    manifest: dict,  # the cache's manifest: format version, capture settings (targets, dtypes), vocab size
     seq_index: np.ndarray,  # [N]
     input_ids: np.ndarray,  # [N, T]
-    topk_ids: np.ndarray,  # [N, T-1, k]
-    topk_logprobs: np.ndarray,  # [N, T-1, k]
-    target_logprob: np.ndarray,  # [N, T-1]
+    targets: dict,  # stage_teacher/targets.py: target_logprob [N, T-1], topk_* [N, T-1, k], sample_* [N, T-1, m]
     hidden: dict[int, "torch.Tensor"] | None = None,  # {layer: [N, T, H]}
-    hidden_dtype: str = "bfloat16",
 ) -> dict:
-    """Write one shard pair atomically and return its manifest entry."""
+    """Write one shard pair atomically (in the layout of pipeline/schema.py) and return its manifest entry."""
     n, t = input_ids.shape
-    k = topk_ids.shape[-1]
-    topk_logprobs = topk_logprobs.astype(np.float32)
-    tail = tail_mass(topk_logprobs)
-    table = pa.table(
-        {
-            "seq_index": pa.array(seq_index.astype(np.int64)),
-            "input_ids": _lists(input_ids.astype(np.int32), t),
-            "topk_ids": _lists(topk_ids.astype(np.int32).reshape(n, -1), (t - 1) * k),
-            "topk_logprobs": _lists(topk_logprobs.reshape(n, -1), (t - 1) * k),
-            "target_logprob": _lists(target_logprob.astype(np.float32), t - 1),
-            "tail_mass": _lists(tail, t - 1),
-        },
-        schema=schema.SCHEMA,
-    )
+    cap = manifest["capture"]
+    file_schema = schema.parquet_schema(manifest)
+    id_dtype = file_schema.field("input_ids").type.value_type.to_pandas_dtype()
+    columns = {"seq_index": seq_index.astype(np.int64), "input_ids": input_ids.astype(id_dtype)}
+    tail = None
+    if "topk_ids" in file_schema.names:
+        lp = np.maximum(targets["topk_logprobs"].astype(np.float32), LOGPROB_FLOOR)
+        tail = tail_mass(lp)
+        columns["topk_ids"] = targets["topk_ids"].astype(id_dtype)
+        columns.update(encode_logprobs(lp, cap["logprob_dtype"]))
+        columns["tail_mass"] = tail
+    columns["target_logprob"] = targets["target_logprob"].astype(np.float32)
+    if "sample_ids" in file_schema.names:
+        ids = targets["sample_ids"]
+        valid = ids >= 0
+        columns["sample_lengths"] = valid.sum(-1).astype(np.uint16)
+        columns["sample_ids"] = ids[valid].astype(id_dtype)
+        columns["sample_counts"] = targets["sample_counts"][valid].astype(np.uint16)
+        if "sample_iw" in file_schema.names:
+            columns["sample_iw"] = targets["sample_iw"][valid].astype(np.float32)
+        columns["teacher_entropy"] = targets["teacher_entropy"].astype(np.float32)
+    table = pa.table({name: _column(columns[name], n, file_schema.field(name).type, ids_valid=columns.get("sample_lengths"))
+                      for name in file_schema.names}, schema=file_schema)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression=schema.PARQUET_COMPRESSION, compression_level=schema.ZSTD_LEVEL)
     cache_dir = Path(cache_dir)
     parquet_bytes = buf.getvalue()
+    target = columns["target_logprob"].astype(np.float64)
     entry = {
         "index": index,
         "file": schema.shard_name(index),
@@ -74,18 +88,16 @@ def write_shard(
         "tokens": int(n * t),
         "first_seq": int(seq_index[0]),
         "positions": int(n * (t - 1)),
-        "target_prob_sum": float(np.exp(target_logprob.astype(np.float64)).sum()),
-        "tail_mass_sum": float(tail.astype(np.float64).sum()),
+        "target_prob_sum": float(np.exp(target).sum()),
+        "tail_mass_sum": float(tail.astype(np.float64).sum()) if tail is not None else None,
         "sha256": hashlib.sha256(parquet_bytes).hexdigest(),
         "bytes": len(parquet_bytes),
+        "column_bytes": column_bytes(parquet_bytes),
     }
+    if "sample_lengths" in columns:
+        entry["sample_unique_sum"] = int(columns["sample_lengths"].astype(np.int64).sum())
     if hidden:
-        import torch
-        from safetensors.torch import save
-
-        dtype = getattr(torch, hidden_dtype)
-        tensors = {schema.hidden_key(l): h.to(dtype).contiguous() for l, h in sorted(hidden.items())}
-        hidden_bytes = zstandard.ZstdCompressor(level=schema.ZSTD_LEVEL).compress(save(tensors))
+        hidden_bytes = zstandard.ZstdCompressor(level=schema.ZSTD_LEVEL).compress(encode_hidden(hidden, cap["hidden_dtype"]))
         atomic_write_bytes(cache_dir / schema.hidden_name(index), hidden_bytes)
         entry.update(
             hidden_file=schema.hidden_name(index),
@@ -97,15 +109,92 @@ def write_shard(
     return entry
 
 
+LOGPROB_FLOOR = -100.0  # log-probs below this (e^-100) are stored as it: keeps the uint8 scale finite
+
+
+def encode_logprobs(lp: np.ndarray, dtype: str) -> dict:
+    """[N, T-1, k] float32 log-probs -> the topk_logprobs column (and, for uint8, its per-position scale)."""
+    if dtype == "float32":
+        return {"topk_logprobs": lp}
+    if dtype == "float16":
+        return {"topk_logprobs": lp.astype(np.float16)}
+    hi, lo = lp.max(-1), lp.min(-1)
+    step = np.where(hi > lo, (hi - lo) / 255.0, 1.0).astype(np.float32)
+    codes = np.clip(np.rint((hi[..., None] - lp) / step[..., None]), 0, 255).astype(np.uint8)
+    return {"topk_logprobs": codes, "topk_lp_max": hi.astype(np.float32), "topk_lp_step": step}
+
+
+def decode_logprobs(cols: dict) -> np.ndarray:
+    lp = cols["topk_logprobs"]
+    if "topk_lp_max" not in cols:
+        return lp.astype(np.float32)
+    return (cols["topk_lp_max"][..., None] - lp.astype(np.float32) * cols["topk_lp_step"][..., None]).astype(np.float32)
+
+
+def encode_hidden(hidden: dict[int, "torch.Tensor"], dtype: str) -> bytes:
+    """{layer: [N, T, H]} -> safetensors bytes. int8: each token's few largest-magnitude values in bfloat16 with
+    their channel, the rest as int8 codes with a per-token absmax scale (layout in pipeline/schema.py)."""
+    import torch
+    from safetensors.torch import save
+
+    tensors = {}
+    for layer, h in sorted(hidden.items()):
+        if dtype == "int8":
+            h = h.float()
+            idx = h.abs().topk(min(schema.HIDDEN_INT8_OUTLIERS, h.shape[-1]), dim=-1).indices
+            rest = h.scatter(-1, idx, 0.0)
+            scale = rest.abs().amax(-1).clamp_min(1e-12) / 127.0
+            key = schema.hidden_key(layer)
+            tensors[key] = torch.round(rest / scale[..., None]).clamp(-127, 127).to(torch.int8).contiguous()
+            tensors[schema.hidden_scale_key(layer)] = scale.contiguous()
+            tensors[f"{key}_outlier_idx"] = idx.to(torch.int16).contiguous()
+            tensors[f"{key}_outlier_val"] = h.gather(-1, idx).to(torch.bfloat16).contiguous()
+        else:
+            tensors[schema.hidden_key(layer)] = h.to(getattr(torch, dtype)).contiguous()
+    return save(tensors)
+
+
+def decode_hidden(tensors: dict, layer: int) -> "torch.Tensor":
+    """One layer of a hidden-state file as float32 [N, T, H], whatever its stored dtype."""
+    key = schema.hidden_key(layer)
+    h = tensors[key].float()
+    if schema.hidden_scale_key(layer) in tensors:  # int8
+        h = h * tensors[schema.hidden_scale_key(layer)][..., None]
+        h.scatter_(-1, tensors[f"{key}_outlier_idx"].long(), tensors[f"{key}_outlier_val"].float())
+    return h
+
+
+def column_bytes(parquet_bytes: bytes) -> dict[str, int]:
+    """Compressed bytes of each column of a Parquet file (for `distily inspect`)."""
+    meta = pq.ParquetFile(io.BytesIO(parquet_bytes)).metadata
+    out: dict[str, int] = {}
+    for g in range(meta.num_row_groups):
+        rg = meta.row_group(g)
+        for c in range(rg.num_columns):
+            col = rg.column(c)
+            name = col.path_in_schema.split(".")[0]
+            out[name] = out.get(name, 0) + col.total_compressed_size
+    return out
+
+
 def tail_mass(topk_logprobs: np.ndarray) -> np.ndarray:
     """Probability outside the top-k, computed in float64 and clipped at 0 (fp rounding)."""
     return np.clip(1.0 - np.exp(topk_logprobs.astype(np.float64)).sum(-1), 0.0, 1.0).astype(np.float32)
 
 
-def _lists(values: np.ndarray, width: int) -> pa.ListArray:
-    values = np.ascontiguousarray(values).reshape(-1)
-    offsets = np.arange(0, values.size + 1, width, dtype=np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+def _column(values: np.ndarray, n: int, list_type, ids_valid=None):
+    """A per-row list column: values [N, ...] (equal lengths per row), or flat ragged values with per-position
+    lengths (the sample_* columns: row i holds the entries of its positions)."""
+    if not pa.types.is_list(list_type):
+        return pa.array(values, type=list_type)
+    values = np.ascontiguousarray(values)
+    if values.ndim >= 2:
+        width = int(np.prod(values.shape[1:]))
+        offsets = np.arange(0, n * width + 1, width, dtype=np.int32) if n else np.zeros(1, np.int32)
+    else:  # ragged: sample_* values, split into rows by the lengths of each row's positions
+        per_row = ids_valid.astype(np.int64).sum(-1)
+        offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1), type=list_type.value_type))
 
 
 # ------------------------------------------------------------------------------------------------ read
@@ -134,10 +223,14 @@ class CacheReader:
             raise CacheError(f"{self.path} is not a teacher cache: no {schema.MANIFEST}.{hint}")
         with self.fs.open(mpath, "r") as f:
             manifest = json.load(f)
-        if manifest.get("format_version") != schema.FORMAT_VERSION:
+        version = manifest.get("format_version")
+        if version not in schema.READABLE_VERSIONS:
+            newer = isinstance(version, int) and version > schema.FORMAT_VERSION
             raise CacheError(
-                f"{self.path}: cache format {manifest.get('format_version')} is not the format this distily "
-                f"reads ({schema.FORMAT_VERSION}); rebuild the cache with this version."
+                f"{self.path}: cache format version {version} is "
+                + ("newer than this distily reads" if newer else "not one this distily reads")
+                + f" (versions {', '.join(map(str, schema.READABLE_VERSIONS))}); "
+                + ("upgrade distily (pip install -U distily)." if newer else "rebuild the cache with this version.")
             )
         return manifest
 
@@ -157,9 +250,16 @@ class CacheReader:
     def num_sequences(self) -> int:
         return sum(s["rows"] for s in self.shards)
 
+    @property
+    def targets(self) -> str:
+        """topk | sampled | both (version-1 caches: topk)."""
+        return self.manifest["capture"].get("targets", "topk")
+
     def read_shard(self, shard: dict, hidden: bool = True) -> dict:
-        """One shard as batched arrays: input_ids [N,T], topk_* [N,T-1,k], ..., hidden_states {l: [N,T,H]}."""
-        k = self.top_k
+        """One shard as batched, decoded arrays: input_ids [N,T] int64, target_logprob [N,T-1]; top-k caches
+        topk_ids/topk_logprobs [N,T-1,k] and tail_mass [N,T-1]; sampled caches sample_ids/sample_counts/
+        sample_weights [N,T-1,m] (m: the shard's most unique ids at a position; padding id -1, count and weight 0)
+        and teacher_entropy [N,T-1]; hidden_states {l: [N,T,H] float32}."""
         try:
             with self.fs.open(self._join(shard["file"]), "rb") as f:
                 table = pq.read_table(f)
@@ -168,20 +268,52 @@ class CacheReader:
         except (pa.ArrowInvalid, OSError) as e:
             raise CacheError(f"{self.path}: shard {shard['file']} is corrupt ({e}); rebuild it by rerunning the capture") from e
         n = table.num_rows
-        col = lambda name: table.column(name).combine_chunks().flatten().to_numpy()  # noqa: E731
-        input_ids = col("input_ids").reshape(n, -1)
+        cols = {name: table.column(name).combine_chunks().flatten().to_numpy() for name in table.column_names
+                if name != "seq_index"}
+        input_ids = cols["input_ids"].astype(np.int64).reshape(n, -1)
         t = input_ids.shape[1]
+        per_position = lambda a, *rest: a.reshape(n, t - 1, *rest)  # noqa: E731
         out = {
             "seq_index": table.column("seq_index").to_numpy(),
             "input_ids": input_ids,
-            "topk_ids": col("topk_ids").reshape(n, t - 1, k),
-            "topk_logprobs": col("topk_logprobs").reshape(n, t - 1, k),
-            "target_logprob": col("target_logprob").reshape(n, t - 1),
-            "tail_mass": col("tail_mass").reshape(n, t - 1),
+            "target_logprob": per_position(cols["target_logprob"]).astype(np.float32),
         }
+        if "topk_ids" in cols:
+            k = self.top_k
+            out["topk_ids"] = per_position(cols["topk_ids"].astype(np.int64), k)
+            lp = {name: per_position(cols[name], *([k] if name == "topk_logprobs" else []))
+                  for name in ("topk_logprobs", "topk_lp_max", "topk_lp_step") if name in cols}
+            out["topk_logprobs"] = decode_logprobs(lp)
+            out["tail_mass"] = per_position(cols["tail_mass"]).astype(np.float32)
+        if "sample_ids" in cols:
+            out.update(self._decode_samples(cols, n, t))
         if hidden and shard.get("hidden_file"):
             out["hidden_states"] = self.read_hidden(shard)
         return out
+
+    def _decode_samples(self, cols: dict, n: int, t: int) -> dict:
+        """Ragged sample_* columns -> padded [N, T-1, m] arrays, and the estimator's weights count / N * p / q."""
+        lengths = cols["sample_lengths"].astype(np.int64)
+        m = max(int(lengths.max(initial=0)), 1)
+        positions = np.repeat(np.arange(lengths.size), lengths)
+        slot = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        draws = int(self.manifest["capture"]["samples"])
+
+        def padded(values, fill, dtype):
+            out = np.full((lengths.size, m), fill, dtype=dtype)
+            out[positions, slot] = values
+            return out.reshape(n, t - 1, m)
+
+        counts = padded(cols["sample_counts"], 0, np.int64)
+        weights = counts / draws
+        if "sample_iw" in cols:
+            weights = weights * padded(cols["sample_iw"], 0, np.float64).reshape(weights.shape)
+        return {
+            "sample_ids": padded(cols["sample_ids"], -1, np.int64),
+            "sample_counts": counts,
+            "sample_weights": weights.astype(np.float32),
+            "teacher_entropy": cols["teacher_entropy"].astype(np.float32).reshape(n, t - 1),
+        }
 
     def read_hidden(self, shard: dict, layers: list[int] | None = None) -> dict[int, np.ndarray]:
         from safetensors.torch import load
@@ -190,13 +322,19 @@ class CacheReader:
             raw = zstandard.ZstdDecompressor().decompress(f.read())
         tensors = load(raw)
         layers = self.hidden_layers if layers is None else layers
-        return {l: tensors[schema.hidden_key(l)].float().numpy() for l in layers}
+        out = {}
+        for l in layers:
+            out[l] = decode_hidden(tensors, l).numpy()
+        return out
 
     def iter_sequences(self, hidden: bool = True) -> Iterator[dict]:
         for shard in self.shards:
             batch = self.read_shard(shard, hidden=hidden)
             for i in range(len(batch["input_ids"])):
                 seq = {k: v[i] for k, v in batch.items() if k != "hidden_states"}
+                if "sample_ids" in seq:  # this sequence's own m: the most unique ids at any of its positions
+                    m = max(int((seq["sample_ids"] >= 0).sum(-1).max(initial=0)), 1)
+                    seq.update({k: seq[k][:, :m] for k in SAMPLE_KEYS})
                 if "hidden_states" in batch:
                     seq["hidden_states"] = {l: h[i] for l, h in batch["hidden_states"].items()}
                 yield seq
@@ -245,7 +383,7 @@ class CacheReader:
             try:
                 with self.fs.open(self._join(shard["file"]), "rb") as f:
                     file_schema = pq.read_schema(f)
-                if not file_schema.equals(schema.SCHEMA, check_metadata=False):
+                if not file_schema.equals(schema.parquet_schema(manifest), check_metadata=False):
                     problems.append(f"{shard['file']}: schema differs from pipeline/schema.py")
                 batch = self.read_shard(shard, hidden=True)
                 if len(batch["input_ids"]) != shard["rows"]:

@@ -113,27 +113,54 @@ def inspect(cache: str = typer.Argument(..., help="Cache dir or fsspec URL.")):
     except DistilyError as e:
         fail(e)
     tokens = sum(s["tokens"] for s in m["shards"])
+    cap = m["capture"]
     logit_bytes = sum(s["bytes"] for s in m["shards"])
     hidden_bytes = sum(s.get("hidden_bytes", 0) for s in m["shards"])
-    layers = m["capture"]["hidden_layers"]
+    layers = cap["hidden_layers"]
+    targets = cap.get("targets", "topk")
+    parts = bytes_per_part(m["shards"])
+    per_token = lambda b: f"{b / max(tokens, 1):.1f}"  # noqa: E731
+    stats = m.get("stats", {})
     rows = [
         ("teacher", f"{m['teacher']['source']} ({m['teacher']['path']})"),
         ("weights sha256", m["teacher"]["weights_sha256"][:16]),
         ("tokenizer", f"sha256 {m['tokenizer']['sha256'][:16]}, vocab {m['tokenizer']['vocab_size']}"),
         ("dataset", json.dumps(m["dataset"]["spec"])),
-        ("sequences", f"{sum(s['rows'] for s in m['shards'])} x {m['capture']['max_seq_len']} tokens"),
+        ("sequences", f"{sum(s['rows'] for s in m['shards'])} x {cap['max_seq_len']} tokens"),
         ("tokens", f"{tokens}"),
-        ("top-k", f"{m['capture']['top_k']} ({m['capture']['backend']}, {m['capture']['dtype']})"),
-        ("hidden layers", f"{layers} as {m['capture']['hidden_dtype']}" if layers else "none"),
+        ("format", f"version {m['format_version']}"),
+        ("targets", f"{targets} ({cap['backend']}{', ' + cap['targets_from'] if cap.get('targets_from') else ''}, {cap['dtype']})"),
+    ]
+    if targets in ("topk", "both"):
+        rows.append(("top-k", f"{cap['top_k']} as {cap.get('logprob_dtype', 'float32')} log-probs"))
+    if targets in ("sampled", "both"):
+        rows.append(("samples", f"{cap['samples']} draws/position at t={cap['sample_temperature']}, seed {cap['sample_seed']}; "
+                                f"{stats.get('mean_unique_samples', float('nan')):.1f} unique ids/position"))
+    rows += [
+        ("hidden layers", f"{layers} as {cap['hidden_dtype']}" if layers else "none"),
         ("shards", f"{len(m['shards'])} (complete: {m.get('complete')})"),
         ("size", f"{(logit_bytes + hidden_bytes) / 2**20:.1f} MiB"),
-        ("bytes/token logits", f"{logit_bytes / max(tokens, 1):.1f}"),
+        ("bytes/token targets", per_token(logit_bytes) + (
+            "  (" + ", ".join(f"{name} {per_token(b)}" for name, b in parts.items()) + ")" if parts else "")),
         ("bytes/token/layer hidden", f"{hidden_bytes / max(tokens, 1) / max(len(layers), 1):.1f}" if layers else "-"),
-        ("teacher mean p(target)", f"{m.get('stats', {}).get('mean_target_prob', float('nan')):.4f}"),
+        ("teacher mean p(target)", f"{stats.get('mean_target_prob', float('nan')):.4f}"),
         ("distily", m["distily_version"]),
     ]
     for k, v in rows:
         typer.echo(f"{k:>26}  {v}")
+
+
+PARTS = {"seq_index": "tokens", "input_ids": "tokens", "target_logprob": "target", "tail_mass": "top-k"}
+
+
+def bytes_per_part(shards: list[dict]) -> dict[str, int]:
+    """Compressed bytes of the Parquet files by part: tokens, top-k, sampled, target (caches of format 2+)."""
+    out: dict[str, int] = {}
+    for shard in shards:
+        for col, b in shard.get("column_bytes", {}).items():
+            name = PARTS.get(col) or ("top-k" if col.startswith("topk_") else "sampled" if col.startswith("sample_") else col)
+            out[name] = out.get(name, 0) + b
+    return out
 
 
 @app.command()

@@ -47,11 +47,21 @@ class CaptureConfig:
     sample_by: str = opt("auto", SAMPLE_BY_HELP)
     max_seq_len: int = opt(512, "Packed sequence length.")
     max_tokens: int | None = opt(None, "Capture at most this many dataset tokens.", shown="all")
+    targets: str = opt("topk", "Teacher targets to store: topk (top-k log-probs + tail mass) | sampled (RS-KD: --samples "
+                       "draws per position, unique ids with counts; unbiased) | both.")
     top_k: int = opt(64, "Teacher top-k log-probs per position.")
+    logprob_dtype: str = opt("uint8", "Stored form of the top-k log-probs: uint8 (8 bits in log space with a per-position "
+                             "scale, KL(stored||exact) ~1e-5) | float16 | float32.")
+    samples: int = opt(64, "--targets sampled/both: draws per position (with replacement).")
+    sample_temperature: float = opt(1.0, "--targets sampled/both: draw from softmax(z / t); t != 1 stores importance "
+                                    "weights p/q so the estimate stays unbiased.")
     hidden_layers: list[int] = opt(help="Hidden-state layers to store, comma-separated, HF numbering (0 = embeddings).",
                                    factory=list, shown="none")
-    hidden_dtype: str = opt("bfloat16", "Storage dtype of hidden states: float32 | float16 | bfloat16.")
+    hidden_dtype: str = opt("bfloat16", "Storage dtype of hidden states: float32 | float16 | bfloat16 | int8 (per-token "
+                            "absmax scale; read back as float32).")
     backend: str = opt("vllm", "Teacher engine: vllm, or hf (the reference).")
+    targets_from: str = opt("auto", "vLLM: hooks (the LM head on the final hidden states in the engine pass) | engine "
+                            "(vLLM's prompt log-probs; top-k only) | auto (hooks where the decoder has them).")
     dtype: str = opt("float32", "Teacher compute dtype (float32 on CPUs without native bf16).")
     sequences_per_shard: int = opt(64, "Sequences per shard file.")
     num_shards: int = opt(1, "Array jobs: number of jobs.")
@@ -59,7 +69,7 @@ class CaptureConfig:
     vllm_max_logprobs: int = opt(128, "vLLM's max_logprobs cap.")
     enforce_eager: bool = opt(True, "vLLM: eager mode (no CUDA graphs / compilation).")
     hf_batch_size: int = opt(4, "--backend hf: sequences per forward.")
-    seed: int = opt(0, "Engine seed.")
+    seed: int = opt(0, "Engine seed; also seeds the --targets sampled draws (per sequence, so array jobs and resumes agree).")
 
 
 @dataclass
@@ -79,6 +89,8 @@ class TrainConfig:
     freeze_embeddings: bool = opt(False, "Freeze the input embeddings.", flag="--freeze-embeddings/--train-embeddings")
     loss: str = opt("forward_kl", "forward_kl | reverse_kl | jsd | skew_kl | skew_rkl | cakld | tvd | ce.")
     temperature: float = opt(1.0, "KD temperature.")
+    kd_targets: str = opt("auto", "Cached targets for KD: topk | sampled (RS-KD, unbiased; --loss forward_kl) | auto (top-k "
+                          "when cached, else sampled).")
     kd_top_k: int | None = opt(None, "Use only the teacher's top N of the cached top-k (tail mass recomputed).",
                                shown="all cached")
     tail: str = opt("bucket", "Teacher tail outside the top-k: bucket | renormalize.")

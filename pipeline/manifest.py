@@ -5,11 +5,12 @@ A manifest is a plain JSON dict::
     format_version, distily_version, created, software{torch, transformers, vllm, pyarrow}
     teacher{source, path, weights_sha256, revision, num_hidden_layers, hidden_size, vocab_size}
     tokenizer{sha256, vocab_size, eos_token_id, bos_token_id, pad_token_id}
-    capture{backend, top_k, hidden_layers, hidden_dtype, logprobs, max_seq_len, sequences_per_shard}
+    capture{backend, targets_from, targets, top_k, logprob_dtype, samples, sample_temperature, sample_seed,
+            hidden_layers, hidden_dtype, logprobs, max_seq_len, sequences_per_shard}
     dataset{spec, fingerprint, num_sequences, num_tokens}
     job{num_shards, shard_index}            # the array-job split this manifest covers
-    shards[{index, file, hidden_file, rows, tokens, sha256, hidden_sha256, bytes}]
-    stats{sequences, tokens, positions, mean_target_prob, mean_tail_mass}
+    shards[{index, file, hidden_file, rows, tokens, sha256, hidden_sha256, bytes, column_bytes, hidden_bytes}]
+    stats{sequences, tokens, positions, mean_target_prob, mean_tail_mass, mean_unique_samples}
     complete                                # every shard of this job is written
 
 ``identity(manifest)`` is the part that must match for two runs to write into the same cache.
@@ -164,5 +165,8 @@ def stats_from_shards(shards: list[dict]) -> dict:
         "tokens": sum(s["tokens"] for s in shards),
         "positions": positions,
         "mean_target_prob": sum(s["target_prob_sum"] for s in shards) / max(positions, 1),
-        "mean_tail_mass": sum(s["tail_mass_sum"] for s in shards) / max(positions, 1),
+        "mean_tail_mass": (sum(s["tail_mass_sum"] for s in shards) / max(positions, 1)
+                           if all(s.get("tail_mass_sum") is not None for s in shards) else None),
+        **({"mean_unique_samples": sum(s["sample_unique_sum"] for s in shards) / max(positions, 1)}
+           if shards and all("sample_unique_sum" in s for s in shards) else {}),
     }

@@ -5,37 +5,66 @@ A cache directory looks like this::
     manifest.json                      # see pipeline/manifest.py; written last, atomically
     tokenizer/                         # the teacher's tokenizer (save_pretrained), so students need no teacher
     teacher_config.json                # the teacher's HF config, for student recipes
-    shard-00000.parquet                # tokens and logits of sequences [0, N)  (zstd Parquet)
+    shard-00000.parquet                # tokens and teacher targets of sequences [0, N)  (zstd Parquet)
     shard-00000.hidden.safetensors.zst # hidden states of the same sequences (zstd-compressed safetensors)
     shard-00001.parquet ...
 
-Parquet rows are sequences. Per-position columns are flattened row-major lists so that Arrow stores
-them as one contiguous buffer; the reader reshapes them with ``top_k`` from the manifest. For a
-sequence of length T:
+Parquet rows are sequences. Per-position columns are flattened row-major lists so that Arrow stores them as
+one contiguous buffer; the reader reshapes them with the manifest's ``top_k``. For a sequence of length T
+(row t of a per-position column is about predicting input_ids[t+1] from input_ids[:t+1]):
 
-    seq_index       int64            global index of the packed sequence in the dataset
-    input_ids       list<int32>[T]
-    topk_ids        list<int32>[(T-1)*k]   row t: teacher's top-k ids for input_ids[t+1] given input_ids[:t+1]
-    topk_logprobs   list<float32>[(T-1)*k] raw (temperature 1) log-probs, descending
-    target_logprob  list<float32>[T-1]     log-prob of the actual next token input_ids[t+1]
-    tail_mass       list<float32>[T-1]     1 - sum(exp(topk_logprobs[t])): probability outside the top-k
+    seq_index          int64
+    input_ids          list<ID>[T]             ID = uint16 when the vocabulary fits (< 65,536), else int32
+  top-k targets (--targets topk | both):
+    topk_ids           list<ID>[(T-1)*k]       the teacher's top-k ids, by descending log-prob
+    topk_logprobs      list<LP>[(T-1)*k]       raw (temperature 1) natural-log probs, in one of three forms
+                                               (--logprob-dtype): float32; float16; or uint8 codes c with
+                                               logprob = topk_lp_max[t] - c * topk_lp_step[t]  (8 bits in
+                                               log space with a per-position scale: KL(stored||exact) ~1e-5)
+    topk_lp_max        list<float32>[T-1]      uint8 form only: the position's top log-prob
+    topk_lp_step       list<float32>[T-1]      uint8 form only: (max - min) / 255 over the position's top-k
+    tail_mass          list<float32>[T-1]      1 - sum(exp(exact top-k log-probs)): probability outside the top-k
+  always:
+    target_logprob     list<float32>[T-1]      log-prob of the actual next token
+  sampled targets (RS-KD, --targets sampled | both): N draws per position from the teacher's distribution
+  (softmax(z / t) at --sample-temperature t), reduced to the unique ids and their counts; the m_t unique
+  entries of all positions are concatenated:
+    sample_lengths     list<uint16>[T-1]       m_t
+    sample_ids         list<ID>[sum m_t]
+    sample_counts      list<uint16>[sum m_t]   draws of each id; they sum to N at every position
+    sample_iw          list<float32>[sum m_t]  t != 1 only: importance weight p/q of each id
+    teacher_entropy    list<float32>[T-1]      H(p) of the full teacher distribution (temperature 1)
 
-The hidden-state file holds one tensor per captured layer, ``layer_{i}`` of shape [rows, T, H], in row
-order of the Parquet file. Layer i follows HF ``output_hidden_states``: 0 = embeddings, L = after the
-final norm.
+``CacheReader`` returns the decoded values (float32 log-probs, int64-safe ids, padded [T-1, m] sample arrays)
+whatever the stored form, for version-1 caches too.
+
+The hidden-state file holds one tensor per captured layer, ``layer_{i}`` of shape [rows, T, H], in row order of
+the Parquet file. With ``--hidden-dtype int8`` each token keeps its HIDDEN_INT8_OUTLIERS largest-magnitude values
+exactly (``layer_{i}_outlier_idx`` int16 and ``layer_{i}_outlier_val`` bfloat16, [rows, T, 4]: LLM residual streams
+carry a few huge channels) and the rest as int8 codes with a per-token absmax scale (``layer_{i}_scale`` [rows, T]
+float32, value = code * scale). Layer i follows HF ``output_hidden_states``: 0 = embeddings, L = after the final norm.
+
+Version history: 1 = int32 ids, float32 log-probs, top-k only; 2 = narrow ids, quantised log-probs, sampled
+targets, int8 hidden states. Readers read every version in READABLE_VERSIONS.
 """
 from __future__ import annotations
 
 import pyarrow as pa
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 TEACHER_CONFIG = "teacher_config.json"
 PARQUET_COMPRESSION = "zstd"
 ZSTD_LEVEL = 3
 
-SCHEMA = pa.schema(
+TARGETS = ("topk", "sampled", "both")
+LOGPROB_DTYPES = ("uint8", "float16", "float32")
+HIDDEN_DTYPES = ("float32", "float16", "bfloat16", "int8")
+HIDDEN_INT8_OUTLIERS = 4  # int8 hidden states: each token's 4 largest-magnitude values are kept in bfloat16
+
+SCHEMA_V1 = pa.schema(
     [
         ("seq_index", pa.int64()),
         ("input_ids", pa.list_(pa.int32())),
@@ -46,7 +75,35 @@ SCHEMA = pa.schema(
     ]
 )
 
-HIDDEN_DTYPES = ("float32", "float16", "bfloat16")
+
+def id_type(vocab_size: int) -> pa.DataType:
+    return pa.uint16() if vocab_size <= 65536 else pa.int32()
+
+
+def parquet_schema(manifest: dict) -> pa.Schema:
+    """The Parquet schema of a cache's shards, from its manifest (version 1 caches: SCHEMA_V1)."""
+    if manifest.get("format_version", 1) == 1:
+        return SCHEMA_V1
+    cap = manifest["capture"]
+    ids = id_type(manifest["teacher"]["vocab_size"])
+    fields = [("seq_index", pa.int64()), ("input_ids", pa.list_(ids))]
+    if cap["targets"] in ("topk", "both"):
+        lp = {"uint8": pa.uint8(), "float16": pa.float16(), "float32": pa.float32()}[cap["logprob_dtype"]]
+        fields += [("topk_ids", pa.list_(ids)), ("topk_logprobs", pa.list_(lp))]
+        if cap["logprob_dtype"] == "uint8":
+            fields += [("topk_lp_max", pa.list_(pa.float32())), ("topk_lp_step", pa.list_(pa.float32()))]
+        fields += [("tail_mass", pa.list_(pa.float32()))]
+    fields += [("target_logprob", pa.list_(pa.float32()))]
+    if cap["targets"] in ("sampled", "both"):
+        fields += [
+            ("sample_lengths", pa.list_(pa.uint16())),
+            ("sample_ids", pa.list_(ids)),
+            ("sample_counts", pa.list_(pa.uint16())),
+        ]
+        if cap["sample_temperature"] != 1.0:
+            fields += [("sample_iw", pa.list_(pa.float32()))]
+        fields += [("teacher_entropy", pa.list_(pa.float32()))]
+    return pa.schema(fields)
 
 
 def shard_name(index: int) -> str:
@@ -59,6 +116,10 @@ def hidden_name(index: int) -> str:
 
 def hidden_key(layer: int) -> str:
     return f"layer_{layer}"
+
+
+def hidden_scale_key(layer: int) -> str:
+    return f"layer_{layer}_scale"
 
 
 def part_manifest_name(shard_index: int, num_shards: int) -> str:

@@ -11,7 +11,9 @@ dL/dW are accumulated; z is freed before the next chunk. The gradients are compu
 (as fused linear-cross-entropy kernels do) and scaled by the incoming gradient in the backward, so no
 chunk is ever recomputed. Peak memory is a few [C, V] tensors instead of several [N, V] ones.
 
-Cached targets (top-k ids, log-probs, tail mass) take the fast path, `cached_chunk`: every loss depends on
+Cached RS-KD samples take `sampled_chunk` (the forward-KL estimate is linear in the gathered logits and the
+log-sum-exp, so its gradient is written directly). Cached top-k targets (ids, log-probs, tail mass) take
+the fast path, `cached_chunk`: every loss depends on
 the logits only through the top-k logits and one log-sum-exp over the other tokens per temperature (plus
 the true token's logit for CE), so autograd runs on those small [C, k+1] tensors, and the gradient wrt z is
 put back together in place:  dL/dz_j = g_rest * softmax(z / t masked to j outside the top-k)_j / t  for
@@ -44,13 +46,17 @@ class LossSpec:
 
 @dataclass
 class Targets:
-    """Flattened over the N positions: next tokens [N], and cached top-k [N, k] + tail [N] or full logits [N, V]."""
+    """Flattened over the N positions: next tokens [N], and cached top-k [N, k] + tail [N], cached samples
+    (RS-KD) [N, m] or full logits [N, V]."""
 
     labels: torch.Tensor | None = None
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
     tail_mass: torch.Tensor | None = None
     teacher_logits: torch.Tensor | None = None
+    sample_ids: torch.Tensor | None = None
+    sample_weights: torch.Tensor | None = None
+    teacher_entropy: torch.Tensor | None = None
 
 
 def head_losses(hidden, head_weight, head_bias, spec: LossSpec, targets: Targets, chunk_size: int) -> dict:
@@ -61,7 +67,8 @@ def head_losses(hidden, head_weight, head_bias, spec: LossSpec, targets: Targets
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, head_weight, head_bias))
     n = hidden.shape[0]
-    fn = cached_chunk if targets.teacher_logits is None else autograd_chunk
+    fn = autograd_chunk if targets.teacher_logits is not None else sampled_chunk if targets.sample_ids is not None \
+        else cached_chunk
     names = [name for name, on in (("kd", spec.kd is not None), ("ce", spec.ce_weight > 0)) if on]
 
     def chunk(z, sl):
@@ -193,6 +200,38 @@ def cached_chunk(z, sl: slice, n: int, spec: LossSpec, t: Targets, need_grad: bo
     return {k: v.detach() for k, v in values.items()}, z
 
 
+def sampled_chunk(z, sl: slice, n: int, spec: LossSpec, t: Targets, need_grad: bool):
+    """Losses of one chunk against cached RS-KD samples (forward KL estimate, CE), and dL/dz (z is overwritten).
+
+    KD = sum_i w_i (lse - z_i) - H(p) and CE = lse - z_y are linear in z's gathered entries and its
+    log-sum-exp, so dL/dz = (kd_w sum_i w_i + ce_w) softmax(z) - kd_w sum_i w_i e_{x_i} - ce_w e_y (over n)."""
+    kd, ce = spec.kd is not None, spec.ce_weight > 0
+    lse = torch.logsumexp(z, dim=-1)
+    values = {}
+    if kd:
+        ids = t.sample_ids[sl].long().clamp_min(0)
+        w = t.sample_weights[sl].float()
+        picked = z.gather(-1, ids)
+        values["kd"] = ((w * (lse[:, None] - picked)).sum() - t.teacher_entropy[sl].float().sum()) / n
+    if ce:
+        labels = t.labels[sl].long()
+        values["ce"] = (lse - z.gather(-1, labels[:, None])[:, 0]).sum() / n
+    values["loss"] = spec.kd_weight * values.get("kd", 0.0) + spec.ce_weight * values.get("ce", 0.0)
+    if not need_grad:
+        return values, None
+    g_lse = torch.zeros_like(lse)
+    if kd:
+        g_lse += spec.kd_weight * w.sum(-1) / n
+    if ce:
+        g_lse += spec.ce_weight / n
+    z.sub_(lse[:, None]).exp_().mul_(g_lse[:, None])
+    if kd:
+        z.scatter_add_(-1, ids, -spec.kd_weight * w / n)
+    if ce:
+        z.scatter_add_(-1, labels[:, None], torch.full_like(lse[:, None], -spec.ce_weight / n))
+    return values, z
+
+
 def _tail_grad(z_tail, lse, g, temp):
     return torch.exp(z_tail / temp - lse[:, None]) * (_zero_if_none(g, lse)[:, None] / temp)
 
@@ -206,6 +245,8 @@ def reference_losses(logits, spec: LossSpec, t: Targets) -> dict:
     values = {}
     if spec.kd is not None and t.teacher_logits is not None:
         values["kd"] = losses.kd_loss_full(spec.kd, logits, t.teacher_logits, spec.temperature, spec.beta, spec.gamma)
+    elif spec.kd is not None and t.sample_ids is not None:
+        values["kd"] = losses.sampled_kd_loss(logits, t.sample_ids, t.sample_weights, t.teacher_entropy)
     elif spec.kd is not None:
         values["kd"] = losses.kd_loss(spec.kd, logits, t.topk_ids, t.topk_logprobs, t.tail_mass, spec.temperature,
                                       spec.tail, spec.beta, spec.gamma)

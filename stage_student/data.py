@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.cache import CacheReader
+from pipeline.cache import SAMPLE_KEYS, CacheReader
 from pipeline.errors import CacheError
 
 
@@ -104,15 +104,23 @@ class CacheStream(IterableDataset):
 
 
 def collate(rows: list[dict]) -> dict:
+    """Rows -> a batch of tensors; the sample arrays of RS-KD caches padded to the batch's widest m (id -1)."""
+    stack = lambda key, dtype=None: torch.from_numpy(np.stack([r[key] for r in rows]).astype(dtype or rows[0][key].dtype))  # noqa: E731
     batch = {
         "seq_index": torch.tensor([int(r["seq_index"]) for r in rows]),
-        "input_ids": torch.from_numpy(np.stack([r["input_ids"] for r in rows]).astype(np.int64)),
-        "topk_ids": torch.from_numpy(np.stack([r["topk_ids"] for r in rows]).astype(np.int64)),
-        "topk_logprobs": torch.from_numpy(np.stack([r["topk_logprobs"] for r in rows])),
-        "target_logprob": torch.from_numpy(np.stack([r["target_logprob"] for r in rows])),
-        "tail_mass": torch.from_numpy(np.stack([r["tail_mass"] for r in rows])),
+        "input_ids": stack("input_ids", np.int64),
+        "target_logprob": stack("target_logprob"),
         "hidden_states": {l: torch.from_numpy(np.stack([r["hidden_states"][l] for r in rows])) for l in rows[0]["hidden_states"]},
     }
+    if "topk_ids" in rows[0]:
+        batch.update(topk_ids=stack("topk_ids", np.int64), topk_logprobs=stack("topk_logprobs"), tail_mass=stack("tail_mass"))
+    if "sample_ids" in rows[0]:
+        m = max(r["sample_ids"].shape[-1] for r in rows)
+        for key in SAMPLE_KEYS:
+            fill = -1 if key == "sample_ids" else 0
+            batch[key] = torch.from_numpy(np.stack([
+                np.pad(r[key], ((0, 0), (0, m - r[key].shape[-1])), constant_values=fill) for r in rows]))
+        batch["teacher_entropy"] = stack("teacher_entropy")
     return batch
 
 

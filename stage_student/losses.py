@@ -142,6 +142,21 @@ def kd_loss_full(name: str, student_logits, teacher_logits, temperature: float =
     return divergence(name, logp, logq, temperature, beta, gamma)
 
 
+def sampled_kd_loss(student_logits, sample_ids, sample_weights, teacher_entropy):
+    """RS-KD: the unbiased estimate of KL(P_teacher || Q_student) from sampled targets (arXiv 2503.16870).
+
+    Per position the cache holds the unique ids x_i of N draws from the teacher, weights w_i = count_i / N
+    (x p/q when drawn at a temperature; padding has id -1 and weight 0) and the teacher's entropy H(P).
+    sum_i w_i (-log q(x_i)) has expectation CE(P, Q) = KL(P||Q) + H(P), so the loss minus H(P) estimates the
+    KL without bias, and its gradient is that of the full-vocabulary forward KL. Inputs flattened over
+    positions: [N, V], [N, m], [N, m], [N]."""
+    logq = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, sample_ids.long().clamp_min(0))
+    return ((sample_weights.float() * -logq).sum(-1) - teacher_entropy.float()).mean()
+
+
+SAMPLED_LOSSES = ("forward_kl",)  # the losses linear in P, which the sampled estimate keeps unbiased
+
+
 def divergence(name: str, logp, logq, temperature: float, beta: float, gamma: float):
     per_position = DIVERGENCES[name](logp, logq, beta=beta, gamma=gamma)
     scale = temperature**2 if name != "tvd" else 1.0

@@ -220,8 +220,9 @@ def check_init_layers(init_layers, n_student: int, n_teacher: int, train_sequenc
         )
 
 
-def selection_batch(reader, count: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """The first `count` cached sequences: input ids and the cached targets flattened over positions."""
+def selection_batch(reader, count: int, teacher: nn.Module | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The first `count` cached sequences: input ids and the cached top-k targets flattened over positions (a cache
+    of RS-KD samples alone: the teacher's own top-64 and tail on those sequences, from one forward)."""
     rows: list[dict] = []
     for shard in reader.shards:
         data = reader.read_shard(shard, hidden=False)
@@ -230,9 +231,16 @@ def selection_batch(reader, count: int) -> tuple[torch.Tensor, tuple[torch.Tenso
             break
     rows = rows[:count]
     stack = lambda key: torch.from_numpy(np.stack([r[key] for r in rows]))  # noqa: E731
+    ids = stack("input_ids").long()
+    if "topk_ids" not in rows[0]:
+        with torch.no_grad():
+            logp = torch.log_softmax(teacher(input_ids=ids).logits[:, :-1].float(), dim=-1)
+        top = logp.topk(min(64, logp.shape[-1]), dim=-1)
+        k = top.indices.shape[-1]
+        tail = (1 - top.values.double().exp().sum(-1)).clamp(0, 1).float()
+        return ids, (top.indices.reshape(-1, k), top.values.reshape(-1, k), tail.reshape(-1))
     k = reader.top_k
-    return stack("input_ids").long(), (stack("topk_ids").long().reshape(-1, k), stack("topk_logprobs").reshape(-1, k),
-                                       stack("tail_mass").reshape(-1))
+    return ids, (stack("topk_ids").long().reshape(-1, k), stack("topk_logprobs").reshape(-1, k), stack("tail_mass").reshape(-1))
 
 
 def chosen_layers(cfg, reader, teacher: nn.Module, n_student: int) -> tuple[list[int], dict | None]:
@@ -260,7 +268,7 @@ def chosen_layers(cfg, reader, teacher: nn.Module, n_student: int) -> tuple[list
             print(format_table(result))
             break
     else:
-        ids, targets = selection_batch(reader, cfg.select_sequences)
+        ids, targets = selection_batch(reader, cfg.select_sequences, teacher)
         result = {**select_layers(teacher, ids, targets, n_student, GREEDY_SLACK), "key": key}
         path = None
     for place in places:

@@ -148,11 +148,32 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("--loss-chunk-size must be >= 0 (0: the full-logits reference loss)")
     if cfg.kd_top_k is not None and cfg.kd_top_k < 1:
         raise ConfigError("--kd-top-k must be >= 1")
+    if cfg.kd_targets not in ("auto", "topk", "sampled"):
+        raise ConfigError(f"--kd-targets {cfg.kd_targets!r} is unknown; choose auto, topk or sampled")
     if cfg.online_teacher and (cfg.tail != "bucket" or cfg.kd_top_k):
         raise ConfigError("--online-teacher uses the full vocabulary: --tail and --kd-top-k do not apply")
     for name in ("batch_size", "grad_accum", "max_steps", "save_steps", "logging_steps"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+
+
+def resolve_kd_targets(cfg: TrainConfig, cached: str, kd: bool) -> str:
+    """topk or sampled: what the KD loss reads from a cache holding `cached` (topk | sampled | both)."""
+    want = cfg.kd_targets
+    if want == "auto":
+        want = "sampled" if cached == "sampled" else "topk"
+    if want == "sampled" and cached == "topk" or want == "topk" and cached == "sampled":
+        raise DistilyError(f"--kd-targets {want}: the cache holds {cached} targets only. Use --kd-targets {cached}, or "
+                           f"capture with `distily teacher-cache --targets {want}` (or both).")
+    if want == "sampled" and kd and not cfg.online_teacher:
+        if cfg.loss not in losses.SAMPLED_LOSSES:
+            raise DistilyError(f"--loss {cfg.loss} is not defined on sampled (RS-KD) targets, whose estimate is unbiased only "
+                               f"for losses linear in the teacher's distribution: use --loss {' or '.join(losses.SAMPLED_LOSSES)}"
+                               + (", or --kd-targets topk" if cached == "both" else ""))
+        if cfg.temperature != 1.0 or cfg.kd_top_k:
+            raise DistilyError("--temperature and --kd-top-k apply to top-k targets; sampled targets are drawn from the "
+                               "teacher's distribution (set the draw temperature with teacher-cache --sample-temperature)")
+    return want
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -176,13 +197,15 @@ class Trainer:
             raise DistilyError(f"the cache {cfg.cache} is empty or unfinished; rerun `distily teacher-cache` to complete it")
         self.reader.check_files()
         self.manifest = manifest
-        if cfg.kd_top_k and cfg.kd_top_k > self.reader.top_k:
-            raise DistilyError(f"--kd-top-k {cfg.kd_top_k} is more than the cache holds (top-{self.reader.top_k})")
-        k = cfg.kd_top_k or self.reader.top_k
-        if cfg.temperature != 1.0 and cfg.tail == "bucket" and not cfg.online_teacher and cfg.loss != "ce" \
-                and k < manifest["teacher"]["vocab_size"]:
-            raise DistilyError(losses.TEMPERATURE_WITH_BUCKET)
         self.kd = cfg.loss != "ce" and cfg.kd_weight > 0
+        self.kd_targets = resolve_kd_targets(cfg, self.reader.targets, self.kd)
+        if self.kd_targets == "topk":
+            if cfg.kd_top_k and cfg.kd_top_k > self.reader.top_k:
+                raise DistilyError(f"--kd-top-k {cfg.kd_top_k} is more than the cache holds (top-{self.reader.top_k})")
+            k = cfg.kd_top_k or self.reader.top_k
+            if cfg.temperature != 1.0 and cfg.tail == "bucket" and not cfg.online_teacher and cfg.loss != "ce" \
+                    and k < manifest["teacher"]["vocab_size"]:
+                raise DistilyError(losses.TEMPERATURE_WITH_BUCKET)
         self.gamma = cfg.cakld_gamma if cfg.cakld_gamma is not None else manifest.get("stats", {}).get("mean_target_prob", 0.5)
 
         self.pairs = []
@@ -255,7 +278,7 @@ class Trainer:
             if self.kd and self.online is not None:
                 targets.teacher_logits = teacher.logits[:, :-1].reshape(-1, teacher.logits.shape[-1])
             elif self.kd:
-                targets.topk_ids, targets.topk_logprobs, targets.tail_mass = self.cached_targets(batch, cfg.kd_top_k)
+                vars(targets).update(self.cached_targets(batch, cfg.kd_top_k))
             parts = self.head_losses(out[:, :-1].reshape(-1, out.shape[-1]), targets, self.loss_spec)
         if self.pairs:
             if self.online is not None:
@@ -275,14 +298,20 @@ class Trainer:
             return chunked.head_losses(out, weight, bias, spec, targets, self.cfg.loss_chunk_size)
         return chunked.reference_losses(out, spec, targets)  # --loss-chunk-size 0: on the full logits
 
-    def cached_targets(self, batch: dict, kd_top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The teacher's top-k ids, log-probs and tail mass (its first kd_top_k), flattened like the logits."""
+    def cached_targets(self, batch: dict, kd_top_k: int | None = None) -> dict[str, torch.Tensor]:
+        """chunked.Targets fields of the cached targets, flattened like the logits: the teacher's top-k ids,
+        log-probs and tail mass (its first kd_top_k), or the RS-KD samples' ids, weights and log-probs."""
+        if self.kd_targets == "sampled":
+            m = batch["sample_ids"].shape[-1]
+            return {"sample_ids": batch["sample_ids"].reshape(-1, m).to(self.device),
+                    "sample_weights": batch["sample_weights"].reshape(-1, m).to(self.device),
+                    "teacher_entropy": batch["teacher_entropy"].reshape(-1).to(self.device)}
         k = batch["topk_ids"].shape[-1]
         ids, logprobs = batch["topk_ids"].reshape(-1, k), batch["topk_logprobs"].reshape(-1, k)
         tail = batch["tail_mass"].reshape(-1)
         if kd_top_k and kd_top_k < k:
             ids, logprobs, tail = losses.truncate_topk(ids, logprobs, kd_top_k)
-        return ids.to(self.device), logprobs.to(self.device), tail.to(self.device)
+        return {"topk_ids": ids.to(self.device), "topk_logprobs": logprobs.to(self.device), "tail_mass": tail.to(self.device)}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -297,8 +326,7 @@ class Trainer:
         for batch in stream:
             ids = batch["input_ids"].to(self.device)
             out, _ = self.student_forward(input_ids=ids)
-            ids_k, logprobs, tail = self.cached_targets(batch)
-            targets = chunked.Targets(labels=ids[:, 1:].reshape(-1), topk_ids=ids_k, topk_logprobs=logprobs, tail_mass=tail)
+            targets = chunked.Targets(labels=ids[:, 1:].reshape(-1), **self.cached_targets(batch))
             parts = self.head_losses(out[:, :-1].reshape(-1, out.shape[-1]), targets, spec)
             for k in ("ce", "kd"):
                 name = "eval/ce" if k == "ce" else "eval/forward_kl"
@@ -319,7 +347,8 @@ class Trainer:
         fields = ("batch_size", "grad_accum", "seed", "shuffle_buffer", "eval_sequences", "loss", "temperature", "tail",
                   "kd_top_k", "beta", "kd_weight", "ce_weight", "hs_weight", "hs_loss", "hs_norm", "layer_mapper",
                   "layer_mapper_k", "projector", "online_teacher")
-        return {"world_size": self.world, **{f: getattr(cfg, f) for f in fields}, "cakld_gamma": self.gamma,
+        return {"world_size": self.world, **{f: getattr(cfg, f) for f in fields}, "kd_targets": self.kd_targets,
+                "cakld_gamma": self.gamma,
                 "cache_fingerprint": cache_fingerprint(self.manifest)}
 
     def save_checkpoint(self) -> None:

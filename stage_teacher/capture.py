@@ -43,6 +43,8 @@ from pipeline.resolve import (
     weights_fingerprint,
 )
 
+from .targets import TargetSpec
+
 
 def software_versions() -> dict:
     import importlib.metadata as md
@@ -70,6 +72,7 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
         raise ConfigError(f"--backend {cfg.backend!r} is unknown; use vllm or hf")
     if cfg.hidden_dtype not in schema.HIDDEN_DTYPES:
         raise ConfigError(f"--hidden-dtype {cfg.hidden_dtype!r} is unknown; use one of {schema.HIDDEN_DTYPES}")
+    check_targets(cfg)
     if not 0 <= cfg.shard_index < cfg.num_shards:
         raise ConfigError(f"--shard-index {cfg.shard_index} must be in [0, --num-shards {cfg.num_shards})")
     if cfg.max_seq_len < 2:
@@ -83,13 +86,14 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
             f"--hidden-layers {bad} out of range: the teacher has {num_layers} layers, so valid indices are "
             f"0 (embeddings) .. {num_layers} (final, after the norm), as in HF output_hidden_states"
         )
-    if cfg.backend == "vllm" and cfg.hidden_layers:
-        check_vllm_hidden_capture(teacher_cfg)
+    targets_from = resolve_targets_from(cfg, teacher_cfg)
+    if cfg.backend == "vllm" and (cfg.hidden_layers or targets_from == "hooks"):
+        check_vllm_hidden_capture(teacher_cfg, "--hidden-layers" if cfg.hidden_layers else "--targets-from hooks")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     vocab = teacher_cfg.vocab_size
     if not 1 <= cfg.top_k <= vocab:
         raise ConfigError(f"--top-k {cfg.top_k} must be between 1 and the vocab size {vocab}")
-    if cfg.backend == "vllm" and cfg.top_k > cfg.vllm_max_logprobs:
+    if targets_from == "engine" and cfg.top_k > cfg.vllm_max_logprobs:
         raise ConfigError(
             f"--top-k {cfg.top_k} is larger than vLLM's max_logprobs {cfg.vllm_max_logprobs}, which vLLM refuses. "
             f"Raise it with --vllm-max-logprobs {cfg.top_k} (or lower --top-k)."
@@ -115,8 +119,14 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "capture": {
             "backend": cfg.backend,
+            "targets_from": targets_from,
             "dtype": cfg.dtype,
+            "targets": cfg.targets,
             "top_k": cfg.top_k,
+            "logprob_dtype": cfg.logprob_dtype,
+            "samples": cfg.samples,
+            "sample_temperature": cfg.sample_temperature,
+            "sample_seed": cfg.seed,
             "logprobs": "raw (temperature 1), natural log",
             "hidden_layers": sorted(cfg.hidden_layers),
             "hidden_dtype": cfg.hidden_dtype,
@@ -137,9 +147,41 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
     return manifest, sequences, model_dir, tokenizer
 
 
-def check_vllm_hidden_capture(teacher_cfg) -> None:
-    """Refuse, before the engine starts, a family whose decoder the vLLM hidden-state hooks cannot follow
-    (judged on the HF model built on the meta device: the families share the module names)."""
+def check_targets(cfg: CaptureConfig) -> None:
+    """The target options, checked before anything is loaded."""
+    from .vllm_backend import TARGETS_FROM
+
+    if cfg.targets not in schema.TARGETS:
+        raise ConfigError(f"--targets {cfg.targets!r} is unknown; use one of {', '.join(schema.TARGETS)}")
+    if cfg.logprob_dtype not in schema.LOGPROB_DTYPES:
+        raise ConfigError(f"--logprob-dtype {cfg.logprob_dtype!r} is unknown; use one of {', '.join(schema.LOGPROB_DTYPES)}")
+    if cfg.targets_from not in (*TARGETS_FROM, "auto"):
+        raise ConfigError(f"--targets-from {cfg.targets_from!r} is unknown; use auto, {' or '.join(TARGETS_FROM)}")
+    if not 1 <= cfg.samples <= 65535:
+        raise ConfigError(f"--samples {cfg.samples} must be between 1 and 65535 draws per position (RS-KD uses ~64)")
+    if not cfg.sample_temperature > 0:
+        raise ConfigError(f"--sample-temperature {cfg.sample_temperature} must be > 0 (1 draws from the teacher's "
+                          "distribution itself)")
+    if cfg.backend == "vllm" and cfg.targets != "topk" and cfg.targets_from == "engine":
+        raise ConfigError(f"--targets {cfg.targets} needs the full distribution at every position, which vLLM's prompt "
+                          "log-probs do not give: use --targets-from hooks (or auto), or --backend hf")
+
+
+def resolve_targets_from(cfg: CaptureConfig, teacher_cfg) -> str:
+    """hooks or engine under vLLM (auto: hooks where the decoder has them, else engine); hf for --backend hf."""
+    if cfg.backend == "hf":
+        return "hf"
+    if cfg.targets_from != "auto":
+        return cfg.targets_from
+    if hookable(teacher_cfg):
+        return "hooks"
+    if cfg.targets != "topk":
+        raise ConfigError(f"--targets {cfg.targets} under vLLM needs the LM-head hooks, which a {teacher_cfg.model_type} "
+                          "teacher's decoder does not offer: use --backend hf, or --targets topk")
+    return "engine"
+
+
+def hookable(teacher_cfg) -> bool:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -147,11 +189,17 @@ def check_vllm_hidden_capture(teacher_cfg) -> None:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(teacher_cfg)
-    if not has_hookable_decoder(model, teacher_cfg.num_hidden_layers):
+    return has_hookable_decoder(model, teacher_cfg.num_hidden_layers)
+
+
+def check_vllm_hidden_capture(teacher_cfg, what: str = "--hidden-layers") -> None:
+    """Refuse, before the engine starts, a family whose decoder the vLLM hidden-state hooks cannot follow
+    (judged on the HF model built on the meta device: the families share the module names)."""
+    if not hookable(teacher_cfg):
         raise ConfigError(
-            f"--hidden-layers under vLLM needs a decoder with embed_tokens, layers and norm; a {teacher_cfg.model_type} "
-            "teacher has none. Capture its hidden states with --backend hf, or its logits alone under vLLM "
-            "(no --hidden-layers)."
+            f"{what} under vLLM needs a decoder with embed_tokens, layers and norm; a {teacher_cfg.model_type} "
+            "teacher has none. Capture its hidden states with --backend hf, or its top-k logits alone under vLLM "
+            "(--targets-from engine, no --hidden-layers)."
         )
 
 
@@ -201,9 +249,12 @@ def run(cfg: CaptureConfig, teacher=None) -> dict:
     if todo:
         owned_engine = teacher is None
         if owned_engine:
-            teacher = make_backend(cfg, model_dir, manifest["teacher"]["num_hidden_layers"])
-        elif teacher.top_k != cfg.top_k or sorted(teacher.hidden_layers) != sorted(cfg.hidden_layers):
-            raise CacheError("the given teacher engine was built with another top-k or other hidden layers")
+            teacher = make_backend(cfg, model_dir, manifest["teacher"]["num_hidden_layers"],
+                                   manifest["capture"]["targets_from"])
+        elif sorted(teacher.hidden_layers) != sorted(cfg.hidden_layers):
+            raise CacheError("the given teacher engine was built with other hidden layers")
+        else:  # the targets are made from the pass's outputs: one engine serves any target settings
+            teacher.configure(target_spec(cfg), manifest["capture"]["targets_from"])
         try:
             capture_shards(cfg, teacher, sequences, todo, out, manifest, mfile)
         finally:
@@ -256,27 +307,29 @@ def capture_shards(cfg, teacher, sequences, todo, out, manifest, mfile) -> None:
     with ThreadPoolExecutor(1) as writer, tqdm(total=total, unit="tok", unit_scale=True, desc="capture") as bar:
         for j in todo:
             seqs = sequences[j * per : (j + 1) * per]
-            result = teacher(seqs)
+            seq_index = np.arange(j * per, j * per + len(seqs))
+            result = teacher(seqs, seq_index)
             if pending is not None:
                 finish(pending)
-            pending = writer.submit(
-                write_shard, out, j, np.arange(j * per, j * per + len(seqs)), seqs,
-                result["topk_ids"], result["topk_logprobs"], result["target_logprob"],
-                result["hidden"], cfg.hidden_dtype,
-            )
+            pending = writer.submit(write_shard, out, j, manifest, seq_index, seqs, result["targets"], result["hidden"])
             bar.update(seqs.size)
         if pending is not None:
             finish(pending)
 
 
-def make_backend(cfg: CaptureConfig, model_dir: str, num_layers: int):
+def target_spec(cfg: CaptureConfig) -> TargetSpec:
+    return TargetSpec(top_k=cfg.top_k, targets=cfg.targets, samples=cfg.samples,
+                      sample_temperature=cfg.sample_temperature, seed=cfg.seed)
+
+
+def make_backend(cfg: CaptureConfig, model_dir: str, num_layers: int, targets_from: str):
     if cfg.backend == "hf":
         from .hf_backend import HFTeacher
 
-        return HFTeacher(model_dir, cfg.top_k, cfg.hidden_layers, cfg.dtype, cfg.hf_batch_size)
+        return HFTeacher(model_dir, target_spec(cfg), cfg.hidden_layers, cfg.dtype, cfg.hf_batch_size)
     from .vllm_backend import VLLMTeacher
 
     return VLLMTeacher(
-        model_dir, cfg.top_k, cfg.hidden_layers, num_layers, cfg.max_seq_len, cfg.dtype,
-        cfg.vllm_max_logprobs, cfg.enforce_eager, cfg.seed,
+        model_dir, target_spec(cfg), cfg.hidden_layers, num_layers, cfg.max_seq_len, cfg.dtype,
+        cfg.vllm_max_logprobs, cfg.enforce_eager, cfg.seed, targets_from,
     )

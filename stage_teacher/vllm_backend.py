@@ -1,8 +1,15 @@
-"""Teacher signals from one vLLM prefill pass: top-k prompt log-probs and hidden states.
+"""Teacher signals from one vLLM prefill pass: teacher targets (top-k, RS-KD samples) and hidden states.
 
-Log-probs: prompts go in as token ids with ``max_tokens=1, prompt_logprobs=k, flat_logprobs=True``. In the
-flat form every position p >= 1 holds k+1 entries: the actual token at p first, then the top-1..top-k
-(the actual token may appear twice). Row t of the cache is vLLM position t+1.
+Targets, two ways (``--targets-from``):
+  hooks (default): a forward hook on the decoder's final norm keeps every scheduled token's final hidden
+      state on the engine's device; after the pass each sequence's logits are made by the model's own
+      ``compute_logits`` (its LM head, vocab padding, soft-capping and scale) a chunk of positions at a time
+      and turned into targets by targets.py, the code the HF backend uses too. The engine itself runs bare
+      prefill (max_tokens=1, no prompt log-probs), so the cost is prefill plus the LM head at every position.
+  engine: vLLM's prompt log-probs, ``max_tokens=1, prompt_logprobs=k, flat_logprobs=True``. In the flat form
+      every position p >= 1 holds k+1 entries: the actual token at p first, then the top-1..top-k (the actual
+      token may appear twice). Row t of the cache is vLLM position t+1. Top-k only; it makes a full-vocabulary
+      log-softmax, rank counts and Python objects for every position (measured slower: tests/bench).
 
 Hidden states: forward hooks on the decoder's embedding, layers and final norm, in the same pass. The
 engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and eagerly (compiled graphs skip hooks).
@@ -19,6 +26,8 @@ import torch
 
 from pipeline.manifest import CacheError
 
+from .targets import TargetSpec, batch_targets, sequence_targets
+
 
 def configure_environment(cpu_threads_all: bool = True) -> None:
     """Engine settings that must be in the environment before vLLM is imported."""
@@ -29,11 +38,17 @@ def configure_environment(cpu_threads_all: bool = True) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 
+TARGETS_FROM = ("hooks", "engine")
+
+
 class VLLMTeacher:
+    """targets_from: hooks | engine (see the module doc), or "floor" (benchmarks: the LM head runs at every
+    position and its logits are dropped: the cost a cache cannot go below)."""
+
     def __init__(
         self,
         model_dir: str,
-        top_k: int,
+        spec: TargetSpec,
         hidden_layers: list[int],
         num_layers: int,
         max_seq_len: int,
@@ -41,40 +56,52 @@ class VLLMTeacher:
         max_logprobs: int = 128,
         enforce_eager: bool = True,
         seed: int = 0,
+        targets_from: str = "hooks",
         engine_kwargs: dict | None = None,
     ):
         configure_environment()
-        from vllm import LLM, SamplingParams
+        from vllm import LLM
 
-        if top_k > max_logprobs:
+        if targets_from == "engine" and spec.top_k > max_logprobs:
             raise CacheError(
-                f"--top-k {top_k} is larger than the engine's max_logprobs {max_logprobs}: vLLM refuses it. "
-                f"Raise it with --vllm-max-logprobs {top_k} (costs memory and time per token)."
+                f"--top-k {spec.top_k} is larger than the engine's max_logprobs {max_logprobs}: vLLM refuses it. "
+                f"Raise it with --vllm-max-logprobs {spec.top_k} (costs memory and time per token)."
             )
-        self.top_k = top_k
         self.hidden_layers = list(hidden_layers)
         self.num_layers = num_layers
+        self.max_logprobs = max_logprobs
+        self.hooked = bool(hidden_layers) or targets_from != "engine"
         self.llm = LLM(
             model=model_dir,
             dtype=dtype,
             max_logprobs=max_logprobs,
             max_model_len=max_seq_len + 1,
-            enforce_eager=enforce_eager or bool(hidden_layers),
+            enforce_eager=enforce_eager or self.hooked,
             enable_prefix_caching=False,
             seed=seed,
             **(engine_kwargs or {}),
         )
-        self.params = SamplingParams(
-            max_tokens=1, prompt_logprobs=top_k, flat_logprobs=True, detokenize=False, temperature=1.0
-        )
         self._records: list[dict] = []
-        if self.hidden_layers:
+        self._model = None
+        self.configure(spec, targets_from)
+        if self.hooked:
             self.llm.apply_model(self._install_hooks)
 
-    # ---------------------------------------------------------------------------------- hidden states
+    def configure(self, spec: TargetSpec, targets_from: str) -> None:
+        """Targets for the next calls (one engine serves every spec; switching to hooks needs them installed)."""
+        from vllm import SamplingParams
+
+        if targets_from != "engine" and not getattr(self, "hooked", True):
+            raise CacheError("this engine was started without hooks (--targets-from engine, no hidden layers)")
+        if targets_from == "engine" and spec.top_k > self.max_logprobs:
+            raise CacheError(f"--top-k {spec.top_k} is larger than the engine's max_logprobs {self.max_logprobs}")
+        self.spec, self.top_k, self.targets_from = spec, spec.top_k, targets_from
+        logprobs = {"prompt_logprobs": spec.top_k, "flat_logprobs": True} if targets_from == "engine" else {}
+        self.params = SamplingParams(max_tokens=1, detokenize=False, temperature=1.0, **logprobs)
 
     def _install_hooks(self, model: torch.nn.Module) -> None:
         decoder = _find_decoder(model, self.num_layers)
+        self._model = model  # in-process engine: compute_logits runs on the engine's own module and device
         records = self._records
 
         # The decoder's own forward may be wrapped (torch.compile support) past module hooks, so the step's
@@ -95,13 +122,16 @@ class VLLMTeacher:
                     h = out[0] if out[1] is None or layer == self.num_layers else out[0] + out[1]
                 else:
                     h = out
-                records[-1]["h"][layer] = h.detach().float().cpu().clone()
+                if layer in self.hidden_layers:
+                    records[-1]["h"][layer] = h.detach().float().cpu().clone()
+                if layer == self.num_layers and self.targets_from != "engine":  # the LM head's input, on the device
+                    records[-1]["final"] = h.detach().clone()
 
             return hook
 
         decoder.embed_tokens.register_forward_pre_hook(record_ids)
         decoder.layers[0].register_forward_pre_hook(record_positions, with_kwargs=True)
-        for layer in self.hidden_layers:
+        for layer in sorted(set(self.hidden_layers) | {self.num_layers}):
             if layer == 0:
                 continue  # recorded by record_positions
             if layer == self.num_layers:
@@ -110,18 +140,16 @@ class VLLMTeacher:
                 module = decoder.layers[layer - 1]
             module.register_forward_hook(capture(layer))
 
-    def _split_hidden(self, sequences: np.ndarray) -> dict[int, torch.Tensor]:
+    def _placements(self, sequences: np.ndarray) -> list[tuple[int, int, int, int, int]]:
+        """Where each request's tokens went: (record, start, end, request, position) runs covering every
+        position of every sequence once, found by matching the step's token ids to the requests'."""
         n, t = sequences.shape
-        h_size = None
-        out: dict[int, torch.Tensor] = {}
         filled = np.zeros(n, dtype=np.int64)
         seqs = torch.from_numpy(sequences.astype(np.int64))
-        for rec in self._records:
-            if not rec["h"]:
+        runs = []
+        for i, rec in enumerate(self._records):
+            if "pos" not in rec:
                 continue
-            if h_size is None:
-                h_size = next(iter(rec["h"].values())).shape[-1]
-                out = {l: torch.empty(n, t, h_size) for l in self.hidden_layers}
             pos, ids = rec["pos"].long(), rec["ids"].long()
             breaks = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
             bounds = [0, *breaks.tolist(), len(pos)]
@@ -129,28 +157,63 @@ class VLLMTeacher:
                 p = int(pos[s])
                 for r in np.nonzero(filled == p)[0]:
                     if p + (e - s) <= t and torch.equal(seqs[r, p : p + e - s], ids[s:e]):
-                        for l in self.hidden_layers:
-                            out[l][r, p : p + e - s] = rec["h"][l][s:e]
+                        runs.append((i, s, e, int(r), p))
                         filled[r] = p + e - s
                         break
         if not (filled == t).all():
             bad = np.nonzero(filled != t)[0]
             raise RuntimeError(
-                f"hidden-state capture covered {filled[bad[0]]}/{t} positions of sequence {bad[0]}: "
+                f"hook capture covered {filled[bad[0]]}/{t} positions of sequence {bad[0]}: "
                 "the engine scheduled tokens in a way the hooks could not follow (is prefix caching on?)"
             )
+        return runs
+
+    def _gather(self, runs, key, n: int, t: int, layer: int | None = None) -> torch.Tensor:
+        """[n, t, H] from the records' per-step tensors (a hidden layer, or the final state on the device)."""
+        first = self._records[runs[0][0]]
+        src = (lambda rec: rec["h"][layer]) if key == "h" else (lambda rec: rec[key])
+        like = src(first)
+        out = torch.empty(n, t, like.shape[-1], dtype=like.dtype, device=like.device)
+        for i, s, e, r, p in runs:
+            out[r, p : p + e - s] = src(self._records[i])[s:e]
         return out
 
     # ------------------------------------------------------------------------------------------- call
 
-    def __call__(self, sequences: np.ndarray) -> dict:
+    def __call__(self, sequences: np.ndarray, seq_index: np.ndarray | None = None) -> dict:
         from vllm.inputs import TokensPrompt
 
         n, t = sequences.shape
-        k = self.top_k
+        seq_index = np.arange(n) if seq_index is None else seq_index
         self._records.clear()
         prompts = [TokensPrompt(prompt_token_ids=row.tolist()) for row in sequences]
         outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        runs = self._placements(sequences) if self._records else None
+        if self.targets_from == "engine":
+            targets = self._engine_targets(outputs, n, t)
+        else:
+            targets = self._hook_targets(self._gather(runs, "final", n, t), sequences, seq_index)
+        hidden = {l: self._gather(runs, "h", n, t, l) for l in self.hidden_layers} if self.hidden_layers else None
+        self._records.clear()
+        return {"targets": targets, "hidden": hidden}
+
+    def _hook_targets(self, final: torch.Tensor, sequences: np.ndarray, seq_index: np.ndarray) -> dict | None:
+        """Targets from the final hidden states [n, t, H] (on the engine's device) and the model's LM head."""
+        model = self._model
+        nexts = torch.from_numpy(sequences[:, 1:].astype(np.int64))
+        per_sequence = []
+        for i in range(len(sequences)):
+            h = final[i]
+            logits_fn = lambda a, b, h=h: model.compute_logits(h[a:b])  # noqa: E731
+            if self.targets_from == "floor":
+                for a in range(0, h.shape[0] - 1, self.spec.chunk_positions):
+                    logits_fn(a, min(h.shape[0] - 1, a + self.spec.chunk_positions))
+                continue
+            per_sequence.append(sequence_targets(logits_fn, nexts[i], self.spec, int(seq_index[i])))
+        return batch_targets(per_sequence) if per_sequence else None
+
+    def _engine_targets(self, outputs, n: int, t: int) -> dict:
+        k = self.top_k
         topk_ids = np.empty((n, t - 1, k), dtype=np.int32)
         topk_lp = np.empty((n, t - 1, k), dtype=np.float32)
         target = np.empty((n, t - 1), dtype=np.float32)
@@ -164,9 +227,7 @@ class VLLMTeacher:
             ids = np.asarray(flat.token_ids[lo:hi], dtype=np.int64).reshape(t - 1, k + 1)
             lps = np.asarray(flat.logprobs[lo:hi], dtype=np.float32).reshape(t - 1, k + 1)
             target[i], topk_ids[i], topk_lp[i] = lps[:, 0], ids[:, 1:], lps[:, 1:]
-        hidden = self._split_hidden(sequences) if self.hidden_layers else None
-        self._records.clear()
-        return {"topk_ids": topk_ids, "topk_logprobs": topk_lp, "target_logprob": target, "hidden": hidden}
+        return {"topk_ids": topk_ids, "topk_logprobs": topk_lp, "target_logprob": target}
 
     def close(self) -> None:
         """Shut the engine down before interpreter exit (vLLM sometimes aborts if left to the GC)."""

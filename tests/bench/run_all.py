@@ -47,6 +47,13 @@ def main() -> None:
         lines.append(f"| capture: {name} (tokens/s) | {r['tokens_per_s']:.1f} |")
     for k, v in {**result["capture"]["ratios"], **result["capture"]["bytes_per_token"]}.items():
         lines.append(f"| capture: {k} | {v:.3f} |")
+    cap = result["capture"]
+    lines.append(f"| capture: sampled, unique ids per position | {cap['sample_unique_ids_per_position']:.2f} |")
+    for dtype, v in cap["kl_stored_vs_exact"].items():
+        lines.append(f"| capture: KL(stored || exact) per position, {dtype} log-probs | {v:.2e} |")
+    for dtype, h in cap["hidden"].items():
+        lines.append(f"| capture: hidden {dtype}, bytes/token/layer, cosine mean / min | {h['bytes_per_token_per_layer']:.1f}, "
+                     f"{h['cosine_mean']:.6f} / {h['cosine_min']:.6f} |")
     for step in result["train"]["steps"]:
         lines.append(f"| train: step streamed / in memory, --num-workers {step['num_workers']} | {step['ratio']:.3f} "
                      f"({step['streamed_step_s']:.2f} s vs {step['in_memory_step_s']:.2f} s) |")

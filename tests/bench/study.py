@@ -39,6 +39,10 @@ ROWS = [
      ["--temperature", "2", "--tail", "renormalize", "--lr", DEMO_LR]),
     ("kd-auto-k64-lr1e-3", "top-64 KD, auto init, lr 1e-3", ["--lr", "1e-3"]),
     ("kd-auto-k64-lr3e-3", "top-64 KD, auto init, lr 3e-3", ["--lr", "3e-3"]),
+    ("kd-auto-k64-v2", "top-64 KD from a format-2 cache (uint8 log-probs, hooks), auto init, lr 1e-3",
+     ["--cache", "{both_cache}", "--kd-targets", "topk", "--lr", "1e-3"]),
+    ("kd-auto-sampled64", "RS-KD: 64 sampled draws per position (same cache), auto init, lr 1e-3",
+     ["--cache", "{both_cache}", "--kd-targets", "sampled", "--lr", "1e-3"]),
     ("kd-auto-k64-hs", "top-64 KD + hidden MSE (layernormed) on the copied layers, auto init",
      ["--cache", "{hs_cache}", "--hs-weight", "1", "--layer-mapper", "copied", "--hs-norm", "layernorm", "--lr", DEMO_LR]),
 ]
@@ -97,7 +101,11 @@ def main() -> None:
             auto = next(r for r in study["rows"].values() if r.get("teacher_layers") and r["init"] == "auto")
             layers = ",".join(str(l + 1) for l in auto["teacher_layers"])
             study["hs_capture_s"] = distily("teacher-cache", "-o", str(hs_cache), *CACHE_ARGS, "--hidden-layers", layers)
-        extra = [a.replace("{teacher}", teacher).replace("{hs_cache}", str(hs_cache)) for a in extra]
+        both_cache = runs / "cache-both"
+        if "{both_cache}" in extra and not (both_cache / "manifest.json").exists():
+            study["both_capture_s"] = distily("teacher-cache", "-o", str(both_cache), *CACHE_ARGS, "--targets", "both")
+        extra = [a.replace("{teacher}", teacher).replace("{hs_cache}", str(hs_cache)).replace("{both_cache}", str(both_cache))
+                 for a in extra]
         run_dir = runs / name
         steps = str(args.steps)
         args_ = ["train-student", "--cache", str(cache), "-o", str(run_dir), *BASE, "--max-steps", steps, "--save-steps", steps, *extra]
@@ -135,6 +143,8 @@ def report(study: dict, out: Path) -> None:
                 f"{kl:.4f}" if kl is not None else "-", f"{r['train_wall_s']:.0f}"]
         lines.append("| " + " | ".join(cols) + " |")
     summary = {}
+    if "kd-auto-sampled64" in rows and "kd-auto-k64-v2" in rows:
+        summary["sampled_over_topk64_ppl"] = rows["kd-auto-sampled64"]["perplexity"] / rows["kd-auto-k64-v2"]["perplexity"]
     if "kd-auto-k64" in rows and "online-auto" in rows:
         summary["topk64_over_online_ppl"] = rows["kd-auto-k64"]["perplexity"] / rows["online-auto"]["perplexity"]
     three = [n for n in ("kd-auto-k64", "kd-auto-k8", "kd-auto-k64-T2") if n in rows]
