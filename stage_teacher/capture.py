@@ -86,9 +86,14 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
             f"--hidden-layers {bad} out of range: the teacher has {num_layers} layers, so valid indices are "
             f"0 (embeddings) .. {num_layers} (final, after the norm), as in HF output_hidden_states"
         )
-    targets_from = resolve_targets_from(cfg, teacher_cfg)
-    if cfg.backend == "vllm" and (cfg.hidden_layers or targets_from == "hooks"):
-        check_vllm_hidden_capture(teacher_cfg, "--hidden-layers" if cfg.hidden_layers else "--targets-from hooks")
+    can_hook = cfg.backend == "vllm" and hookable(teacher_cfg)  # judged once: it builds the model on meta
+    targets_from = resolve_targets_from(cfg, teacher_cfg.model_type, can_hook)
+    if cfg.backend == "vllm" and (cfg.hidden_layers or targets_from == "hooks") and not can_hook:
+        raise ConfigError(
+            f"{'--hidden-layers' if cfg.hidden_layers else '--targets-from hooks'} under vLLM needs a decoder with "
+            f"embed_tokens, layers and norm; a {teacher_cfg.model_type} teacher has none. Capture its hidden states "
+            "with --backend hf, or its top-k logits alone under vLLM (--targets-from engine, no --hidden-layers)."
+        )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     vocab = teacher_cfg.vocab_size
     if not 1 <= cfg.top_k <= vocab:
@@ -167,21 +172,23 @@ def check_targets(cfg: CaptureConfig) -> None:
                           "log-probs do not give: use --targets-from hooks (or auto), or --backend hf")
 
 
-def resolve_targets_from(cfg: CaptureConfig, teacher_cfg) -> str:
+def resolve_targets_from(cfg: CaptureConfig, model_type: str, can_hook: bool) -> str:
     """hooks or engine under vLLM (auto: hooks where the decoder has them, else engine); hf for --backend hf."""
     if cfg.backend == "hf":
         return "hf"
     if cfg.targets_from != "auto":
         return cfg.targets_from
-    if hookable(teacher_cfg):
+    if can_hook:
         return "hooks"
     if cfg.targets != "topk":
-        raise ConfigError(f"--targets {cfg.targets} under vLLM needs the LM-head hooks, which a {teacher_cfg.model_type} "
+        raise ConfigError(f"--targets {cfg.targets} under vLLM needs the LM-head hooks, which a {model_type} "
                           "teacher's decoder does not offer: use --backend hf, or --targets topk")
     return "engine"
 
 
 def hookable(teacher_cfg) -> bool:
+    """Whether the vLLM hooks can follow this family's decoder (judged on the HF model built on the meta device:
+    the families share the module names)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -190,17 +197,6 @@ def hookable(teacher_cfg) -> bool:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(teacher_cfg)
     return has_hookable_decoder(model, teacher_cfg.num_hidden_layers)
-
-
-def check_vllm_hidden_capture(teacher_cfg, what: str = "--hidden-layers") -> None:
-    """Refuse, before the engine starts, a family whose decoder the vLLM hidden-state hooks cannot follow
-    (judged on the HF model built on the meta device: the families share the module names)."""
-    if not hookable(teacher_cfg):
-        raise ConfigError(
-            f"{what} under vLLM needs a decoder with embed_tokens, layers and norm; a {teacher_cfg.model_type} "
-            "teacher has none. Capture its hidden states with --backend hf, or its top-k logits alone under vLLM "
-            "(--targets-from engine, no --hidden-layers)."
-        )
 
 
 def manifest_file(out: Path, cfg: CaptureConfig) -> Path:

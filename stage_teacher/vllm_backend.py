@@ -62,15 +62,11 @@ class VLLMTeacher:
         configure_environment()
         from vllm import LLM
 
-        if targets_from == "engine" and spec.top_k > max_logprobs:
-            raise CacheError(
-                f"--top-k {spec.top_k} is larger than the engine's max_logprobs {max_logprobs}: vLLM refuses it. "
-                f"Raise it with --vllm-max-logprobs {spec.top_k} (costs memory and time per token)."
-            )
         self.hidden_layers = list(hidden_layers)
         self.num_layers = num_layers
         self.max_logprobs = max_logprobs
         self.hooked = bool(hidden_layers) or targets_from != "engine"
+        self.configure(spec, targets_from)  # checked before the engine starts
         self.llm = LLM(
             model=model_dir,
             dtype=dtype,
@@ -83,7 +79,6 @@ class VLLMTeacher:
         )
         self._records: list[dict] = []
         self._model = None
-        self.configure(spec, targets_from)
         if self.hooked:
             self.llm.apply_model(self._install_hooks)
 
@@ -91,10 +86,13 @@ class VLLMTeacher:
         """Targets for the next calls (one engine serves every spec; switching to hooks needs them installed)."""
         from vllm import SamplingParams
 
-        if targets_from != "engine" and not getattr(self, "hooked", True):
+        if targets_from != "engine" and not self.hooked:
             raise CacheError("this engine was started without hooks (--targets-from engine, no hidden layers)")
         if targets_from == "engine" and spec.top_k > self.max_logprobs:
-            raise CacheError(f"--top-k {spec.top_k} is larger than the engine's max_logprobs {self.max_logprobs}")
+            raise CacheError(
+                f"--top-k {spec.top_k} is larger than the engine's max_logprobs {self.max_logprobs}: vLLM refuses it. "
+                f"Raise it with --vllm-max-logprobs {spec.top_k} (costs memory and time per token)."
+            )
         self.spec, self.top_k, self.targets_from = spec, spec.top_k, targets_from
         logprobs = {"prompt_logprobs": spec.top_k, "flat_logprobs": True} if targets_from == "engine" else {}
         self.params = SamplingParams(max_tokens=1, detokenize=False, temperature=1.0, **logprobs)
