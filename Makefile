@@ -24,6 +24,8 @@ BATCH ?= 4
 LR ?= 1e-3
 INIT_LAYERS ?= auto
 EVAL_LIMIT ?= 50
+GENERATOR ?= mix
+GEN_SEQUENCES ?= 256
 TEST_ARGS ?=
 
 export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
@@ -35,7 +37,7 @@ CACHE_ARGS = -o $(RUNS)/cache $(call opt,--teacher,$(TEACHER)) $(call opt,--data
 TRAIN_ARGS = --cache $(RUNS)/cache --student-layers $(STUDENT_LAYERS) --init teacher-layers --init-layers $(INIT_LAYERS) --optimizer $(OPTIMIZER) \
 	--max-steps $(STEPS) --batch-size $(BATCH) --lr $(LR) --warmup-steps 5 --save-steps 20 --logging-steps 5 --eval-sequences 16
 
-.PHONY: setup demo teacher-cache train-student train-student-ce eval test bench faults study clean
+.PHONY: setup demo generate teacher-cache train-student train-student-ce eval test bench faults study study-generate clean
 
 setup: $(VENV)/.installed
 
@@ -48,6 +50,11 @@ $(VENV)/.installed: pyproject.toml
 	@# import on CPU machines; the text path needs none of them.
 	if [ "$(VLLM_EXTRA)" = cpu ]; then $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true; fi
 	touch $@
+
+# The teacher writes a dataset (data-free / synthetic KD): then `make demo DATASET=$(RUNS)/generated`.
+generate: setup
+	$(BIN)/distily generate -o $(RUNS)/generated $(call opt,--teacher,$(TEACHER)) --generator $(GENERATOR) \
+		--num-sequences $(GEN_SEQUENCES) --max-seq-len $(SEQ_LEN)
 
 teacher-cache: setup
 	$(BIN)/distily teacher-cache $(CACHE_ARGS)
@@ -88,6 +95,10 @@ faults: setup
 study: setup
 	$(BIN)/python tests/bench/bench_temperature.py --json bench-results/temperature.json
 	$(BIN)/python tests/bench/study.py --out bench-results/study --runs runs/study --steps $(STEPS)
+
+# Students trained on data the teacher wrote (distily generate) against the corpus, at equal tokens and steps.
+study-generate: setup
+	$(BIN)/python tests/bench/bench_generate.py --out bench-results/generate --runs runs/generate --steps $(STEPS)
 
 clean:
 	rm -rf runs bench-results .cache/test-vllm

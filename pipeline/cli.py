@@ -126,6 +126,8 @@ def inspect(cache: str = typer.Argument(..., help="Cache dir or fsspec URL.")):
         ("weights sha256", m["teacher"]["weights_sha256"][:16]),
         ("tokenizer", f"sha256 {m['tokenizer']['sha256'][:16]}, vocab {m['tokenizer']['vocab_size']}"),
         ("dataset", json.dumps(m["dataset"]["spec"])),
+        *([("generated", "by `distily generate --generator {generator}`, seed {seed}".format(**m["dataset"]["generated"]))]
+          if m["dataset"].get("generated") else []),
         ("sequences", f"{sum(s['rows'] for s in m['shards'])} x {cap['max_seq_len']} tokens"),
         ("tokens", f"{tokens}"),
         ("format", f"version {m['format_version']}"),

@@ -73,6 +73,31 @@ class CaptureConfig:
 
 
 @dataclass
+class GenerateConfig:
+    output: str = opt("runs/generated", "Dataset directory (teacher-cache --dataset reads it).", names=("-o",))
+    teacher: str | None = opt(None, "HF model dir or hub id that writes the data.", shown="embedded SmolLM2-135M-Instruct")
+    generator: str = opt("mix", "random (data-free: a random first token, then greedy, then sampled) | prefix "
+                         "(continuations of --prompts) | shuffled (prefixes of words shuffled across --prompts "
+                         "documents) | structured (number, list, code and table prompts) | mix (--mix weights).")
+    num_sequences: int = opt(256, "Sequences to generate (each at most --max-seq-len tokens, prompt included).")
+    max_seq_len: int = opt(256, "Tokens per sequence, prompt included (fewer where the teacher ends with EOS).")
+    temperature: float = opt(1.0, "Sampling temperature (0: greedy).")
+    top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability, in (0, 1].")
+    prompts: str | None = opt(None, "prefix/shuffled: text to cut prompts from (as teacher-cache --dataset).",
+                              shown="embedded Lee corpus")
+    prompts_column: str = opt("text", "Column of --prompts holding the text.")
+    prefix_tokens: int = opt(16, "prefix/shuffled: prompt length in tokens.")
+    greedy_tokens: int = opt(3, "random: tokens decoded greedily after the random first token (LLM-QAT uses 3-5).")
+    mix: str = opt("prefix=1,random=1,shuffled=1,structured=1", "mix: generator=weight pairs.")
+    sequences_per_shard: int = opt(64, "Sequences per shard file (and per engine call).")
+    num_shards: int = opt(1, "Array jobs: number of jobs.")
+    shard_index: int = opt(0, "Array jobs: this job's index.")
+    dtype: str = opt("float32", "Teacher compute dtype (float32 on CPUs without native bf16).")
+    enforce_eager: bool = opt(True, "vLLM: eager mode (no CUDA graphs / compilation).")
+    seed: int = opt(0, "Seed: sequence i draws its prompt and samples from (seed, i), so array jobs and resumes agree.")
+
+
+@dataclass
 class TrainConfig:
     cache: str = opt("runs/cache", "Teacher cache dir or fsspec URL.")
     output: str = opt("runs/student", "Run dir.", names=("-o",))
@@ -148,7 +173,7 @@ class EvalConfig:
     training_log: str | None = opt(None, "A log.jsonl to plot.", shown="the student's run dir")
 
 
-SECTIONS = {"teacher_cache": CaptureConfig, "train_student": TrainConfig, "eval": EvalConfig}
+SECTIONS = {"generate": GenerateConfig, "teacher_cache": CaptureConfig, "train_student": TrainConfig, "eval": EvalConfig}
 
 
 def load(cls, yaml_path: str | None, section: str, overrides: dict):

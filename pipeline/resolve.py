@@ -64,6 +64,18 @@ class DatasetSpec:
 
 def load_texts(spec: DatasetSpec) -> list[str]:
     """Load documents as a list of strings through `datasets`. Raises CacheError on unknown/empty input."""
+    return texts_of(load_text_dataset(spec), spec)
+
+
+def texts_of(ds, spec: DatasetSpec) -> list[str]:
+    texts = [t for t in ds[spec.text_column] if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise CacheError(f"--dataset {spec.path!r} holds no text in column {spec.text_column!r}")
+    return texts
+
+
+def load_text_dataset(spec: DatasetSpec):
+    """The `datasets.Dataset` behind a spec (its `_fingerprint` names the content), its text column checked."""
     import datasets
 
     path = spec.path
@@ -74,6 +86,10 @@ def load_texts(spec: DatasetSpec) -> list[str]:
     files = sorted(glob.glob(path)) if any(c in path for c in "*?[") else []
     if os.path.isdir(path):
         files = sorted(str(p) for p in Path(path).iterdir() if p.suffix in (".txt", ".jsonl", ".json", ".parquet", ".cor"))
+        from .generated import is_generated
+
+        if is_generated(path):  # its text column, without the manifests
+            files = [f for f in files if f.endswith(".parquet")]
     elif os.path.isfile(path):
         files = [path]
     if files:
@@ -99,10 +115,7 @@ def load_texts(spec: DatasetSpec) -> list[str]:
             ) from e
     if spec.text_column not in ds.column_names:
         raise CacheError(f"--dataset {spec.path!r} has no column {spec.text_column!r} (columns: {ds.column_names}); pass --text-column")
-    texts = [t for t in ds[spec.text_column] if isinstance(t, str) and t.strip()]
-    if not texts:
-        raise CacheError(f"--dataset {spec.path!r} holds no text in column {spec.text_column!r}")
-    return texts
+    return ds
 
 
 SAMPLE_BY = ("auto", "line", "paragraph", "document")
@@ -133,28 +146,101 @@ def _looks_like_hub_id(path: str) -> bool:
 
 def pack(tokenizer, texts: list[str], max_seq_len: int, max_tokens: int | None = None) -> np.ndarray:
     """Tokenise documents, join them with EOS, and cut into [N, max_seq_len] sequences (the tail is dropped)."""
+    return cut(tokenise(tokenizer, texts, max_tokens)[0], max_seq_len, max_tokens)
+
+
+def tokenise(tokenizer, texts: list[str], max_tokens: int | None = None) -> tuple[np.ndarray, bool]:
+    """(one int32 token stream: each document, BOS first where the tokenizer adds one, then EOS; whether every
+    document is in it). Stops once max_tokens are in."""
     if tokenizer.eos_token_id is None:
         raise CacheError("the tokenizer has no EOS token to join documents with")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False) else []
     ids: list[int] = []
-    budget = max_tokens if max_tokens else None
     for batch_start in range(0, len(texts), 256):
         enc = tokenizer(texts[batch_start : batch_start + 256], add_special_tokens=False)["input_ids"]
         for doc in enc:
-            if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-                ids.append(tokenizer.bos_token_id)
-            ids.extend(doc)
-            ids.append(tokenizer.eos_token_id)
-        if budget and len(ids) >= budget:
-            break
-    if budget:
-        ids = ids[:budget]
-    n = len(ids) // max_seq_len
+            ids += bos + doc + [tokenizer.eos_token_id]
+        if max_tokens and len(ids) >= max_tokens and batch_start + 256 < len(texts):
+            return np.asarray(ids, dtype=np.int32), False
+    return np.asarray(ids, dtype=np.int32), True
+
+
+def join_ids(docs: list[np.ndarray], eos_token_id: int) -> np.ndarray:
+    """Token-id documents (a generated dataset) as one stream: each followed by EOS unless it ends with one."""
+    eos = np.asarray([eos_token_id], dtype=np.int32)
+    parts = [p for d in docs for p in ((d, eos) if len(d) == 0 or d[-1] != eos_token_id else (d,))]
+    return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+
+
+def cut(stream: np.ndarray, max_seq_len: int, max_tokens: int | None = None) -> np.ndarray:
+    """A token stream cut into [N, max_seq_len] sequences, at most max_tokens in all (the tail is dropped)."""
+    if max_tokens:
+        stream = stream[:max_tokens]
+    n = len(stream) // max_seq_len
     if n == 0:
         raise CacheError(
-            f"the dataset gives {len(ids)} tokens, fewer than one sequence of --max-seq-len {max_seq_len}; "
+            f"the dataset gives {len(stream)} tokens, fewer than one sequence of --max-seq-len {max_seq_len}; "
             "use more text or a shorter --max-seq-len"
         )
-    return np.asarray(ids[: n * max_seq_len], dtype=np.int32).reshape(n, max_seq_len)
+    return np.ascontiguousarray(stream[: n * max_seq_len], dtype=np.int32).reshape(n, max_seq_len)
+
+
+def packed_sequences(tokenizer, spec: DatasetSpec, max_seq_len: int, max_tokens: int | None = None) -> tuple[np.ndarray, dict]:
+    """The dataset as [N, max_seq_len] token sequences, and {"note": how they were made, "generated": what
+    generated them (generated datasets only)}.
+
+    A generated dataset (`distily generate`) gives its stored ids as they are. Text is tokenised once per
+    (content, column, sample_by, tokenizer): the token stream is kept under $DISTILY_HOME/tokens and reused by
+    every later capture of the same text (another array job, a rerun, another --max-seq-len or a smaller
+    --max-tokens), so text is neither tokenised nor stored twice.
+    """
+    from .generated import is_generated, read_generated
+
+    if is_generated(spec.path):
+        gen, docs = read_generated(spec.path)
+        if gen["tokenizer"]["sha256"] != tokenizer_fingerprint(tokenizer)["sha256"]:
+            raise CacheError(f"--dataset {spec.path} was generated with another tokenizer (the token ids would mean "
+                             "other text): capture it with the teacher that generated it, or a teacher with its tokenizer")
+        source = {"generated": {"generator": gen["generator"], "seed": gen["seed"], "params": gen["params"],
+                                "teacher_weights_sha256": gen["teacher"]["weights_sha256"]},
+                  "note": f"{len(docs)} generated sequences, their stored token ids (no re-tokenisation)"}
+        return cut(join_ids(docs, tokenizer.eos_token_id), max_seq_len, max_tokens), source
+    ds = load_text_dataset(spec)
+    key = hashlib.sha256(json.dumps({
+        "data": ds._fingerprint, "column": spec.text_column, "sample_by": spec.sample_by,
+        "tokenizer": tokenizer_fingerprint(tokenizer)["sha256"], "add_bos": bool(getattr(tokenizer, "add_bos_token", False)),
+        "version": 1}, sort_keys=True).encode()).hexdigest()[:32]
+    store = distily_home() / "tokens"
+    stream, meta = read_token_stream(store, key)
+    if meta and (meta["complete"] or (max_tokens and meta["tokens"] >= max_tokens)):
+        how = "reused (tokenised earlier)"
+    else:
+        stream, complete = tokenise(tokenizer, texts_of(ds, spec), max_tokens)
+        write_token_stream(store, key, stream, complete, spec)
+        how = "tokenised"
+    return cut(stream, max_seq_len, max_tokens), {"note": f"token stream {how}: {store / (key + '.npy')}"}
+
+
+def read_token_stream(store: Path, key: str) -> tuple[np.ndarray | None, dict | None]:
+    try:
+        meta = json.loads((store / f"{key}.json").read_text())
+        stream = np.load(store / f"{key}.npy", mmap_mode="r")
+    except (OSError, ValueError):
+        return None, None
+    return (stream, meta) if len(stream) == meta.get("tokens") else (None, None)  # a concurrent rewrite: tokenise
+
+
+def write_token_stream(store: Path, key: str, stream: np.ndarray, complete: bool, spec: DatasetSpec) -> None:
+    """The stream, then its description, each written atomically (many jobs may write the same key at once)."""
+    import io
+
+    from .manifest import atomic_write_bytes, atomic_write_json
+
+    store.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.save(buf, stream)
+    atomic_write_bytes(store / f"{key}.npy", buf.getvalue())
+    atomic_write_json(store / f"{key}.json", {"tokens": int(len(stream)), "complete": complete, "dataset": spec.to_dict()})
 
 
 def fingerprint_tokens(sequences: np.ndarray) -> str:

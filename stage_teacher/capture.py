@@ -36,8 +36,7 @@ from pipeline.resolve import (
     DEFAULT_DATASET,
     DatasetSpec,
     fingerprint_tokens,
-    load_texts,
-    pack,
+    packed_sequences,
     resolve_model,
     tokenizer_fingerprint,
     weights_fingerprint,
@@ -106,7 +105,8 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
     if max(teacher_cfg.max_position_embeddings, 0) < cfg.max_seq_len + 1:
         raise ConfigError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {teacher_cfg.max_position_embeddings} positions")
     spec = DatasetSpec(cfg.dataset or DEFAULT_DATASET, cfg.dataset_config, cfg.split, cfg.text_column, cfg.sample_by)
-    sequences = pack(tokenizer, load_texts(spec), cfg.max_seq_len, cfg.max_tokens)
+    sequences, source = packed_sequences(tokenizer, spec, cfg.max_seq_len, cfg.max_tokens)
+    print(f"dataset {spec.path}: {source['note']}")
     manifest = {
         "format_version": schema.FORMAT_VERSION,
         "distily_version": __version__,
@@ -144,6 +144,7 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
             "fingerprint": fingerprint_tokens(sequences),
             "num_sequences": int(len(sequences)),
             "num_tokens": int(sequences.size),
+            **({"generated": source["generated"]} if "generated" in source else {}),
         },
         "job": {"num_shards": cfg.num_shards, "shard_index": cfg.shard_index},
         "shards": [],

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from pipeline.cli import Command
-from pipeline.config import CaptureConfig
+from pipeline.config import CaptureConfig, GenerateConfig
 
 
 def run(cfg: CaptureConfig) -> None:
@@ -16,12 +16,31 @@ def run(cfg: CaptureConfig) -> None:
     manifest = capture(cfg)
     typer.echo(f"wrote {manifest['stats']['tokens']} tokens in {len(manifest['shards'])} shards to {cfg.output}")
     if cfg.backend == "vllm":
-        # vLLM's worker threads occasionally abort the interpreter at exit after a successful run:
-        # the cache and manifest are on disk, so leave without running their finalisers.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        leave()
+
+
+def generate(cfg: GenerateConfig) -> None:
+    from .generate import run as generate_run
+
+    m = generate_run(cfg)
+    s = m["stats"]
+    rate = s["generated_tokens_per_s"]
+    typer.echo(f"wrote {s['sequences']} sequences, {s['tokens']} tokens ({s['mean_tokens']:.0f} per sequence, "
+               f"{s['stopped_fraction']:.0%} ended by the teacher) to {cfg.output}"
+               + (f"; {rate:.0f} generated tokens/s" if rate else ""))
+    typer.echo(f"next: distily teacher-cache --dataset {cfg.output} --max-seq-len N ...")
+    leave()
+
+
+def leave() -> None:
+    """vLLM's worker threads occasionally abort the interpreter at exit after a successful run: the outputs
+    and manifest are on disk, so leave without running their finalisers."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 COMMAND = Command("teacher-cache", CaptureConfig, "teacher_cache", run,
                   "Run the teacher once over the dataset and write top-k log-probs and hidden states to a cache.")
+GENERATE = Command("generate", GenerateConfig, "generate", generate,
+                   "The teacher writes a dataset under vLLM (synthetic / data-free KD); teacher-cache --dataset reads it.")

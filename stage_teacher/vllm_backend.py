@@ -41,6 +41,17 @@ def configure_environment(cpu_threads_all: bool = True) -> None:
 TARGETS_FROM = ("hooks", "engine")
 
 
+def start_llm(model_dir: str, max_model_len: int, dtype: str = "float32", enforce_eager: bool = True, seed: int = 0,
+              **engine_kwargs):
+    """The one place a vLLM engine is built (teacher-cache and generate): in-process, no prefix caching (every
+    prompt token passes through the model exactly once)."""
+    configure_environment()
+    from vllm import LLM
+
+    return LLM(model=model_dir, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
+               enable_prefix_caching=False, seed=seed, **engine_kwargs)
+
+
 class VLLMTeacher:
     """targets_from: hooks | engine (see the module doc), or "floor" (benchmarks: the LM head runs at every
     position and its logits are dropped: the cost a cache cannot go below)."""
@@ -59,24 +70,14 @@ class VLLMTeacher:
         targets_from: str = "hooks",
         engine_kwargs: dict | None = None,
     ):
-        configure_environment()
-        from vllm import LLM
-
+        configure_environment()  # before vllm is first imported (configure)
         self.hidden_layers = list(hidden_layers)
         self.num_layers = num_layers
         self.max_logprobs = max_logprobs
         self.hooked = bool(hidden_layers) or targets_from != "engine"
         self.configure(spec, targets_from)  # checked before the engine starts
-        self.llm = LLM(
-            model=model_dir,
-            dtype=dtype,
-            max_logprobs=max_logprobs,
-            max_model_len=max_seq_len + 1,
-            enforce_eager=enforce_eager or self.hooked,
-            enable_prefix_caching=False,
-            seed=seed,
-            **(engine_kwargs or {}),
-        )
+        self.llm = start_llm(model_dir, max_seq_len + 1, dtype, enforce_eager or self.hooked, seed,
+                             max_logprobs=max_logprobs, **(engine_kwargs or {}))
         self._records: list[dict] = []
         self._model = None
         if self.hooked:
@@ -227,13 +228,25 @@ class VLLMTeacher:
             target[i], topk_ids[i], topk_lp[i] = lps[:, 0], ids[:, 1:], lps[:, 1:]
         return {"topk_ids": topk_ids, "topk_logprobs": topk_lp, "target_logprob": target}
 
+    def generate(self, prompts, params) -> list:
+        """Plain generation on this engine (`distily generate` in one process with a capture); nothing recorded."""
+        self._records.clear()
+        try:
+            return self.llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            self._records.clear()
+
     def close(self) -> None:
-        """Shut the engine down before interpreter exit (vLLM sometimes aborts if left to the GC)."""
-        engine = getattr(self.llm, "llm_engine", None)
-        core = getattr(engine, "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+        shutdown(self.llm)
         del self.llm
+
+
+def shutdown(llm) -> None:
+    """Shut an engine down before interpreter exit (vLLM sometimes aborts if left to the GC)."""
+    engine = getattr(llm, "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
 
 
 def has_hookable_decoder(model: torch.nn.Module, num_layers: int) -> bool:

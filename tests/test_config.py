@@ -22,7 +22,8 @@ def flags_of_every_command() -> dict[str, set[str]]:
 
 def test_every_field_is_a_flag_and_every_flag_a_field():
     flags = flags_of_every_command()
-    for name, cls in (("teacher-cache", C.CaptureConfig), ("train-student", C.TrainConfig), ("eval", C.EvalConfig)):
+    for name, cls in (("teacher-cache", C.CaptureConfig), ("generate", C.GenerateConfig), ("train-student", C.TrainConfig),
+                      ("eval", C.EvalConfig)):
         fields = {"--" + f.replace("_", "-") for f in C.dataclasses.asdict(cls())}
         assert fields <= flags[name], fields - flags[name]
         long_flags = {f for f in flags[name] if f.startswith("--") and not f.startswith("--no-")}

@@ -1,0 +1,283 @@
+"""The teacher writes a dataset (`distily generate`): synthetic and data-free distillation sets under vLLM.
+
+Order of work, as in capture.py: check every option and build each generator's inputs (cheap), compare with a
+run already in the output dir, then start the engine and write the shards this job owns that are not finished.
+Sequence i gets its prompt and its sampling seed from (--seed, i) alone, so array jobs (--num-shards N
+--shard-index I own shards j with j % N == I), resumes and a single job all write the same sequences.
+Each shard is written atomically and only then named in the job's manifest. The format: pipeline/generated.py.
+
+Each sequence is one or two `LLM.generate` requests, batched over the shard: the generator's greedy tokens
+(temperature 0), then sampling (--temperature, --top-p, a per-sequence seed) up to --max-seq-len tokens in all
+or until the teacher ends it with EOS.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline import __version__, generated
+from pipeline.config import GenerateConfig
+from pipeline.errors import ConfigError
+from pipeline.manifest import (
+    CacheError,
+    atomic_write_bytes,
+    atomic_write_json,
+    describe_difference,
+    read_json,
+    stale_temps,
+)
+from pipeline.resolve import DEFAULT_DATASET, DatasetSpec, load_texts, resolve_model, tokenizer_fingerprint, weights_fingerprint
+
+from .generators import GENERATORS, NEEDS_PROMPTS, Context, Request, parse_mix, used_generators
+
+NOT_IDENTITY = ("output", "teacher", "num_shards", "shard_index", "enforce_eager")  # teacher: by its weights hash
+
+
+def check_options(cfg: GenerateConfig) -> dict[str, float]:
+    """Every option that can be judged without loading anything; returns the mix weights."""
+    if "://" in cfg.output and not cfg.output.startswith("file://"):
+        raise ConfigError(f"--output {cfg.output}: generate writes to a local or shared-filesystem directory")
+    if cfg.generator not in GENERATORS:
+        raise ConfigError(f"--generator {cfg.generator!r} is unknown; choose one of {', '.join(GENERATORS)}")
+    if cfg.num_sequences < 1:
+        raise ConfigError(f"--num-sequences {cfg.num_sequences}: generate at least one sequence")
+    if cfg.max_seq_len < 2:
+        raise ConfigError("--max-seq-len must be at least 2")
+    if not 0 <= cfg.temperature <= 100:
+        raise ConfigError(f"--temperature {cfg.temperature} is out of range: use 0 (greedy) or a positive value "
+                          "(1 samples the teacher's own distribution)")
+    if not 0 < cfg.top_p <= 1:
+        raise ConfigError(f"--top-p {cfg.top_p} is out of range (0, 1] (1 keeps the whole distribution)")
+    if not 1 <= cfg.prefix_tokens < cfg.max_seq_len:
+        raise ConfigError(f"--prefix-tokens {cfg.prefix_tokens} must be between 1 and --max-seq-len - 1 ({cfg.max_seq_len - 1})")
+    if not 0 <= cfg.greedy_tokens < cfg.max_seq_len:
+        raise ConfigError(f"--greedy-tokens {cfg.greedy_tokens} must be between 0 and --max-seq-len - 1")
+    if cfg.sequences_per_shard < 1:
+        raise ConfigError("--sequences-per-shard must be at least 1")
+    if not 0 <= cfg.shard_index < cfg.num_shards:
+        raise ConfigError(f"--shard-index {cfg.shard_index} must be in [0, --num-shards {cfg.num_shards})")
+    if cfg.generator != "mix":
+        return {}
+    try:
+        return parse_mix(cfg.mix)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def prepare(cfg: GenerateConfig) -> tuple[dict, Context, str]:
+    """Validate everything and build the generators' context and the manifest skeleton; no engine."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .capture import software_versions
+
+    mix_weights = check_options(cfg)
+    model_dir, info = resolve_model(cfg.teacher)
+    teacher_cfg = AutoConfig.from_pretrained(model_dir)
+    if teacher_cfg.max_position_embeddings < cfg.max_seq_len:
+        raise ConfigError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {teacher_cfg.max_position_embeddings} positions")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the teacher's tokenizer has no EOS token: generated sequences could not be told apart")
+    ctx = Context(tokenizer, cfg, mix=mix_weights)
+    used = used_generators(cfg.generator, mix_weights)
+    if used & NEEDS_PROMPTS:
+        source = cfg.prompts or DEFAULT_DATASET
+        try:
+            texts = load_texts(DatasetSpec(source, text_column=cfg.prompts_column))
+        except CacheError as e:
+            raise ConfigError(f"--prompts {source!r} ({', '.join(sorted(used & NEEDS_PROMPTS))} prompts): "
+                              f"{str(e).replace('--dataset', 'the source')}") from None
+        ctx.documents = [d for d in tokenizer(texts, add_special_tokens=False)["input_ids"] if d]
+        ctx.words = [w for w in (t.split() for t in texts) if w]
+        if not ctx.documents:
+            raise ConfigError(f"--prompts {source!r} gives no tokens to cut prompts from")
+    if "random" in used:
+        special = set(tokenizer.all_special_ids)
+        ctx.vocab_ids = np.asarray([i for i in range(len(tokenizer)) if i not in special], dtype=np.int64)
+    manifest = {
+        "format_version": generated.FORMAT_VERSION,
+        "distily_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "software": software_versions(),
+        "teacher": {**info, "path": model_dir, "weights_sha256": weights_fingerprint(model_dir),
+                    "model_type": teacher_cfg.model_type, "vocab_size": teacher_cfg.vocab_size},
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "generator": cfg.generator,
+        "params": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY},
+        "seed": cfg.seed,
+        "job": {"num_shards": cfg.num_shards, "shard_index": cfg.shard_index},
+        "shards": [],
+        "complete": False,
+    }
+    return manifest, ctx, model_dir
+
+
+def requests(ctx: Context, indices: np.ndarray) -> list[Request]:
+    """Sequence i's request, from a generator seeded by (seed, i): the same whatever job or batch makes it."""
+    make = GENERATORS[ctx.cfg.generator]
+    return [make(ctx, np.random.default_rng([ctx.cfg.seed, int(i)])) for i in indices]
+
+
+def sample_seed(seed: int, index: int) -> int:
+    return int(np.random.default_rng([seed, index, 1]).integers(2**31 - 1))
+
+
+def generate_rows(engine, ctx: Context, indices: np.ndarray) -> list[dict]:
+    """One shard's sequences: greedy tokens first where a generator asks for them, then sampling."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    cfg, eos, limit = ctx.cfg, ctx.tokenizer.eos_token_id, ctx.cfg.max_seq_len
+    reqs = requests(ctx, indices)
+    ids = [list(r.prompt[: limit - 1]) for r in reqs]
+    finish = ["length"] * len(reqs)
+
+    def run(which: list[int], params: list) -> None:
+        if not which:
+            return
+        outs = engine.generate([TokensPrompt(prompt_token_ids=ids[k]) for k in which], params)
+        for k, out in zip(which, outs):
+            ids[k] += list(out.outputs[0].token_ids)
+            if out.outputs[0].finish_reason == "stop":
+                finish[k] = "stop"
+
+    greedy = [k for k, r in enumerate(reqs) if r.greedy_tokens > 0]
+    run(greedy, [SamplingParams(temperature=0.0, max_tokens=min(reqs[k].greedy_tokens, limit - len(ids[k])),
+                                detokenize=False) for k in greedy])
+    sampled = [k for k in range(len(reqs)) if finish[k] != "stop" and len(ids[k]) < limit]
+    run(sampled, [SamplingParams(
+        temperature=cfg.temperature if reqs[k].temperature is None else reqs[k].temperature, top_p=cfg.top_p,
+        max_tokens=limit - len(ids[k]), seed=sample_seed(cfg.seed, int(indices[k])), detokenize=False)
+        for k in sampled])
+    rows = []
+    vocab = len(ctx.tokenizer)
+    for k, (i, r) in enumerate(zip(indices, reqs)):
+        bad = [t for t in ids[k] if not 0 <= t < vocab]
+        try:
+            if bad:
+                raise ValueError(f"ids {bad[:5]} are outside its {vocab} tokens")
+            text = ctx.tokenizer.decode(ids[k])
+        except Exception as e:  # a tokenizer that cannot decode its teacher's samples
+            raise CacheError(f"sequence {int(i)} ({r.generator}): the teacher's tokenizer cannot decode what the "
+                             f"teacher wrote ({e}); use a teacher whose tokenizer covers its whole output vocabulary") from e
+        rows.append({"seq_index": int(i), "generator": r.generator, "prompt_tokens": min(len(r.prompt), limit - 1), "input_ids": ids[k],
+                     "text": text, "finish": finish[k],
+                     "retokenises": ctx.tokenizer(text, add_special_tokens=False)["input_ids"] == ids[k]})
+    return rows
+
+
+def write_shard(out: Path, index: int, rows: list[dict], seconds: float) -> dict:
+    """One shard file, atomically; its manifest entry."""
+    table = pa.table({name: [r[name] for r in rows] for name in generated.SCHEMA.names}, schema=generated.SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    data = buf.getvalue()
+    atomic_write_bytes(out / generated.shard_name(index), data)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["generator"]] = counts.get(r["generator"], 0) + 1
+    return {"index": index, "file": generated.shard_name(index), "rows": len(rows),
+            "tokens": sum(len(r["input_ids"]) for r in rows), "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data), "generators": counts, "stopped": sum(r["finish"] == "stop" for r in rows),
+            "retokenise_differs": sum(not r["retokenises"] for r in rows),
+            "generated_tokens": sum(len(r["input_ids"]) - r["prompt_tokens"] for r in rows), "seconds": seconds}
+
+
+def stats(shards: list[dict]) -> dict:
+    rows = sum(s["rows"] for s in shards)
+    gen_tokens, seconds = sum(s["generated_tokens"] for s in shards), sum(s["seconds"] for s in shards)
+    counts: dict[str, int] = {}
+    for s in shards:
+        for k, v in s["generators"].items():
+            counts[k] = counts.get(k, 0) + v
+    return {"sequences": rows, "tokens": sum(s["tokens"] for s in shards), "generators": counts,
+            "mean_tokens": sum(s["tokens"] for s in shards) / max(rows, 1),
+            "stopped_fraction": sum(s["stopped"] for s in shards) / max(rows, 1),
+            "retokenise_differs_fraction": sum(s["retokenise_differs"] for s in shards) / max(rows, 1),
+            "generated_tokens_per_s": gen_tokens / seconds if seconds else None}
+
+
+def load_existing(out: Path, manifest: dict) -> list[dict]:
+    """Finished shards of an earlier run of this job (checked), after checking every run in the dir is this one."""
+    for other in generated.read_manifests(out):
+        a, b = generated.identity(other), generated.identity(manifest)
+        if a != b:
+            raise CacheError(f"{out} holds a generated dataset with other settings ({describe_difference(a, b)}); "
+                             "use a new --output dir, or the same options to resume it")
+    mine = out / generated.manifest_name(manifest["job"]["shard_index"], manifest["job"]["num_shards"])
+    if not mine.exists():
+        return []
+    done = read_json(mine)["shards"]
+    for shard in done:
+        path = out / shard["file"]
+        if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != shard["sha256"]:
+            raise CacheError(f"cannot resume in {out}: {shard['file']} is missing or damaged. Delete it and remove it "
+                             f"from {mine.name} (or use a new --output dir), then rerun.")
+    return done
+
+
+def run(cfg: GenerateConfig, engine=None) -> dict:
+    """Generate (or resume) the dataset cfg describes. `engine`: anything with generate(prompts, params) (a running
+    VLLMTeacher); it is left open. Without one, a plain vLLM engine is started for the run and shut down after."""
+    manifest, ctx, model_dir = prepare(cfg)
+    out = Path(cfg.output.removeprefix("file://"))
+    out.mkdir(parents=True, exist_ok=True)
+    done = load_existing(out, manifest)
+    per = cfg.sequences_per_shard
+    owned = [j for j in range(-(-cfg.num_sequences // per)) if j % cfg.num_shards == cfg.shard_index]
+    finished = {s["index"] for s in done}
+    todo = [j for j in owned if j not in finished]
+    manifest["shards"] = sorted(done, key=lambda s: s["index"])
+    mfile = out / generated.manifest_name(cfg.shard_index, cfg.num_shards)
+    for name in [mfile.name, *(generated.shard_name(j) for j in owned)]:
+        for stale in stale_temps(out, name):
+            stale.unlink(missing_ok=True)
+    print(f"generate {out}: {cfg.num_sequences} sequences by {cfg.generator!r}, {len(owned)} shards for this job, "
+          f"{len(owned) - len(todo)} already done")
+    if todo:
+        owned_engine = engine is None
+        if owned_engine:
+            engine = PlainEngine(model_dir, cfg)
+        try:
+            with tqdm(total=sum(min(per, cfg.num_sequences - j * per) for j in todo), unit="seq", desc="generate") as bar:
+                for j in todo:
+                    indices = np.arange(j * per, min((j + 1) * per, cfg.num_sequences))
+                    t0 = time.perf_counter()
+                    rows = generate_rows(engine, ctx, indices)
+                    manifest["shards"].append(write_shard(out, j, rows, time.perf_counter() - t0))
+                    manifest["shards"].sort(key=lambda s: s["index"])
+                    manifest["stats"] = stats(manifest["shards"])
+                    atomic_write_json(mfile, manifest)  # names the shard only once it is whole
+                    bar.update(len(indices))
+        finally:
+            if owned_engine:
+                engine.close()
+    manifest["stats"] = stats(manifest["shards"])
+    manifest["complete"] = True
+    atomic_write_json(mfile, manifest)
+    return manifest
+
+
+class PlainEngine:
+    """A vLLM engine without capture hooks, for generation alone."""
+
+    def __init__(self, model_dir: str, cfg: GenerateConfig):
+        from .vllm_backend import start_llm
+
+        self.llm = start_llm(model_dir, cfg.max_seq_len, cfg.dtype, cfg.enforce_eager, cfg.seed)
+
+    def generate(self, prompts, params) -> list:
+        return self.llm.generate(prompts, params, use_tqdm=False)
+
+    def close(self) -> None:
+        from .vllm_backend import shutdown
+
+        shutdown(self.llm)
