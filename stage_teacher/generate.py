@@ -32,6 +32,7 @@ from pipeline.manifest import (
     atomic_write_json,
     describe_difference,
     read_json,
+    sha256_file,
     stale_temps,
 )
 from pipeline.resolve import DEFAULT_DATASET, DatasetSpec, load_texts, resolve_model, tokenizer_fingerprint, weights_fingerprint
@@ -218,7 +219,7 @@ def load_existing(out: Path, manifest: dict) -> list[dict]:
     done = read_json(mine)["shards"]
     for shard in done:
         path = out / shard["file"]
-        if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != shard["sha256"]:
+        if not path.exists() or sha256_file(path) != shard["sha256"]:
             raise CacheError(f"cannot resume in {out}: {shard['file']} is missing or damaged. Delete it and remove it "
                              f"from {mine.name} (or use a new --output dir), then rerun.")
     return done
