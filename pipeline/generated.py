@@ -95,8 +95,8 @@ def read_generated(path: str | Path) -> tuple[dict, list[np.ndarray]]:
             raise CacheError(f"{p / shard['file']} is {'missing' if data is None else 'damaged (checksum differs)'}; "
                              "delete it and its entry in the manifest, then rerun `distily generate` to write it again")
         table = pq.read_table(pa.BufferReader(data), columns=["seq_index", "input_ids"])
-        offsets = table.column("input_ids").combine_chunks().offsets.to_numpy()
-        values = table.column("input_ids").combine_chunks().values.to_numpy()
+        ids = table.column("input_ids").combine_chunks()
+        offsets, values = ids.offsets.to_numpy(), ids.values.to_numpy()
         docs += [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
     merged = dict(first, shards=shards, job={"num_shards": jobs, "merged_from": len(have)})
     return merged, docs
