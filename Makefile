@@ -16,6 +16,7 @@ TOKENS ?= 65536
 SEQ_LEN ?= 256
 TOP_K ?= 64
 HIDDEN_LAYERS ?=
+QKV_LAYERS ?=
 STUDENT_LAYERS ?= 15
 LOSS ?= forward_kl
 OPTIMIZER ?= adamw8bit
@@ -33,7 +34,8 @@ export TOKENIZERS_PARALLELISM ?= false
 
 opt = $(if $(2),$(1) $(2))
 CACHE_ARGS = -o $(RUNS)/cache $(call opt,--teacher,$(TEACHER)) $(call opt,--dataset,$(DATASET)) \
-	--max-tokens $(TOKENS) --max-seq-len $(SEQ_LEN) --top-k $(TOP_K) $(call opt,--hidden-layers,$(HIDDEN_LAYERS))
+	--max-tokens $(TOKENS) --max-seq-len $(SEQ_LEN) --top-k $(TOP_K) $(call opt,--hidden-layers,$(HIDDEN_LAYERS)) \
+	$(call opt,--qkv-layers,$(QKV_LAYERS))
 TRAIN_ARGS = --cache $(RUNS)/cache --student-layers $(STUDENT_LAYERS) --init teacher-layers --init-layers $(INIT_LAYERS) --optimizer $(OPTIMIZER) \
 	--max-steps $(STEPS) --batch-size $(BATCH) --lr $(LR) --warmup-steps 5 --save-steps 20 --logging-steps 5 --eval-sequences 16
 

@@ -8,6 +8,7 @@ Public API (used by the trainer, by users and by our checks)::
     for seq in reader.iter_sequences():        # one dict of numpy arrays per sequence
         seq["input_ids"], seq["topk_ids"], seq["topk_logprobs"], seq["target_logprob"],
         seq["tail_mass"], seq["hidden_states"]  # {layer: [T, H] float32}, when layers were captured
+        seq["qkv"]                             # {layer: {"q": [T, d_q], "k": [T, d_kv], "v": [T, d_kv]}}, --qkv-layers
         seq["sample_ids"], seq["sample_counts"]  # RS-KD caches: [T-1, m], padding id -1 with count 0; also
         seq["sample_weights"], seq["teacher_entropy"]  # count / N (x p/q at t != 1); H(p) per position [T-1]
 
@@ -50,6 +51,7 @@ def write_shard(
     input_ids: np.ndarray,  # [N, T]
     targets: dict,  # stage_teacher/targets.py: target_logprob [N, T-1], topk_* [N, T-1, k], sample_* [N, T-1, m]
     hidden: dict[int, "torch.Tensor"] | None = None,  # {layer: [N, T, H]}
+    qkv: dict[int, dict[str, "torch.Tensor"]] | None = None,  # {layer: {"q": [N, T, d_q], "k"/"v": [N, T, d_kv]}}
 ) -> dict:
     """Write one shard pair atomically (in the layout of pipeline/schema.py) and return its manifest entry."""
     n, t = input_ids.shape
@@ -96,14 +98,18 @@ def write_shard(
     }
     if "sample_lengths" in columns:
         entry["sample_unique_sum"] = int(columns["sample_lengths"].astype(np.int64).sum())
-    if hidden:
-        hidden_bytes = zstandard.ZstdCompressor(level=schema.ZSTD_LEVEL).compress(encode_hidden(hidden, cap["hidden_dtype"]))
+    if hidden or qkv:
+        raw = encode_hidden(hidden, cap["hidden_dtype"], qkv)
+        hidden_bytes = zstandard.ZstdCompressor(level=schema.ZSTD_LEVEL).compress(raw)
         atomic_write_bytes(cache_dir / schema.hidden_name(index), hidden_bytes)
         entry.update(
             hidden_file=schema.hidden_name(index),
             hidden_sha256=hashlib.sha256(hidden_bytes).hexdigest(),
             hidden_bytes=len(hidden_bytes),
         )
+        if qkv:  # Q/K/V's share of the file before compression (`distily inspect` splits the bytes by it)
+            qkv_raw = len(encode_hidden({}, cap["hidden_dtype"], qkv))
+            entry["qkv_share"] = qkv_raw / len(raw)
     # The Parquet file is renamed into place last: a shard counts as present only when both files are.
     atomic_write_bytes(cache_dir / entry["file"], parquet_bytes)
     return entry
@@ -131,35 +137,44 @@ def decode_logprobs(cols: dict) -> np.ndarray:
     return (cols["topk_lp_max"][..., None] - lp.astype(np.float32) * cols["topk_lp_step"][..., None]).astype(np.float32)
 
 
-def encode_hidden(hidden: dict[int, "torch.Tensor"], dtype: str) -> bytes:
-    """{layer: [N, T, H]} -> safetensors bytes. int8: each token's few largest-magnitude values in bfloat16 with
-    their channel, the rest as int8 codes with a per-token absmax scale (layout in pipeline/schema.py)."""
-    import torch
+def encode_hidden(hidden: dict[int, "torch.Tensor"], dtype: str, qkv: dict | None = None) -> bytes:
+    """{layer: [N, T, H]} (and {layer: {"q"|"k"|"v": [N, T, d]}}) -> safetensors bytes, layout in pipeline/schema.py."""
     from safetensors.torch import save
 
+    named = {schema.hidden_key(l): h for l, h in sorted((hidden or {}).items())}
+    named.update({schema.qkv_key(kind, l): x for l, parts in sorted((qkv or {}).items()) for kind, x in parts.items()})
     tensors = {}
-    for layer, h in sorted(hidden.items()):
-        if dtype == "int8":
-            h = h.float()
-            idx = h.abs().topk(min(schema.HIDDEN_INT8_OUTLIERS, h.shape[-1]), dim=-1).indices
-            rest = h.scatter(-1, idx, 0.0)
-            scale = rest.abs().amax(-1).clamp_min(1e-12) / 127.0
-            key = schema.hidden_key(layer)
-            tensors[key] = torch.round(rest / scale[..., None]).clamp(-127, 127).to(torch.int8).contiguous()
-            tensors[schema.hidden_scale_key(layer)] = scale.contiguous()
-            tensors[f"{key}_outlier_idx"] = idx.to(torch.int16).contiguous()
-            tensors[f"{key}_outlier_val"] = h.gather(-1, idx).to(torch.bfloat16).contiguous()
-        else:
-            tensors[schema.hidden_key(layer)] = h.to(getattr(torch, dtype)).contiguous()
+    for key, h in named.items():
+        tensors.update(encode_tensor(key, h, dtype))
     return save(tensors)
+
+
+def encode_tensor(key: str, h: "torch.Tensor", dtype: str) -> dict:
+    """One [N, T, H] tensor in a stored dtype. int8: each token's few largest-magnitude values in bfloat16 with
+    their channel, the rest as int8 codes with a per-token absmax scale."""
+    import torch
+
+    if dtype != "int8":
+        return {key: h.to(getattr(torch, dtype)).contiguous()}
+    h = h.float()
+    idx = h.abs().topk(min(schema.HIDDEN_INT8_OUTLIERS, h.shape[-1]), dim=-1).indices
+    rest = h.scatter(-1, idx, 0.0)
+    scale = rest.abs().amax(-1).clamp_min(1e-12) / 127.0
+    return {key: torch.round(rest / scale[..., None]).clamp(-127, 127).to(torch.int8).contiguous(),
+            f"{key}_scale": scale.contiguous(),
+            f"{key}_outlier_idx": idx.to(torch.int16).contiguous(),
+            f"{key}_outlier_val": h.gather(-1, idx).to(torch.bfloat16).contiguous()}
 
 
 def decode_hidden(tensors: dict, layer: int) -> "torch.Tensor":
     """One layer of a hidden-state file as float32 [N, T, H], whatever its stored dtype."""
-    key = schema.hidden_key(layer)
+    return decode_tensor(tensors, schema.hidden_key(layer))
+
+
+def decode_tensor(tensors: dict, key: str) -> "torch.Tensor":
     h = tensors[key].float()
-    if schema.hidden_scale_key(layer) in tensors:  # int8
-        h = h * tensors[schema.hidden_scale_key(layer)][..., None]
+    if f"{key}_scale" in tensors:  # int8
+        h = h * tensors[f"{key}_scale"][..., None]
         h.scatter_(-1, tensors[f"{key}_outlier_idx"].long(), tensors[f"{key}_outlier_val"].float())
     return h
 
@@ -289,6 +304,8 @@ class CacheReader:
             out.update(self._decode_samples(cols, n, t))
         if hidden and shard.get("hidden_file"):
             out["hidden_states"] = self.read_hidden(shard)
+            if self.qkv_layers:
+                out["qkv"] = self.read_qkv(shard)
         return out
 
     def _decode_samples(self, cols: dict, n: int, t: int) -> dict:
@@ -315,28 +332,39 @@ class CacheReader:
             "teacher_entropy": cols["teacher_entropy"].astype(np.float32).reshape(n, t - 1),
         }
 
-    def read_hidden(self, shard: dict, layers: list[int] | None = None) -> dict[int, np.ndarray]:
+    @property
+    def qkv_layers(self) -> list[int]:
+        return list(self.manifest["capture"].get("qkv_layers", []))
+
+    def _tensors(self, shard: dict) -> dict:
         from safetensors.torch import load
 
         with self.fs.open(self._join(shard["hidden_file"]), "rb") as f:
-            raw = zstandard.ZstdDecompressor().decompress(f.read())
-        tensors = load(raw)
+            return load(zstandard.ZstdDecompressor().decompress(f.read()))
+
+    def read_hidden(self, shard: dict, layers: list[int] | None = None) -> dict[int, np.ndarray]:
+        tensors = self._tensors(shard)
         layers = self.hidden_layers if layers is None else layers
-        out = {}
-        for l in layers:
-            out[l] = decode_hidden(tensors, l).numpy()
-        return out
+        return {l: decode_hidden(tensors, l).numpy() for l in layers}
+
+    def read_qkv(self, shard: dict, layers: list[int] | None = None) -> dict[int, dict[str, np.ndarray]]:
+        """{layer: {"q": [N, T, d_q], "k": [N, T, d_kv], "v": [N, T, d_kv]}} float32 (--qkv-layers captures)."""
+        tensors = self._tensors(shard)
+        layers = self.qkv_layers if layers is None else layers
+        return {l: {kind: decode_tensor(tensors, schema.qkv_key(kind, l)).numpy() for kind in schema.QKV} for l in layers}
 
     def iter_sequences(self, hidden: bool = True) -> Iterator[dict]:
         for shard in self.shards:
             batch = self.read_shard(shard, hidden=hidden)
             for i in range(len(batch["input_ids"])):
-                seq = {k: v[i] for k, v in batch.items() if k != "hidden_states"}
+                seq = {k: v[i] for k, v in batch.items() if k not in ("hidden_states", "qkv")}
                 if "sample_ids" in seq:  # this sequence's own m: the most unique ids at any of its positions
                     m = max(int((seq["sample_ids"] >= 0).sum(-1).max(initial=0)), 1)
                     seq.update({k: seq[k][:, :m] for k in SAMPLE_KEYS})
                 if "hidden_states" in batch:
                     seq["hidden_states"] = {l: h[i] for l, h in batch["hidden_states"].items()}
+                if "qkv" in batch:
+                    seq["qkv"] = {l: {kind: x[i] for kind, x in parts.items()} for l, parts in batch["qkv"].items()}
                 yield seq
 
     def tokenizer_dir(self) -> str:
@@ -391,6 +419,11 @@ class CacheReader:
                 for l, h in batch.get("hidden_states", {}).items():
                     if h.shape[:2] != batch["input_ids"].shape:
                         problems.append(f"{shard['hidden_file']}: layer {l} has shape {h.shape}")
+                for l, parts in batch.get("qkv", {}).items():
+                    for kind, x in parts.items():
+                        want = (*batch["input_ids"].shape, manifest["capture"]["qkv"][kind]["width"])
+                        if x.shape != want:
+                            problems.append(f"{shard['hidden_file']}: {kind}_{l} has shape {x.shape}, expected {want}")
             except CacheError as e:
                 problems.append(str(e))
             if problems:

@@ -61,8 +61,11 @@ def option_for(f: dataclasses.Field, kind) -> pyinspect.Parameter:
     else:
         names = [flag, *meta.get("names", ())]
     help_text = f"{meta.get('help', '')} Default: {shown}." if shown != "None" else meta.get("help", "")
-    return pyinspect.Parameter(f.name, pyinspect.Parameter.KEYWORD_ONLY, annotation=ftype,
-                               default=typer.Option(None, *names, help=help_text, show_default=False))
+    if meta.get("positional"):
+        default = typer.Argument(None, help=help_text, show_default=False, metavar=f.name.upper())
+    else:
+        default = typer.Option(None, *names, help=help_text, show_default=False)
+    return pyinspect.Parameter(f.name, pyinspect.Parameter.KEYWORD_ONLY, annotation=ftype, default=default)
 
 
 def add_command(cmd: Command) -> None:
@@ -116,6 +119,7 @@ def inspect(cache: str = typer.Argument(..., help="Cache dir or fsspec URL.")):
     cap = m["capture"]
     logit_bytes = sum(s["bytes"] for s in m["shards"])
     hidden_bytes = sum(s.get("hidden_bytes", 0) for s in m["shards"])
+    qkv_bytes = sum(s.get("hidden_bytes", 0) * s.get("qkv_share", 0.0) for s in m["shards"])
     layers = cap["hidden_layers"]
     targets = cap.get("targets", "topk")
     parts = bytes_per_part(m["shards"])
@@ -140,11 +144,14 @@ def inspect(cache: str = typer.Argument(..., help="Cache dir or fsspec URL.")):
                                 f"{stats.get('mean_unique_samples', float('nan')):.1f} unique ids/position"))
     rows += [
         ("hidden layers", f"{layers} as {cap['hidden_dtype']}" if layers else "none"),
+        *([("qkv layers", "{} as {} (widths q {}, k {}, v {}; before RoPE)".format(
+            cap["qkv_layers"], cap["hidden_dtype"], *(cap["qkv"][x]["width"] for x in "qkv")))] if cap.get("qkv_layers") else []),
         ("shards", f"{len(m['shards'])} (complete: {m.get('complete')})"),
         ("size", f"{(logit_bytes + hidden_bytes) / 2**20:.1f} MiB"),
         ("bytes/token targets", per_token(logit_bytes) + (
             "  (" + ", ".join(f"{name} {per_token(b)}" for name, b in parts.items()) + ")" if parts else "")),
-        ("bytes/token/layer hidden", f"{hidden_bytes / max(tokens, 1) / max(len(layers), 1):.1f}" if layers else "-"),
+        ("bytes/token/layer hidden", f"{(hidden_bytes - qkv_bytes) / max(tokens, 1) / max(len(layers), 1):.1f}" if layers else "-"),
+        *([("bytes/token/layer qkv", f"{qkv_bytes / max(tokens, 1) / len(cap['qkv_layers']):.1f}")] if cap.get("qkv_layers") else []),
         ("teacher mean p(target)", f"{stats.get('mean_target_prob', float('nan')):.4f}"),
         ("distily", m["distily_version"]),
     ]

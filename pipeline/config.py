@@ -22,11 +22,11 @@ from .errors import ConfigError
 
 
 def opt(default=MISSING, help: str = "", *, factory=MISSING, names: tuple[str, ...] = (), shown: str | None = None,
-        flag: str | None = None, keywords: tuple[str, ...] = ()):
+        flag: str | None = None, keywords: tuple[str, ...] = (), positional: bool = False):
     """A config field with its CLI help. names: extra flag names (-o); shown: the default as --help shows it
     (for None or computed defaults); flag: a boolean's "--on/--off" spelling; keywords: words a list
-    field also accepts instead of a list (e.g. auto)."""
-    meta = {"help": help, "names": names, "shown": shown, "flag": flag, "keywords": keywords}
+    field also accepts instead of a list (e.g. auto); positional: given as an argument, not a flag."""
+    meta = {"help": help, "names": names, "shown": shown, "flag": flag, "keywords": keywords, "positional": positional}
     if factory is not MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -57,8 +57,10 @@ class CaptureConfig:
                                     "weights p/q so the estimate stays unbiased.")
     hidden_layers: list[int] = opt(help="Hidden-state layers to store, comma-separated, HF numbering (0 = embeddings).",
                                    factory=list, shown="none")
-    hidden_dtype: str = opt("bfloat16", "Storage dtype of hidden states: float32 | float16 | bfloat16 | int8 (per-token "
-                            "absmax scale; read back as float32).")
+    hidden_dtype: str = opt("bfloat16", "Storage dtype of hidden states (and Q/K/V): float32 | float16 | bfloat16 | int8 "
+                            "(per-token absmax scale; read back as float32).")
+    qkv_layers: list[int] = opt(help="Decoder layers (1..L) whose attention query/key/value projections to store (before "
+                                "RoPE), comma-separated, for --attn-loss.", factory=list, shown="none")
     backend: str = opt("vllm", "Teacher engine: vllm, or hf (the reference).")
     targets_from: str = opt("auto", "vLLM: hooks (the LM head on the final hidden states in the engine pass) | engine "
                             "(vLLM's prompt log-probs; top-k only) | auto (hooks where the decoder has them).")
@@ -112,6 +114,9 @@ class TrainConfig:
     online_teacher: str | None = opt(None, "Reference only: run this teacher in the loop for full-vocabulary KD.")
     copy_embeddings: bool = opt(True, "Copy the teacher's embeddings, final norm and LM head.")
     freeze_embeddings: bool = opt(False, "Freeze the input embeddings.", flag="--freeze-embeddings/--train-embeddings")
+    student_quant: str = opt("none", "Student weights: none | bitnet (BitNet b1.58: ternary decoder linears with absmean "
+                             "scale, int8 per-token activations, straight-through gradients; embeddings and LM head "
+                             "stay full precision).")
     loss: str = opt("forward_kl", "forward_kl | reverse_kl | jsd | skew_kl | skew_rkl | cakld | tvd | ce.")
     temperature: float = opt(1.0, "KD temperature.")
     kd_targets: str = opt("auto", "Cached targets for KD: topk | sampled (RS-KD, unbiased; --loss forward_kl) | auto (top-k "
@@ -127,9 +132,21 @@ class TrainConfig:
     hs_weight: float = opt(0.0, "Weight of the hidden-state loss.")
     hs_loss: str = opt("mse", "Hidden-state loss: mse | cosine.")
     hs_norm: str = opt("none", "Hidden-state norm: none | layernorm | teacher_layernorm.")
-    layer_mapper: str = opt("last", "last | uniform | last-k | all | copied | uniform-consecutive | uniform+last.")
+    layer_mapper: str = opt("last", "last | uniform | last-k | all | copied | uniform-consecutive | uniform+last | "
+                            "upper-middle.")
     layer_mapper_k: int = opt(4, "k of --layer-mapper last-k.")
     projector: str = opt("auto", "Student-to-teacher width projector: auto | none | linear | orthogonal.")
+    attn_loss: str = opt("none", "Attention loss on the cache's Q/K/V (teacher-cache --qkv-layers): none | mha_relation "
+                         "(MiniLMv2 Q-Q/K-K/V-V relations) | direct_mha (MSE after a learned linear map).")
+    attn_weight: float = opt(1.0, "Weight of the attention loss.")
+    attn_relation_loss: str = opt("kl", "mha_relation: kl (KL(teacher || student) per relation row) | mse.")
+    relation_heads: int | None = opt(None, "mha_relation: relation heads A (must divide every Q/K/V width).",
+                                     shown="the most, up to the teacher's heads, that divide them")
+    relation_weights: list[float] = opt(help="Weights of Q-Q, K-K, V-V (mha_relation) or Q, K, V (direct_mha).",
+                                        factory=lambda: [1.0, 1.0, 1.0], shown="1,1,1")
+    attn_layer_mapper: str = opt("upper-middle", "Which student layer learns which teacher layer's attention (the "
+                                 "--layer-mapper choices); upper-middle: the student's last <- teacher layer L - L/8 "
+                                 "(2310.08797, MiniLMv2).")
     optimizer: str = opt("adamw8bit", "adamw8bit | paged_adamw8bit | lion8bit | adamw.")
     lr: float = opt(3e-4, "Peak learning rate.")
     weight_decay: float = opt(0.0, "Weight decay.")
@@ -173,7 +190,16 @@ class EvalConfig:
     training_log: str | None = opt(None, "A log.jsonl to plot.", shown="the student's run dir")
 
 
-SECTIONS = {"generate": GenerateConfig, "teacher_cache": CaptureConfig, "train_student": TrainConfig, "eval": EvalConfig}
+@dataclass
+class ExportConfig:
+    run_dir: str = opt("runs/student", "A train-student run dir, or its final/ dir.", positional=True)
+    output: str = opt("runs/student-bitnet", "Export dir (replaced if it holds an earlier export).", positional=True)
+    format: str = opt("bitnet", "bitnet: packed 2-bit ternary safetensors (four codes per byte + a scale per "
+                      "matrix) that transformers' AutoModelForCausalLM loads.")
+
+
+SECTIONS = {"generate": GenerateConfig, "teacher_cache": CaptureConfig, "train_student": TrainConfig, "eval": EvalConfig,
+            "export": ExportConfig}
 
 
 def load(cls, yaml_path: str | None, section: str, overrides: dict):

@@ -44,6 +44,12 @@ exactly (``layer_{i}_outlier_idx`` int16 and ``layer_{i}_outlier_val`` bfloat16,
 carry a few huge channels) and the rest as int8 codes with a per-token absmax scale (``layer_{i}_scale`` [rows, T]
 float32, value = code * scale). Layer i follows HF ``output_hidden_states``: 0 = embeddings, L = after the final norm.
 
+With ``--qkv-layers`` the same file also holds, for each listed decoder layer l (1 = the first layer, L = the
+last), the outputs of its attention's query, key and value projections: ``q_{l}`` [rows, T, d_q] and ``k_{l}``,
+``v_{l}`` [rows, T, d_kv], taken before rotary embeddings (and before any q/k norm), the heads concatenated in the
+model's order (d_q = heads x head_dim, d_kv = key-value heads x head_dim: grouped-query widths as the model has
+them), stored like the hidden states (``--hidden-dtype``). The manifest's ``capture.qkv`` gives the widths.
+
 Version history: 1 = int32 ids, float32 log-probs, top-k only; 2 = narrow ids, quantised log-probs, sampled
 targets, int8 hidden states. Readers read every version in READABLE_VERSIONS.
 """
@@ -120,6 +126,14 @@ def hidden_key(layer: int) -> str:
 
 def hidden_scale_key(layer: int) -> str:
     return f"layer_{layer}_scale"
+
+
+def qkv_key(kind: str, layer: int) -> str:
+    """``q_{l}``, ``k_{l}`` or ``v_{l}``: a projection of decoder layer l (1-based) in the hidden-state file."""
+    return f"{kind}_{layer}"
+
+
+QKV = ("q", "k", "v")
 
 
 def part_manifest_name(shard_index: int, num_shards: int) -> str:

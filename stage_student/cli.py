@@ -1,10 +1,11 @@
-"""`distily train-student`: its options are the fields of pipeline.config.TrainConfig."""
+"""`distily train-student` and `distily export`: their options are the fields of pipeline.config.TrainConfig and
+ExportConfig."""
 from __future__ import annotations
 
 import typer
 
 from pipeline.cli import Command
-from pipeline.config import TrainConfig
+from pipeline.config import ExportConfig, TrainConfig
 
 
 def run(cfg: TrainConfig) -> None:
@@ -19,3 +20,13 @@ def run(cfg: TrainConfig) -> None:
 
 COMMAND = Command("train-student", TrainConfig, "train_student", run,
                   "Train a student from a teacher cache with an 8-bit optimizer (runs under torchrun unchanged).")
+
+
+def run_export(cfg: ExportConfig) -> None:
+    from .export import export
+
+    export(cfg, log=typer.echo)
+
+
+EXPORT = Command("export", ExportConfig, "export", run_export,
+                 "Pack a --student-quant bitnet student into 2-bit ternary safetensors that transformers loads.")

@@ -65,10 +65,11 @@ def rank_batches(pairs, seed, epoch, buffer, rank, world, batch_size) -> list[li
 
 class CacheStream(IterableDataset):
     def __init__(self, cache: str, pairs, batch_size: int, seed: int, buffer: int, rank: int = 0, world: int = 1,
-                 start: int = 0, hidden_layers: list[int] | None = None, epochs: int | None = None):
+                 start: int = 0, hidden_layers: list[int] | None = None, epochs: int | None = None,
+                 qkv_layers: list[int] | None = None):
         self.cache, self.pairs, self.batch_size = cache, pairs, batch_size
         self.seed, self.buffer, self.rank, self.world, self.start = seed, buffer, rank, world, start
-        self.hidden_layers, self.epochs = hidden_layers or [], epochs
+        self.hidden_layers, self.epochs, self.qkv_layers = hidden_layers or [], epochs, qkv_layers or []
         self.per_epoch = len(rank_batches(pairs, seed, 0, buffer, rank, world, batch_size))
 
     def __iter__(self):
@@ -93,13 +94,16 @@ class CacheStream(IterableDataset):
             data = reader.read_shard(shards[s], hidden=False)
             if self.hidden_layers:
                 data["hidden_states"] = reader.read_hidden(shards[s], self.hidden_layers)
+            if self.qkv_layers:
+                data["qkv"] = reader.read_qkv(shards[s], self.qkv_layers)
             cache[s] = data
             while len(cache) > keep:
                 cache.popitem(last=False)
         cache.move_to_end(s)
         data = cache[s]
-        row = {k: v[r] for k, v in data.items() if k != "hidden_states"}
+        row = {k: v[r] for k, v in data.items() if k not in ("hidden_states", "qkv")}
         row["hidden_states"] = {l: h[r] for l, h in data.get("hidden_states", {}).items()}
+        row["qkv"] = {l: {x: a[r] for x, a in parts.items()} for l, parts in data.get("qkv", {}).items()}
         return row
 
 
@@ -111,6 +115,8 @@ def collate(rows: list[dict]) -> dict:
         "input_ids": stack("input_ids", np.int64),
         "target_logprob": stack("target_logprob"),
         "hidden_states": {l: torch.from_numpy(np.stack([r["hidden_states"][l] for r in rows])) for l in rows[0]["hidden_states"]},
+        "qkv": {l: {x: torch.from_numpy(np.stack([r["qkv"][l][x] for r in rows])) for x in parts}
+                for l, parts in rows[0].get("qkv", {}).items()},
     }
     if "topk_ids" in rows[0]:
         batch.update(topk_ids=stack("topk_ids", np.int64), topk_logprobs=stack("topk_logprobs"), tail_mass=stack("tail_mass"))

@@ -253,7 +253,7 @@ def chosen_layers(cfg, reader, teacher: nn.Module, n_student: int) -> tuple[list
     n_teacher = teacher.config.num_hidden_layers
     if isinstance(cfg.init_layers, list):
         return list(cfg.init_layers), None
-    if cfg.init_layers == "evenly":
+    if cfg.init_layers == "evenly" or n_student >= n_teacher:  # a student of the teacher's depth keeps every layer
         return evenly_spaced(n_student, n_teacher), None
     m = reader.manifest
     key = {"version": 1, "teacher_sha256": m["teacher"]["weights_sha256"], "teacher": str(cfg.teacher or m["teacher"]["path"]),

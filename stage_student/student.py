@@ -7,6 +7,7 @@ Recipe: the teacher's config with fewer layers (--student-layers) and any other 
                   LM head. --init-layers auto (default) chooses them by the damage their removal does to the
                   cached teacher distributions (select_layers.py); evenly = evenly spaced, first and last
                   included (DistilBERT, Minitron); or a list. The teacher runs only for that choice.
+Then, with --student-quant bitnet, the decoder linears become BitNet b1.58 ternary layers (bitnet.py).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pipeline.config import TrainConfig
 from pipeline.errors import DistilyError
 from pipeline.resolve import resolve_model, tokenizer_fingerprint
 
+from .bitnet import check_student_quant, to_bitnet
 from .select_layers import check_init_layers, chosen_layers, evenly_spaced, layer_list_name
 
 INITS = ("random", "teacher-layers")
@@ -56,6 +58,7 @@ def build_student(cfg: TrainConfig, reader: CacheReader):
     """Return (model, tokenizer, info dict)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_student_quant(cfg.student_quant)
     manifest = reader.manifest
     vocab = manifest["teacher"]["vocab_size"]
     if cfg.init not in INITS:
@@ -68,7 +71,7 @@ def build_student(cfg: TrainConfig, reader: CacheReader):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         if model.config.vocab_size != vocab:
             raise DistilyError(f"--student {cfg.student} has vocab_size {model.config.vocab_size}, the cache's teacher {vocab}")
-        return model, tokenizer, {"student": cfg.student, "init": "pretrained"}
+        return model, tokenizer, quantize(model, cfg, {"student": cfg.student, "init": "pretrained"})
 
     tokenizer = load_tokenizer(reader)
     check_tokenizer(tokenizer, manifest, "the cache's tokenizer dir")
@@ -105,7 +108,14 @@ def build_student(cfg: TrainConfig, reader: CacheReader):
     if cfg.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
         info["frozen"] = "embeddings"
-    return model, tokenizer, info
+    return model, tokenizer, quantize(model, cfg, info)
+
+
+def quantize(model, cfg: TrainConfig, info: dict) -> dict:
+    """--student-quant bitnet: the built (and teacher-initialised) student's decoder linears become ternary."""
+    if cfg.student_quant == "bitnet":
+        info["quant"] = {"kind": "bitnet", "modules": len(to_bitnet(model))}
+    return info
 
 
 def load_teacher(cfg: TrainConfig, manifest: dict, dtype=torch.float32):

@@ -32,9 +32,11 @@ from pipeline.cache import CacheReader
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError, DistilyError
 from pipeline.manifest import atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree, identity
+from pipeline.qkv import QKVRecorder, qkv_widths
 from pipeline.resolve import resolve_model
 
-from . import chunked, losses
+from . import attention, chunked, losses
+from .bitnet import check_student_quant
 from .data import CacheStream, auto_workers, make_loader, split_eval
 from .hidden import Projectors, check_hidden_options, mapped_hidden_loss
 from .layer_map import MAPPERS, map_layers, required_teacher_layers
@@ -134,8 +136,14 @@ def validate(cfg: TrainConfig) -> None:
     """Every name and number checked before the cache or a model is touched."""
     losses.check_loss_name(cfg.loss, cfg.tail)
     check_hidden_options(cfg.hs_loss, cfg.hs_norm, cfg.projector)
-    if cfg.layer_mapper not in MAPPERS:
-        raise ConfigError(f"--layer-mapper {cfg.layer_mapper!r} is unknown; choose one of {', '.join(MAPPERS)}")
+    for flag, mapper in (("--layer-mapper", cfg.layer_mapper), ("--attn-layer-mapper", cfg.attn_layer_mapper)):
+        if mapper not in MAPPERS:
+            raise ConfigError(f"{flag} {mapper!r} is unknown; choose one of {', '.join(MAPPERS)}")
+    attention.check_attn_options(cfg.attn_loss, cfg.attn_relation_loss, cfg.relation_weights)
+    check_student_quant(cfg.student_quant)
+    if cfg.attn_loss != "none" and cfg.gradient_checkpointing:
+        raise ConfigError("--attn-loss reads the student's Q/K/V from its forward, which --gradient-checkpointing "
+                          "recomputes without them: drop one of the two")
     if cfg.optimizer not in OPTIMIZERS:
         raise ConfigError(f"--optimizer {cfg.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
     if cfg.lr_schedule not in ("cosine", "linear", "constant"):
@@ -214,12 +222,22 @@ class Trainer:
             self.pairs = map_layers(cfg.layer_mapper, student_depth(cfg, self.reader),
                                     manifest["teacher"]["num_hidden_layers"], cfg.layer_mapper_k)
             self.check_cached_layers()
+        self.attn_pairs = []
+        attn_copied = cfg.attn_loss != "none" and cfg.attn_layer_mapper == "copied"
+        if cfg.attn_loss != "none" and not attn_copied:
+            self.attn_pairs = map_layers(cfg.attn_layer_mapper, student_depth(cfg, self.reader),
+                                         manifest["teacher"]["num_hidden_layers"], cfg.layer_mapper_k)
+            self.check_cached_qkv()
         self.online = load_online_teacher(cfg.online_teacher, manifest) if cfg.online_teacher else None
         self.model, self.tokenizer, self.student_info = build_student(cfg, self.reader)
+        n_student, n_teacher = self.model.config.num_hidden_layers, manifest["teacher"]["num_hidden_layers"]
         if copied:  # known once the layers are chosen
-            self.pairs = map_layers("copied", self.model.config.num_hidden_layers, manifest["teacher"]["num_hidden_layers"],
-                                    copied_from=self.student_info.get("teacher_layers"))
+            self.pairs = map_layers("copied", n_student, n_teacher, copied_from=self.student_info.get("teacher_layers"))
             self.check_cached_layers()
+        if attn_copied:
+            self.attn_pairs = map_layers("copied", n_student, n_teacher, copied_from=self.student_info.get("teacher_layers"))
+            self.check_cached_qkv()
+        self.setup_attention()
         self.projectors = Projectors(
             cfg.projector, [s for s, _ in self.pairs], self.model.config.hidden_size, manifest["teacher"]["hidden_size"]
         )
@@ -230,7 +248,9 @@ class Trainer:
         if self.online is not None:
             self.online.to(self.device)
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else self.device.type == "cuda"
-        params = [p for p in [*self.model.parameters(), *self.projectors.parameters()] if p.requires_grad]
+        self.attn_maps.to(self.device)
+        params = [p for p in [*self.model.parameters(), *self.projectors.parameters(), *self.attn_maps.parameters()]
+                  if p.requires_grad]
         self.optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.train_pairs, self.eval_pairs = split_eval(manifest["shards"], cfg.eval_sequences)
@@ -250,14 +270,63 @@ class Trainer:
             self.forward_fn = torch.compile(self.forward_fn)
 
     def check_cached_layers(self) -> None:
-        need = required_teacher_layers(self.pairs)
-        missing = sorted(set(need) - set(self.reader.hidden_layers))
+        cfg = self.cfg
+        self.check_cached(self.pairs, self.reader.hidden_layers, f"--layer-mapper {cfg.layer_mapper} needs teacher hidden "
+                          "layers", "--hidden-layers", "")
+
+    def check_cached_qkv(self) -> None:
+        cfg = self.cfg
+        self.check_cached(self.attn_pairs, self.reader.qkv_layers, f"--attn-loss {cfg.attn_loss} with --attn-layer-mapper "
+                          f"{cfg.attn_layer_mapper} needs the teacher's Q/K/V of layers", "--qkv-layers",
+                          ", or pick another --attn-layer-mapper")
+
+    def check_cached(self, pairs, cached: list[int], what: str, capture_flag: str, advice: str) -> None:
+        """The teacher layers `pairs` map to are in the cache (or come from --online-teacher), else what to capture."""
+        need = required_teacher_layers(pairs)
+        missing = sorted(set(need) - set(cached))
         if missing and self.cfg.online_teacher is None:
-            raise DistilyError(
-                f"--layer-mapper {self.cfg.layer_mapper} needs teacher hidden layers {need}, but the cache holds "
-                f"{self.reader.hidden_layers} (missing {missing}). Capture them with "
-                f"`distily teacher-cache --hidden-layers {','.join(map(str, need))}`."
-            )
+            raise DistilyError(f"{what} {need}, but the cache holds {cached or 'none'} (missing {missing}). Capture them "
+                               f"with `distily teacher-cache {capture_flag} {','.join(map(str, need))}`{advice}.")
+
+    def cached_qkv_layers(self) -> list[int]:
+        """Teacher Q/K/V layers the loss reads from the cache (none with --online-teacher: from its forward)."""
+        return [] if self.online is not None else required_teacher_layers(self.attn_pairs)
+
+    def setup_attention(self) -> None:
+        """The student's Q/K/V hooks, the relation heads and direct_mha's maps (none without --attn-loss)."""
+        cfg = self.cfg
+        self.attn_maps = torch.nn.Module()
+        self.student_qkv = self.teacher_qkv = None
+        if not self.attn_pairs:
+            return
+        s_widths = qkv_widths(self.model.config)
+        t_widths = self.manifest["capture"].get("qkv") or qkv_widths(self.online.config)
+        self.student_qkv = QKVRecorder(self.model, [s for s, _ in self.attn_pairs])
+        if self.online is not None:
+            self.teacher_qkv = QKVRecorder(self.online, required_teacher_layers(self.attn_pairs), detach=True)
+        self.relation_heads = cfg.relation_heads or attention.auto_relation_heads(s_widths, t_widths)
+        if cfg.attn_loss == "mha_relation":
+            attention.check_relation_heads(self.relation_heads, s_widths, t_widths)
+        else:
+            self.attn_maps = attention.AttnMaps([s for s, _ in self.attn_pairs], s_widths, t_widths)
+
+    def attention_loss(self, batch: dict) -> torch.Tensor:
+        """The --attn-loss over the mapped layers (a 1-to-N pair averages its N teacher layers), from the Q/K/V
+        the student's forward just recorded and the cached (or online) teacher's."""
+        cfg = self.cfg
+        teacher = self.teacher_qkv.out if self.teacher_qkv is not None else {
+            l: {x: a.to(self.device) for x, a in parts.items()} for l, parts in batch["qkv"].items()}
+        total = 0.0
+        for s_layer, t_layers in self.attn_pairs:
+            student = self.student_qkv.out[s_layer]
+            for t in t_layers:
+                if cfg.attn_loss == "mha_relation":
+                    part = attention.mha_relation_loss(student, teacher[t], self.relation_heads, cfg.relation_weights,
+                                                       cfg.attn_relation_loss)
+                else:
+                    part = attention.direct_mha_loss(student, teacher[t], self.attn_maps(s_layer), cfg.relation_weights)
+                total = total + part / len(t_layers)
+        return total / len(self.attn_pairs)
 
     # --------------------------------------------------------------------------------------- losses
 
@@ -269,6 +338,9 @@ class Trainer:
         cfg = self.cfg
         ids = batch["input_ids"].to(self.device)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        for recorder in (self.student_qkv, self.teacher_qkv):
+            if recorder is not None:
+                recorder.clear()
         with autocast:
             out, student_hidden = self.forward_fn(input_ids=ids, output_hidden_states=bool(self.pairs))
             if self.online is not None:
@@ -289,10 +361,15 @@ class Trainer:
                 self.pairs, student_hidden, teacher_hidden, self.projectors, cfg.hs_loss, cfg.hs_norm
             )
             parts["loss"] = parts["loss"] + cfg.hs_weight * parts["hs"]
+        if self.attn_pairs:
+            parts["attn"] = self.attention_loss(batch)
+            parts["loss"] = parts["loss"] + cfg.attn_weight * parts["attn"]
         return parts
 
     def head_losses(self, out, targets: chunked.Targets, spec: chunked.LossSpec) -> dict[str, torch.Tensor]:
         """KD and CE from the student's output over positions [N, H] (fused head) or its logits [N, V]."""
+        if spec.kd is None and spec.ce_weight == 0:  # e.g. --kd-weight 0 with an attention or hidden loss alone
+            return {"loss": torch.zeros((), device=out.device)}
         weight, bias = self.student_forward.head()
         if weight is not None or self.cfg.loss_chunk_size > 0:
             return chunked.head_losses(out, weight, bias, spec, targets, self.cfg.loss_chunk_size)
@@ -319,13 +396,17 @@ class Trainer:
         if not self.eval_pairs:
             return {}
         self.model.eval()
-        stream = CacheStream(self.cfg.cache, self.eval_pairs, 1, 0, 1, epochs=1)
+        stream = CacheStream(self.cfg.cache, self.eval_pairs, 1, 0, 1, epochs=1, qkv_layers=self.cached_qkv_layers())
         spec = chunked.LossSpec(kd="forward_kl", ce_weight=1.0)  # KL on all k cached, whatever --kd-top-k
         totals: dict[str, float] = {}
         n = 0
         for batch in stream:
             ids = batch["input_ids"].to(self.device)
             out, _ = self.student_forward(input_ids=ids)
+            if self.attn_pairs:  # the hooks recorded the student's Q/K/V in this forward
+                if self.online is not None:
+                    self.online(input_ids=ids)
+                totals["eval/attn"] = totals.get("eval/attn", 0.0) + self.attention_loss(batch).item()
             targets = chunked.Targets(labels=ids[:, 1:].reshape(-1), **self.cached_targets(batch))
             parts = self.head_losses(out[:, :-1].reshape(-1, out.shape[-1]), targets, spec)
             for k in ("ce", "kd"):
@@ -344,11 +425,12 @@ class Trainer:
         """What a resumed run must share with the checkpoint: the loader position and the data it walks
         must mean the same, and so must the loss it optimises."""
         cfg = self.cfg
-        fields = ("batch_size", "grad_accum", "seed", "shuffle_buffer", "eval_sequences", "loss", "temperature", "tail",
+        fields = ("student_quant", "batch_size", "grad_accum", "seed", "shuffle_buffer", "eval_sequences", "loss", "temperature", "tail",
                   "kd_top_k", "beta", "kd_weight", "ce_weight", "hs_weight", "hs_loss", "hs_norm", "layer_mapper",
-                  "layer_mapper_k", "projector", "online_teacher")
+                  "layer_mapper_k", "projector", "online_teacher", "attn_loss", "attn_weight", "attn_relation_loss",
+                  "relation_weights", "attn_layer_mapper")
         return {"world_size": self.world, **{f: getattr(cfg, f) for f in fields}, "kd_targets": self.kd_targets,
-                "cakld_gamma": self.gamma,
+                "cakld_gamma": self.gamma, **({"relation_heads": self.relation_heads} if self.attn_pairs else {}),
                 "cache_fingerprint": cache_fingerprint(self.manifest)}
 
     def save_checkpoint(self) -> None:
@@ -363,6 +445,7 @@ class Trainer:
             {
                 "model": self.model.state_dict(),
                 "projectors": self.projectors.state_dict(),
+                "attn_maps": self.attn_maps.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
@@ -398,6 +481,7 @@ class Trainer:
         blob = torch.load(path / "state.pt", map_location=self.device, weights_only=False)
         self.model.load_state_dict(blob["model"])
         self.projectors.load_state_dict(blob["projectors"])
+        self.attn_maps.load_state_dict(blob.get("attn_maps", {}))
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         self.scheduler.lr_lambdas = [lr_lambda(self.cfg)]  # a later --max-steps extends the schedule
@@ -434,6 +518,8 @@ class Trainer:
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
             torch.save(self.projectors.state_dict(), tmp / "projectors.pt")
+            if self.cfg.attn_loss == "direct_mha":
+                torch.save(self.attn_maps.state_dict(), tmp / "attn_maps.pt")
             fsync_tree(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -492,7 +578,8 @@ class Trainer:
 
             self.tb = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1 if resumed else None)
             run_config = {"config": asdict(cfg), "student": {**self.student_info, **describe(self.model)},
-                          "layer_pairs": self.pairs, "cakld_gamma": self.gamma, "world_size": self.world,
+                          "layer_pairs": self.pairs, "attn_layer_pairs": self.attn_pairs, "cakld_gamma": self.gamma,
+                          "world_size": self.world,
                           "cache_manifest": self.manifest}
             atomic_write_json(self.out / "run_config.json", json.loads(json.dumps(run_config, default=str)))
             selection = self.student_info.get("layer_selection")
@@ -501,7 +588,8 @@ class Trainer:
                           "init/selection_seconds": selection["seconds"], "init/teacher_layers": selection["layers"]})
         cached_hidden = [] if self.online is not None else required_teacher_layers(self.pairs)  # online: from its forward
         stream = CacheStream(cfg.cache, self.train_pairs, cfg.batch_size, cfg.seed, cfg.shuffle_buffer, self.rank,
-                             self.world, start=self.step * cfg.grad_accum, hidden_layers=cached_hidden)
+                             self.world, start=self.step * cfg.grad_accum, hidden_layers=cached_hidden,
+                             qkv_layers=self.cached_qkv_layers())
         workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(self.device.type)
         batches = iter(make_loader(stream, workers))
         data_log = open(self.out / f"data-rank{self.rank}.log", "a")

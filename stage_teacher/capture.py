@@ -85,11 +85,16 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
             f"--hidden-layers {bad} out of range: the teacher has {num_layers} layers, so valid indices are "
             f"0 (embeddings) .. {num_layers} (final, after the norm), as in HF output_hidden_states"
         )
+    bad = [l for l in cfg.qkv_layers if not 1 <= l <= num_layers]
+    if bad:
+        raise ConfigError(f"--qkv-layers {bad} out of range: the teacher's decoder layers are 1 .. {num_layers} "
+                          "(layer l's Q/K/V feed hidden state l)")
     can_hook = cfg.backend == "vllm" and hookable(teacher_cfg)  # judged once: it builds the model on meta
     targets_from = resolve_targets_from(cfg, teacher_cfg.model_type, can_hook)
-    if cfg.backend == "vllm" and (cfg.hidden_layers or targets_from == "hooks") and not can_hook:
+    if cfg.backend == "vllm" and (cfg.hidden_layers or cfg.qkv_layers or targets_from == "hooks") and not can_hook:
+        what = "--hidden-layers" if cfg.hidden_layers else "--qkv-layers" if cfg.qkv_layers else "--targets-from hooks"
         raise ConfigError(
-            f"{'--hidden-layers' if cfg.hidden_layers else '--targets-from hooks'} under vLLM needs a decoder with "
+            f"{what} under vLLM needs a decoder with "
             f"embed_tokens, layers and norm; a {teacher_cfg.model_type} teacher has none. Capture its hidden states "
             "with --backend hf, or its top-k logits alone under vLLM (--targets-from engine, no --hidden-layers)."
         )
@@ -135,6 +140,7 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
             "logprobs": "raw (temperature 1), natural log",
             "hidden_layers": sorted(cfg.hidden_layers),
             "hidden_dtype": cfg.hidden_dtype,
+            **qkv_fields(cfg, teacher_cfg),
             "max_seq_len": cfg.max_seq_len,
             "sequences_per_shard": cfg.sequences_per_shard,
         },
@@ -151,6 +157,17 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
         "complete": False,
     }
     return manifest, sequences, model_dir, tokenizer
+
+
+def qkv_fields(cfg: CaptureConfig, teacher_cfg) -> dict:
+    """The manifest's description of cached Q/K/V (none without --qkv-layers, so older caches keep their identity)."""
+    from pipeline.qkv import qkv_widths
+
+    if not cfg.qkv_layers:
+        return {}
+    what = ("outputs of decoder layer l's query/key/value projections (l = 1..L), before rotary embeddings, heads "
+            "concatenated; stored as q_{l}, k_{l}, v_{l} in the hidden-state file")
+    return {"qkv_layers": sorted(set(cfg.qkv_layers)), "qkv": {**qkv_widths(teacher_cfg), "what": what}}
 
 
 def check_targets(cfg: CaptureConfig) -> None:
@@ -251,7 +268,7 @@ def run(cfg: CaptureConfig, teacher=None) -> dict:
         elif sorted(teacher.hidden_layers) != sorted(cfg.hidden_layers):
             raise CacheError("the given teacher engine was built with other hidden layers")
         else:  # the targets are made from the pass's outputs: one engine serves any target settings
-            teacher.configure(target_spec(cfg), manifest["capture"]["targets_from"])
+            teacher.configure(target_spec(cfg), manifest["capture"]["targets_from"], sorted(set(cfg.qkv_layers)))
         try:
             capture_shards(cfg, teacher, sequences, todo, out, manifest, mfile)
         finally:
@@ -308,7 +325,8 @@ def capture_shards(cfg, teacher, sequences, todo, out, manifest, mfile) -> None:
             result = teacher(seqs, seq_index)
             if pending is not None:
                 finish(pending)
-            pending = writer.submit(write_shard, out, j, manifest, seq_index, seqs, result["targets"], result["hidden"])
+            pending = writer.submit(write_shard, out, j, manifest, seq_index, seqs, result["targets"], result["hidden"],
+                                    result.get("qkv"))
             bar.update(seqs.size)
         if pending is not None:
             finish(pending)
@@ -323,10 +341,11 @@ def make_backend(cfg: CaptureConfig, model_dir: str, num_layers: int, targets_fr
     if cfg.backend == "hf":
         from .hf_backend import HFTeacher
 
-        return HFTeacher(model_dir, target_spec(cfg), cfg.hidden_layers, cfg.dtype, cfg.hf_batch_size)
+        return HFTeacher(model_dir, target_spec(cfg), cfg.hidden_layers, cfg.dtype, cfg.hf_batch_size,
+                         qkv_layers=sorted(set(cfg.qkv_layers)))
     from .vllm_backend import VLLMTeacher
 
     return VLLMTeacher(
         model_dir, target_spec(cfg), cfg.hidden_layers, num_layers, cfg.max_seq_len, cfg.dtype,
-        cfg.vllm_max_logprobs, cfg.enforce_eager, cfg.seed, targets_from,
+        cfg.vllm_max_logprobs, cfg.enforce_eager, cfg.seed, targets_from, qkv_layers=sorted(set(cfg.qkv_layers)),
     )

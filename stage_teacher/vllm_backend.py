@@ -11,7 +11,9 @@ Targets, two ways (``--targets-from``):
       token may appear twice). Row t of the cache is vLLM position t+1. Top-k only; it makes a full-vocabulary
       log-softmax, rank counts and Python objects for every position (measured slower: tests/bench).
 
-Hidden states: forward hooks on the decoder's embedding, layers and final norm, in the same pass. The
+Hidden states: forward hooks on the decoder's embedding, layers and final norm, in the same pass. Q/K/V
+(--qkv-layers): a forward hook on each chosen layer's fused ``qkv_proj`` (before rotary embeddings), split at
+the attention's own ``q_size`` / ``kv_size``. The
 engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and eagerly (compiled graphs skip hooks).
 vLLM flattens every scheduled request of a step into one token axis, so each forward's positions are
 split into runs of consecutive positions and each run is matched to the request whose tokens it holds.
@@ -69,13 +71,16 @@ class VLLMTeacher:
         seed: int = 0,
         targets_from: str = "hooks",
         engine_kwargs: dict | None = None,
+        qkv_layers: list[int] = (),
     ):
         configure_environment()  # before vllm is first imported (configure)
         self.hidden_layers = list(hidden_layers)
+        self.qkv_layers: list[int] = []
+        self._splits: dict[int, list[int]] = {}
         self.num_layers = num_layers
         self.max_logprobs = max_logprobs
-        self.hooked = bool(hidden_layers) or targets_from != "engine"
-        self.configure(spec, targets_from)  # checked before the engine starts
+        self.hooked = bool(hidden_layers) or bool(qkv_layers) or targets_from != "engine"
+        self.configure(spec, targets_from, qkv_layers)  # checked before the engine starts
         self.llm = start_llm(model_dir, max_seq_len + 1, dtype, enforce_eager or self.hooked, seed,
                              max_logprobs=max_logprobs, **(engine_kwargs or {}))
         self._records: list[dict] = []
@@ -83,12 +88,17 @@ class VLLMTeacher:
         if self.hooked:
             self.llm.apply_model(self._install_hooks)
 
-    def configure(self, spec: TargetSpec, targets_from: str) -> None:
-        """Targets for the next calls (one engine serves every spec; switching to hooks needs them installed)."""
+    def configure(self, spec: TargetSpec, targets_from: str, qkv_layers: list[int] = ()) -> None:
+        """Targets (and Q/K/V layers) for the next calls: one engine serves every spec; switching to hooks needs
+        them installed."""
         from vllm import SamplingParams
 
-        if targets_from != "engine" and not self.hooked:
+        if (targets_from != "engine" or qkv_layers) and not self.hooked:
             raise CacheError("this engine was started without hooks (--targets-from engine, no hidden layers)")
+        bad = [l for l in qkv_layers if not 1 <= l <= self.num_layers]
+        if bad:
+            raise CacheError(f"--qkv-layers {bad} out of range: the teacher has layers 1..{self.num_layers}")
+        self.qkv_layers = sorted(qkv_layers)
         if targets_from == "engine" and spec.top_k > self.max_logprobs:
             raise CacheError(
                 f"--top-k {spec.top_k} is larger than the engine's max_logprobs {self.max_logprobs}: vLLM refuses it. "
@@ -127,6 +137,20 @@ class VLLMTeacher:
                     records[-1]["final"] = h.detach().clone()
 
             return hook
+
+        def capture_qkv(layer: int):
+            def hook(module, args, out):
+                if layer in self.qkv_layers:
+                    x = out[0] if isinstance(out, tuple) else out  # vLLM linears return (output, bias)
+                    records[-1].setdefault("qkv", {})[layer] = x.detach().float().cpu().clone()
+
+            return hook
+
+        for l, block in enumerate(decoder.layers, start=1):
+            attn = next((m for m in block.modules() if hasattr(m, "qkv_proj") and hasattr(m, "q_size")), None)
+            if attn is not None:
+                self._splits[l] = [attn.q_size, attn.kv_size, attn.kv_size]
+                attn.qkv_proj.register_forward_hook(capture_qkv(l))
 
         decoder.embed_tokens.register_forward_pre_hook(record_ids)
         decoder.layers[0].register_forward_pre_hook(record_positions, with_kwargs=True)
@@ -170,7 +194,7 @@ class VLLMTeacher:
     def _gather(self, runs, key, n: int, t: int, layer: int | None = None) -> torch.Tensor:
         """[n, t, H] from the records' per-step tensors (a hidden layer, or the final state on the device)."""
         first = self._records[runs[0][0]]
-        src = (lambda rec: rec["h"][layer]) if key == "h" else (lambda rec: rec[key])
+        src = (lambda rec: rec[key][layer]) if layer is not None else (lambda rec: rec[key])
         like = src(first)
         out = torch.empty(n, t, like.shape[-1], dtype=like.dtype, device=like.device)
         for i, s, e, r, p in runs:
@@ -193,8 +217,16 @@ class VLLMTeacher:
         else:
             targets = self._hook_targets(self._gather(runs, "final", n, t), sequences, seq_index)
         hidden = {l: self._gather(runs, "h", n, t, l) for l in self.hidden_layers} if self.hidden_layers else None
+        qkv = {l: self._qkv(runs, n, t, l) for l in self.qkv_layers} if self.qkv_layers else None
         self._records.clear()
-        return {"targets": targets, "hidden": hidden}
+        return {"targets": targets, "hidden": hidden, "qkv": qkv}
+
+    def _qkv(self, runs, n: int, t: int, layer: int) -> dict[str, torch.Tensor]:
+        if layer not in self._splits:
+            raise CacheError(f"--qkv-layers: layer {layer} of this vLLM model has no fused qkv_proj to hook; "
+                             "capture Q/K/V with --backend hf")
+        q, k, v = self._gather(runs, "qkv", n, t, layer).split(self._splits[layer], dim=-1)
+        return {"q": q, "k": k, "v": v}
 
     def _hook_targets(self, final: torch.Tensor, sequences: np.ndarray, seq_index: np.ndarray) -> dict | None:
         """Targets from the final hidden states [n, t, H] (on the engine's device) and the model's LM head."""

@@ -23,8 +23,10 @@ def flags_of_every_command() -> dict[str, set[str]]:
 def test_every_field_is_a_flag_and_every_flag_a_field():
     flags = flags_of_every_command()
     for name, cls in (("teacher-cache", C.CaptureConfig), ("generate", C.GenerateConfig), ("train-student", C.TrainConfig),
-                      ("eval", C.EvalConfig)):
-        fields = {"--" + f.replace("_", "-") for f in C.dataclasses.asdict(cls())}
+                      ("eval", C.EvalConfig), ("export", C.ExportConfig)):
+        positional = {f.name for f in C.dataclasses.fields(cls) if f.metadata.get("positional")}
+        assert positional <= flags[name], positional - flags[name]  # arguments, e.g. `distily export RUN_DIR OUT`
+        fields = {"--" + f.replace("_", "-") for f in C.dataclasses.asdict(cls()) if f not in positional}
         assert fields <= flags[name], fields - flags[name]
         long_flags = {f for f in flags[name] if f.startswith("--") and not f.startswith("--no-")}
         assert long_flags - fields - {"--config", "--help", "--train-embeddings"} == set()

@@ -45,7 +45,26 @@ ROWS = [
      ["--cache", "{both_cache}", "--kd-targets", "sampled", "--lr", "1e-3"]),
     ("kd-auto-k64-hs", "top-64 KD + hidden MSE (layernormed) on the copied layers, auto init",
      ["--cache", "{hs_cache}", "--hs-weight", "1", "--layer-mapper", "copied", "--hs-norm", "layernorm", "--lr", DEMO_LR]),
+    # 2310.08797's losses at equal tokens, side by side on one cache holding teacher layer 27's hidden state and Q/K/V
+    ("attn-kd", "top-64 KD alone, lr 1e-3 (cache with layer 27's Q/K/V and hidden state)",
+     ["--cache", "{attn_cache}", "--lr", "1e-3"]),
+    ("attn-kd-relation", "KD + MiniLMv2 Q/K/V relation KL, student last <- teacher 27 (upper-middle)",
+     ["--cache", "{attn_cache}", "--lr", "1e-3", "--attn-loss", "mha_relation"]),
+    ("attn-kd-relation-w0.1", "KD + 0.1 x the relation KL (as above)",
+     ["--cache", "{attn_cache}", "--lr", "1e-3", "--attn-loss", "mha_relation", "--attn-weight", "0.1"]),
+    ("attn-kd-relation-last", "KD + the relation KL, student last <- teacher 30 (the layer it was copied from)",
+     ["--cache", "{attn_last_cache}", "--lr", "1e-3", "--attn-loss", "mha_relation", "--attn-layer-mapper", "last"]),
+    ("attn-kd-hidden", "KD + hidden MSE (layernormed), student last <- teacher 27 (upper-middle)",
+     ["--cache", "{attn_cache}", "--lr", "1e-3", "--hs-weight", "1", "--layer-mapper", "upper-middle", "--hs-norm", "layernorm"]),
 ]
+ROWS += [
+    # 1.58-bit students (--student-quant bitnet): ternary decoder linears, teacher-initialised, exported packed
+    ("bitnet-30", "1.58-bit student of the teacher's shape (all 30 layers), top-64 KD, lr 1e-3",
+     ["--student-quant", "bitnet", "--student-layers", "30", "--lr", "1e-3"]),
+    ("bitnet-15", "1.58-bit 15-layer student, top-64 KD, auto init, lr 1e-3",
+     ["--student-quant", "bitnet", "--lr", "1e-3"]),
+]
+ATTN_LAYER = "27"  # upper-middle of the teacher's 30: the layer 2310.08797 and MiniLMv2 transfer from
 
 
 def distily(*args: str) -> float:
@@ -104,7 +123,18 @@ def main() -> None:
         both_cache = runs / "cache-both"
         if "{both_cache}" in extra and not (both_cache / "manifest.json").exists():
             study["both_capture_s"] = distily("teacher-cache", "-o", str(both_cache), *CACHE_ARGS, "--targets", "both")
-        extra = [a.replace("{teacher}", teacher).replace("{hs_cache}", str(hs_cache)).replace("{both_cache}", str(both_cache))
+        attn_cache = runs / "cache-attn"
+        if "{attn_cache}" in extra and not (attn_cache / "manifest.json").exists():
+            study["attn_capture_s"] = distily("teacher-cache", "-o", str(attn_cache), *CACHE_ARGS, "--hidden-layers",
+                                              ATTN_LAYER, "--qkv-layers", ATTN_LAYER)
+        attn_last_cache = runs / "cache-attn-last"
+        if "{attn_last_cache}" in extra and not (attn_last_cache / "manifest.json").exists():
+            study["attn_last_capture_s"] = distily("teacher-cache", "-o", str(attn_last_cache), *CACHE_ARGS, "--qkv-layers", "30")
+        if "{attn_cache}" in extra and "qkv_bytes_per_token_layer" not in study:
+            shards = json.loads((attn_cache / "manifest.json").read_text())["shards"]
+            tokens = sum(s["tokens"] for s in shards)
+            study["qkv_bytes_per_token_layer"] = sum(s["hidden_bytes"] * s["qkv_share"] for s in shards) / tokens
+        extra = [a.replace("{attn_cache}", str(attn_cache)).replace("{attn_last_cache}", str(attn_last_cache)).replace("{teacher}", teacher).replace("{hs_cache}", str(hs_cache)).replace("{both_cache}", str(both_cache))
                  for a in extra]
         run_dir = runs / name
         steps = str(args.steps)
@@ -124,6 +154,9 @@ def main() -> None:
             "selection": {k: student["layer_selection"][k] for k in ("layers", "kl", "evenly_kl", "method", "seconds", "scored")}
             if student.get("layer_selection") and "reused" not in student["layer_selection"] else None,
         }
+        if "--student-quant" in extra:  # the packed export's size on disk
+            distily("export", str(run_dir), str(run_dir / "export"))
+            study["rows"][name]["export"] = json.loads((run_dir / "export" / "export.json").read_text())
         save()
     report(study, out)
 
@@ -152,6 +185,16 @@ def report(study: dict, out: Path) -> None:
         cached = study["capture_s"] + sum(rows[n]["train_wall_s"] for n in three)
         online = 3 * rows["online-auto"]["train_wall_s"]
         summary.update(three_cached_s=cached, three_online_s=online, three_cached_over_online=cached / online)
+    if "attn-kd" in rows:
+        for name in ("attn-kd-relation", "attn-kd-relation-w0.1", "attn-kd-relation-last", "attn-kd-hidden"):
+            if name in rows:
+                summary[f"{name}_over_kd_ppl"] = rows[name]["perplexity"] / rows["attn-kd"]["perplexity"]
+        summary["qkv_bytes_per_token_layer"] = study.get("qkv_bytes_per_token_layer")
+    for name in ("bitnet-30", "bitnet-15"):
+        if name in rows and rows[name].get("export"):
+            e = rows[name]["export"]
+            summary[f"{name}_export"] = {k: e.get(k) for k in ("total_bytes", "packed_linear_bytes", "bits_per_linear_param",
+                                                               "full_precision_bytes")}
     sel = next((r["selection"] for r in rows.values() if r.get("selection")), None)
     if sel:
         summary["selection"] = sel
