@@ -82,8 +82,8 @@ class CrashAfter:
         self.inner = make_backend(cfg, cfg.teacher, 4, "hf")
         self.top_k, self.hidden_layers, self.n = self.inner.top_k, self.inner.hidden_layers, n
 
-    def configure(self, spec, targets_from):
-        self.inner.configure(spec, targets_from)
+    def configure(self, spec, targets_from, qkv_layers=()):
+        self.inner.configure(spec, targets_from, qkv_layers)
 
     def __call__(self, seqs, seq_index=None):
         if self.n == 0:
