@@ -216,3 +216,18 @@ def test_a_same_shape_ternary_student_keeps_every_teacher_layer(tmp_path, hf_cac
                                   student_quant="bitnet", eval_sequences=4))
     assert trainer.student_info["teacher_layers"] == [0, 1, 2, 3] and "layer_selection" not in trainer.student_info
     assert sum(isinstance(m, BitLinear) for m in trainer.model.modules()) == 4 * 7
+
+
+def test_a_ternary_run_resumes_exactly(tmp_path, hf_cache):
+    from stage_student.train import train
+
+    base = dict(cache=str(hf_cache), student_layers=2, init="teacher-layers", init_layers="evenly", batch_size=2,
+                logging_steps=1, eval_sequences=4, lr=3e-3, warmup_steps=2, num_workers=0, shuffle_buffer=8,
+                student_quant="bitnet", max_steps=6, save_steps=3)
+    full = train(TrainConfig(output=str(tmp_path / "a"), **base))
+    train(TrainConfig(output=str(tmp_path / "b"), stop_after_steps=3, **base))
+    resumed = train(TrainConfig(output=str(tmp_path / "b"), resume=True, **base))
+    assert resumed["loss"] == pytest.approx(full["loss"], rel=1e-5)
+    assert resumed["eval/forward_kl"] == pytest.approx(full["eval/forward_kl"], rel=1e-5)
+    with pytest.raises(DistilyError, match="student_quant='bitnet'"):
+        train(TrainConfig(output=str(tmp_path / "b"), resume=True, **{**base, "student_quant": "none", "max_steps": 9}))
