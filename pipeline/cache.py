@@ -99,7 +99,8 @@ def write_shard(
     if "sample_lengths" in columns:
         entry["sample_unique_sum"] = int(columns["sample_lengths"].astype(np.int64).sum())
     if hidden or qkv:
-        raw = encode_hidden(hidden, cap["hidden_dtype"], qkv)
+        tensors = encode_tensors(hidden, cap["hidden_dtype"], qkv)
+        raw = save_tensors(tensors)
         hidden_bytes = zstandard.ZstdCompressor(level=schema.ZSTD_LEVEL).compress(raw)
         atomic_write_bytes(cache_dir / schema.hidden_name(index), hidden_bytes)
         entry.update(
@@ -107,9 +108,10 @@ def write_shard(
             hidden_sha256=hashlib.sha256(hidden_bytes).hexdigest(),
             hidden_bytes=len(hidden_bytes),
         )
-        if qkv:  # Q/K/V's share of the file before compression (`distily inspect` splits the bytes by it)
-            qkv_raw = len(encode_hidden({}, cap["hidden_dtype"], qkv))
-            entry["qkv_share"] = qkv_raw / len(raw)
+        if qkv:  # Q/K/V's share of the tensor bytes before compression (`distily inspect` splits the file by it)
+            nbytes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
+            qkv_keys = {k for k in nbytes if k.split("_")[0] in schema.QKV}
+            entry["qkv_share"] = sum(nbytes[k] for k in qkv_keys) / sum(nbytes.values())
     # The Parquet file is renamed into place last: a shard counts as present only when both files are.
     atomic_write_bytes(cache_dir / entry["file"], parquet_bytes)
     return entry
@@ -139,13 +141,22 @@ def decode_logprobs(cols: dict) -> np.ndarray:
 
 def encode_hidden(hidden: dict[int, "torch.Tensor"], dtype: str, qkv: dict | None = None) -> bytes:
     """{layer: [N, T, H]} (and {layer: {"q"|"k"|"v": [N, T, d]}}) -> safetensors bytes, layout in pipeline/schema.py."""
-    from safetensors.torch import save
+    return save_tensors(encode_tensors(hidden, dtype, qkv))
 
+
+def encode_tensors(hidden: dict | None, dtype: str, qkv: dict | None = None) -> dict:
+    """The hidden-state file's tensors by name, each in its stored form."""
     named = {schema.hidden_key(l): h for l, h in sorted((hidden or {}).items())}
     named.update({schema.qkv_key(kind, l): x for l, parts in sorted((qkv or {}).items()) for kind, x in parts.items()})
     tensors = {}
     for key, h in named.items():
         tensors.update(encode_tensor(key, h, dtype))
+    return tensors
+
+
+def save_tensors(tensors: dict) -> bytes:
+    from safetensors.torch import save
+
     return save(tensors)
 
 
@@ -303,9 +314,9 @@ class CacheReader:
         if "sample_ids" in cols:
             out.update(self._decode_samples(cols, n, t))
         if hidden and shard.get("hidden_file"):
-            out["hidden_states"] = self.read_hidden(shard)
-            if self.qkv_layers:
-                out["qkv"] = self.read_qkv(shard)
+            out["hidden_states"], qkv = self.read_extras(shard, self.hidden_layers, self.qkv_layers)
+            if qkv:
+                out["qkv"] = qkv
         return out
 
     def _decode_samples(self, cols: dict, n: int, t: int) -> dict:
@@ -343,15 +354,18 @@ class CacheReader:
             return load(zstandard.ZstdDecompressor().decompress(f.read()))
 
     def read_hidden(self, shard: dict, layers: list[int] | None = None) -> dict[int, np.ndarray]:
-        tensors = self._tensors(shard)
-        layers = self.hidden_layers if layers is None else layers
-        return {l: decode_hidden(tensors, l).numpy() for l in layers}
+        return self.read_extras(shard, self.hidden_layers if layers is None else layers, [])[0]
 
     def read_qkv(self, shard: dict, layers: list[int] | None = None) -> dict[int, dict[str, np.ndarray]]:
         """{layer: {"q": [N, T, d_q], "k": [N, T, d_kv], "v": [N, T, d_kv]}} float32 (--qkv-layers captures)."""
+        return self.read_extras(shard, [], self.qkv_layers if layers is None else layers)[1]
+
+    def read_extras(self, shard: dict, hidden_layers: list[int], qkv_layers: list[int]) -> tuple[dict, dict]:
+        """(hidden states, Q/K/V) of these layers from the shard's hidden-state file, read and decompressed once."""
         tensors = self._tensors(shard)
-        layers = self.qkv_layers if layers is None else layers
-        return {l: {kind: decode_tensor(tensors, schema.qkv_key(kind, l)).numpy() for kind in schema.QKV} for l in layers}
+        hidden = {l: decode_hidden(tensors, l).numpy() for l in hidden_layers}
+        qkv = {l: {kind: decode_tensor(tensors, schema.qkv_key(kind, l)).numpy() for kind in schema.QKV} for l in qkv_layers}
+        return hidden, qkv
 
     def iter_sequences(self, hidden: bool = True) -> Iterator[dict]:
         for shard in self.shards:

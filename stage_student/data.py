@@ -92,10 +92,8 @@ class CacheStream(IterableDataset):
     def _row(self, reader, shards, cache, keep, s, r):
         if s not in cache:
             data = reader.read_shard(shards[s], hidden=False)
-            if self.hidden_layers:
-                data["hidden_states"] = reader.read_hidden(shards[s], self.hidden_layers)
-            if self.qkv_layers:
-                data["qkv"] = reader.read_qkv(shards[s], self.qkv_layers)
+            if self.hidden_layers or self.qkv_layers:  # one read of the hidden-state file serves both
+                data["hidden_states"], data["qkv"] = reader.read_extras(shards[s], self.hidden_layers, self.qkv_layers)
             cache[s] = data
             while len(cache) > keep:
                 cache.popitem(last=False)
