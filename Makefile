@@ -39,7 +39,7 @@ CACHE_ARGS = -o $(RUNS)/cache $(call opt,--teacher,$(TEACHER)) $(call opt,--data
 TRAIN_ARGS = --cache $(RUNS)/cache --student-layers $(STUDENT_LAYERS) --init teacher-layers --init-layers $(INIT_LAYERS) --optimizer $(OPTIMIZER) \
 	--max-steps $(STEPS) --batch-size $(BATCH) --lr $(LR) --warmup-steps 5 --save-steps 20 --logging-steps 5 --eval-sequences 16
 
-.PHONY: setup demo generate teacher-cache train-student train-student-ce eval test bench faults study study-generate clean
+.PHONY: setup demo generate teacher-cache train-student train-student-ce eval test bench bench-scale bench-capture-memory gpu-check faults study study-generate clean
 
 setup: $(VENV)/.installed
 
@@ -88,6 +88,22 @@ test: setup
 
 bench: setup
 	$(BIN)/python tests/bench/run_all.py --out bench-results
+
+# Stage one's data preparation as the dataset grows (SIZES tokens): tokenise time with 1 and 2 processes, a job's peak RSS.
+SIZES ?= 1M,10M,100M
+bench-scale: setup
+	$(BIN)/python tests/bench/bench_scale.py --sizes $(SIZES) --json bench-results/scale.json
+
+# Peak RSS and speed of a capture with 4 hidden layers: this checkout (TP=1 and TP=3) against BEFORE (a git ref).
+BEFORE ?= HEAD~1
+bench-capture-memory: setup
+	$(BIN)/python tests/bench/bench_capture_memory.py --before $(BEFORE) --tensor-parallel 1,3 --json bench-results/capture_memory.json
+
+# On a GPU machine: install the GPU extra, run the CUDA-capable tests, a bf16 capture against CPU float32, every
+# capture path's tokens/s and a short bf16 training run; one table, bench-results/gpu_check.json.
+gpu-check:
+	$(MAKE) --no-print-directory setup VLLM_EXTRA=gpu
+	$(BIN)/python tests/bench/gpu_check.py --json bench-results/gpu_check.json
 
 # kill -9 at random moments: concurrent array jobs into one dir, and a training run resumed after each kill.
 faults: setup

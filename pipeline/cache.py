@@ -33,7 +33,8 @@ import pyarrow.parquet as pq
 import zstandard
 
 from . import schema
-from .manifest import CacheError, atomic_write_bytes, atomic_write_json, merge, read_json, sha256_file
+from .manifest import (CacheError, atomic_write_bytes, atomic_write_json, merge, read_manifest, sha256_file,
+                       stats_from_shards)
 
 if TYPE_CHECKING:
     import torch
@@ -247,8 +248,9 @@ class CacheReader:
                 else " Make one with `distily teacher-cache --output DIR`."
             )
             raise CacheError(f"{self.path} is not a teacher cache: no {schema.MANIFEST}.{hint}")
-        with self.fs.open(mpath, "r") as f:
-            manifest = json.load(f)
+        manifest = read_manifest(mpath, self.fs)  # a running job's journal folded in
+        if not manifest.get("complete") and manifest["shards"]:
+            manifest["stats"] = stats_from_shards(manifest["shards"])
         version = manifest.get("format_version")
         if version not in schema.READABLE_VERSIONS:
             newer = isinstance(version, int) and version > schema.FORMAT_VERSION
@@ -468,7 +470,7 @@ def merge_manifests(out: str, parts_dirs: list[str]) -> dict:
         raise CacheError(f"no manifest.part-*.json in {', '.join(map(str, dirs))}: nothing to merge")
     parts = []
     for pf in part_files:
-        part = read_json(pf)
+        part = read_manifest(pf)
         if pf.parent != out_path:  # bring the shard files of jobs that wrote elsewhere
             for name in ("tokenizer", schema.TEACHER_CONFIG):
                 src = pf.parent / name

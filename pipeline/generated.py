@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import CacheError
-from .manifest import read_json
+from .manifest import read_manifest
 
 FORMAT_VERSION = 1
 MANIFEST = "generated.json"
@@ -65,7 +65,7 @@ def is_generated(path: str | Path) -> bool:
 
 def read_manifests(path: str | Path) -> list[dict]:
     p = Path(path)
-    return [read_json(f) for f in [p / MANIFEST, *sorted(p.glob("generated.part-*.json"))] if f.exists()]
+    return [read_manifest(f) for f in [p / MANIFEST, *sorted(p.glob("generated.part-*.json"))] if f.exists()]
 
 
 def read_generated(path: str | Path) -> tuple[dict, list[np.ndarray]]:

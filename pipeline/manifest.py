@@ -3,7 +3,8 @@
 A manifest is a plain JSON dict::
 
     format_version, distily_version, created, software{torch, transformers, vllm, pyarrow}
-    teacher{source, path, weights_sha256, revision, num_hidden_layers, hidden_size, vocab_size}
+    teacher{source, path, weights_sha256, weights_sha256_source, revision, num_hidden_layers, hidden_size,
+            vocab_size}                     # weights_sha256_source: hashed | reused (pipeline/resolve.py)
     tokenizer{sha256, vocab_size, eos_token_id, bos_token_id, pad_token_id}
     capture{backend, targets_from, targets, top_k, logprob_dtype, samples, sample_temperature, sample_seed,
             hidden_layers, hidden_dtype, logprobs, max_seq_len, sequences_per_shard}
@@ -13,7 +14,9 @@ A manifest is a plain JSON dict::
     stats{sequences, tokens, positions, mean_target_prob, mean_tail_mass, mean_unique_samples}
     complete                                # every shard of this job is written
 
-``identity(manifest)`` is the part that must match for two runs to write into the same cache.
+``identity(manifest)`` is the part that must match for two runs to write into the same cache. While a job
+runs, the shards it finished since it last wrote its manifest are in its journal (NAME.journal.jsonl beside
+NAME.json, below); ``read_manifest`` folds them in.
 """
 from __future__ import annotations
 
@@ -95,13 +98,78 @@ def read_json(path: str | os.PathLike) -> dict:
         return json.load(f)
 
 
+# A running job names each finished shard in a journal beside its manifest, one fsynced JSON line per shard
+# (constant work per shard; rewriting the manifest after every shard was quadratic in the job's shards). The
+# manifest is written whole when the job starts work and when it ends (or stops on an error); a job killed
+# in between leaves its journal, which resume and readers fold in. The manifest alone is always a valid,
+# older view: it never names a shard whose files are not whole.
+
+
+def journal_path(manifest_path: str | os.PathLike) -> Path:
+    """manifest.json -> manifest.journal.jsonl (the manifest globs, `manifest.part-*.json`, never match it)."""
+    p = Path(manifest_path)
+    return p.with_name(p.name.removesuffix(".json") + ".journal.jsonl")
+
+
+def append_journal(path: str | os.PathLike, record: dict) -> None:
+    """Append one finished shard's record as one JSON line, fsynced before the job goes on."""
+    new = not os.path.exists(path)
+    with open(path, "ab") as f:
+        f.write((json.dumps(record) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
+    if new:
+        fsync_dir(Path(path).parent)
+
+
+def parse_journal(text: str, where: str = "journal") -> list[dict]:
+    """The records of a journal; a last line cut short by a kill (not valid JSON) is ignored."""
+    lines = text.splitlines()
+    records = []
+    for n, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines) - 1:
+                break  # the append the kill interrupted: its shard is simply captured again
+            raise CacheError(f"{where}: line {n + 1} is not JSON (only the last line can be cut short)") from None
+    return records
+
+
+def fold_journal(manifest: dict, records: list[dict]) -> dict:
+    """The manifest with the journal's shards added (a shard in both, after a kill between the manifest write
+    and the journal's removal, counts once)."""
+    by_index = {s["index"]: s for s in manifest["shards"]}
+    by_index.update((r["index"], r) for r in records)
+    return {**manifest, "shards": sorted(by_index.values(), key=lambda s: s["index"])}
+
+
+def read_manifest(path: str | os.PathLike, fs=None) -> dict:
+    """A job's manifest as of its last finished shard: the manifest file with its journal folded in.
+
+    A complete manifest already names every shard, so only an unfinished one (a running or killed job) looks
+    for a journal. `fs`: an fsspec filesystem for paths behind URLs (default: local files)."""
+    opener = fs.open if fs is not None else open
+    with opener(path, "r") as f:
+        manifest = json.load(f)
+    if manifest.get("complete"):
+        return manifest
+    journal = str(journal_path(path)) if fs is None else f"{str(path).removesuffix('.json')}.journal.jsonl"
+    if not (fs.exists(journal) if fs is not None else os.path.exists(journal)):
+        return manifest
+    with opener(journal, "r") as f:
+        return fold_journal(manifest, parse_journal(f.read(), journal))
+
+
 IDENTITY_KEYS = ("format_version", "teacher", "tokenizer", "capture", "dataset")
 
 
 def identity(manifest: dict) -> dict:
     """The fields two captures must share to be parts of one cache (everything but shards, time, job)."""
     ident = {k: manifest.get(k) for k in IDENTITY_KEYS}
-    ident["teacher"] = {k: v for k, v in (ident["teacher"] or {}).items() if k not in ("path",)}
+    # path: where this job found the weights; weights_sha256_source: whether it hashed them or reused a stored
+    # hash (a resumed job reuses the first job's): neither is what the cache holds
+    ident["teacher"] = {k: v for k, v in (ident["teacher"] or {}).items() if k not in ("path", "weights_sha256_source")}
     if ident.get("dataset"):  # caches written before --sample-by existed read text files as `auto` does
         ident["dataset"] = {**ident["dataset"], "spec": {"sample_by": "auto", **ident["dataset"].get("spec", {})}}
     return ident

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .decoder import decoder_layers
 from .errors import DistilyError
 
 SEPARATE = ("q_proj", "k_proj", "v_proj")  # Llama, Mistral, Qwen, Gemma, ...
@@ -25,14 +26,6 @@ def qkv_widths(config) -> dict:
     q = {"heads": heads, "head_dim": head_dim, "width": heads * head_dim}
     kv = {"heads": kv_heads, "head_dim": head_dim, "width": kv_heads * head_dim}
     return {"q": q, "k": dict(kv), "v": dict(kv)}
-
-
-def decoder_layers(model: nn.Module, num_layers: int) -> nn.ModuleList:
-    """The model's list of decoder layers (the ModuleList of num_layers blocks)."""
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers and num_layers > 0:
-            return module
-    raise DistilyError(f"found no list of {num_layers} decoder layers in {type(model).__name__}")
 
 
 def projections(layer: nn.Module) -> dict[str, nn.Module]:

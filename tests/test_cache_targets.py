@@ -286,3 +286,20 @@ def test_inspect_shows_bytes_per_part(both_cache):
     for part in ("tokens", "top-k", "target", "sampled"):
         assert part in line
     assert "int8" in r.stdout and "unique ids/position" in r.stdout
+
+
+def test_rskd_draws_after_a_crash_and_resume_equal_an_uninterrupted_capture(tmp_path, tiny_teacher, text_file, both_cache):
+    """A capture that dies after two shards and is resumed stores the same RS-KD draws as one that never stopped
+    (draws are seeded by sequence, not by the job's progress). `make faults` does the same with kill -9."""
+    from test_teacher_cache import CrashAfter, Interrupt
+
+    cfg = capture_cfg(tiny_teacher, text_file, tmp_path, targets="both", logprob_dtype="uint8", hidden_dtype="int8")
+    with pytest.raises(Interrupt):
+        run(cfg, teacher=CrashAfter(cfg, 2))
+    assert 1 <= len(json.loads((tmp_path / "manifest.json").read_text())["shards"]) < 5
+    run(cfg)
+    resumed, whole = read_all(tmp_path), read_all(both_cache)
+    assert len(resumed) == len(whole) == 20
+    for a, b in zip(resumed, whole):
+        for key in ("sample_ids", "sample_counts", "sample_weights", "teacher_entropy"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -5,6 +5,7 @@ import json
 import shutil
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, capture_cfg
@@ -23,10 +24,39 @@ def test_concurrent_capture_jobs_killed_and_restarted_merge_to_a_single_jobs_cac
     # a job that finishes within the random delay after its first write escapes its kill: count, not assume
     assert cap["kills"] >= 2 and cap["rows"] == 24
     assert cap["rows_lost"] == cap["rows_duplicated"] == cap["rows_differing"] == cap["verify_problems"] == 0
+    # every stored field was compared, the RS-KD draws (and their importance weights at t = 1.5) among them
+    assert {"topk_logprobs", "target_logprob", "sample_ids", "sample_counts", "sample_weights", "teacher_entropy",
+            "hidden_states", "qkv"} <= set(cap["fields_compared"])
     tr = faults.train_faults(tmp_path / "capture" / "shared", tmp_path / "train", kills=2, seed=1, steps=10)
     assert tr["kills"] >= 1 and tr["steps_logged"] == 10 and tr["steps_repeated"] == tr["steps_missing"] == 0
     assert tr["max_loss_difference"] <= 1e-6 and tr["max_weight_difference"] <= 1e-6 and tr["data_log_equal"]
     assert tr["tensorboard_steps"] == 10 and tr["tensorboard_repeated"] == 0
+    assert faults.failures({"capture": cap, "train": tr}) == []
+
+
+def test_fault_run_fails_loudly_and_watches_each_jobs_own_files(tmp_path):
+    """`make faults` exits non-zero on any lost, duplicated or differing row or repeated step; each kill waits
+    for progress in the killed job's own files, never another job's."""
+    cap = {"rows": 24, "rows_lost": 0, "rows_duplicated": 0, "rows_differing": 0, "verify_problems": 0, "stray_temps": 0}
+    tr = {"steps_repeated": 0, "tensorboard_repeated": 0, "steps_missing": 0, "max_loss_difference": 0.0,
+          "max_weight_difference": 0.0, "data_log_equal": True}
+    assert faults.failures({"capture": cap, "train": tr}) == []
+    for part, key, bad in [("capture", "rows_lost", 1), ("capture", "rows_duplicated", 2), ("capture", "rows_differing", 1),
+                           ("train", "steps_repeated", 1), ("train", "max_weight_difference", 1e-3)]:
+        broken = {"capture": dict(cap), "train": dict(tr)}
+        broken[part][key] = bad
+        assert len(faults.failures(broken)) == 1, (part, key)
+    names = ["shard-00001.parquet", "shard-00005.hidden.safetensors.zst", ".shard-00009.parquet.x1.tmp",
+             "manifest.part-00001-of-00004.json", "manifest.part-00001-of-00004.journal.jsonl",
+             ".manifest.part-00001-of-00004.json.x2.tmp",  # job 1's
+             "shard-00002.parquet", "shard-00004.parquet", "manifest.part-00003-of-00004.journal.jsonl",
+             "tokenizer", "teacher_config.json", "teacher-weights.json"]  # other jobs' and shared
+    for name in names:
+        (tmp_path / name).write_text("x")
+    assert sorted(f.name for f in faults.own_files(tmp_path, 1, 4)) == sorted(names[:6])
+    a = {"input_ids": np.arange(3), "hidden_states": {1: np.zeros((3, 2))}, "qkv": {1: {"q": np.ones((3, 2))}}}
+    b = {**a, "qkv": {1: {"q": np.ones((3, 2)) * 1.0001}}}
+    assert not faults.rows_differ(a, dict(a)) and faults.rows_differ(a, b)
 
 
 def test_a_job_removes_only_its_own_stale_temporaries(tmp_path, tiny_teacher, text_file):

@@ -25,9 +25,10 @@ def test_vllm_cache_matches_hf_backend(tmp_path, tiny_teacher, text_file, vllm_e
     checked_ids = 0
     for a, b in zip(v, h):
         np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
-        np.testing.assert_allclose(a["target_logprob"], b["target_logprob"], atol=1e-3)
-        np.testing.assert_allclose(a["topk_logprobs"], b["topk_logprobs"], atol=1e-3)
-        np.testing.assert_allclose(a["tail_mass"], b["tail_mass"], atol=1e-3)
+        # the README's "within 1e-4" (measured on the tiny float32 teacher: 2.9e-6 for the log-probs, 3.6e-7 tail mass)
+        np.testing.assert_allclose(a["target_logprob"], b["target_logprob"], atol=1e-4)
+        np.testing.assert_allclose(a["topk_logprobs"], b["topk_logprobs"], atol=1e-4)
+        np.testing.assert_allclose(a["tail_mass"], b["tail_mass"], atol=1e-4)
         # ids must agree wherever the log-prob is not tied with a neighbour (ties may come in any order)
         lp = b["topk_logprobs"]
         gaps = np.diff(lp, axis=-1)
@@ -233,3 +234,43 @@ def test_a_cache_from_before_sample_by_keeps_its_identity(hf_cache):
     assert identity(old) == identity(manifest)
     old["dataset"]["spec"]["sample_by"] = "line"
     assert identity(old) != identity(manifest)
+
+
+def test_weights_are_hashed_once_per_output_dir(tmp_path, tiny_teacher, text_file, monkeypatch):
+    """The first job hashes the teacher's weights and stores the hash; the next job (another array job, a resume)
+    reads no weight file while their names, sizes and mtimes are unchanged; a touched weight file is hashed again."""
+    from pathlib import Path
+
+    from pipeline import resolve
+
+    reads, real_open = [], open
+
+    def counting_open(path, *a, **k):
+        if str(path).endswith((".safetensors", ".bin")):
+            reads.append(Path(path).name)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(resolve, "open", counting_open, raising=False)
+    monkeypatch.setattr(resolve, "_known_hashes", {})  # as in a fresh process: nothing hashed yet
+    out = tmp_path / "c"
+    job0 = capture_cfg(tiny_teacher, text_file, out, num_shards=2, shard_index=0, max_tokens=64 * 8)
+    first = run(job0)
+    sha = first["teacher"]["weights_sha256"]
+    assert first["teacher"]["weights_sha256_source"] == "hashed" and reads
+    assert json.loads((out / "teacher-weights.json").read_text())["sha256"] == sha
+    reads.clear()
+    resolve._known_hashes.clear()  # the next job is another process: only the stored record can spare the read
+    second = run(capture_cfg(tiny_teacher, text_file, out, num_shards=2, shard_index=1, max_tokens=64 * 8))
+    assert second["teacher"]["weights_sha256_source"] == "reused" and reads == []
+    assert second["teacher"]["weights_sha256"] == sha
+    merged = merge_manifests(str(out), [])  # how each job got the hash is not part of the cache's identity
+    assert len(merged["shards"]) == 2 and CacheReader(out).verify() == []
+    weights = sorted(Path(tiny_teacher).glob("*.safetensors"))[0]
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    try:
+        resolve._known_hashes.clear()
+        third = run(job0)  # job 0 again (nothing left to do) after the weights were touched
+        assert third["teacher"]["weights_sha256_source"] == "hashed" and reads and third["teacher"]["weights_sha256"] == sha
+    finally:
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -92,6 +92,21 @@ def hidden_table(model_dir: str, sequences: np.ndarray, layers: list[int]) -> di
     return rows
 
 
+def lm_head_pass(worker, chunk_positions: int) -> None:
+    """Runs where the model lives (collective_rpc): the LM head over the recorded final states, chunk by chunk."""
+    import torch
+
+    from stage_teacher import vllm_hooks
+
+    r = vllm_hooks._RECORDER
+    device = next(r.model.parameters()).device
+    with torch.no_grad():
+        for h in r.final[0]:
+            for a in range(0, h.shape[0] - 1, chunk_positions):
+                r.model.compute_logits(h[a : min(h.shape[0] - 1, a + chunk_positions)].to(device))
+    r.sequences = None
+
+
 def main() -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", default=None)
@@ -138,19 +153,29 @@ def main() -> dict:
         for i in range(0, len(sequences), 16):
             teacher(sequences[i : i + 16], np.arange(i, min(len(sequences), i + 16)))
 
+    def head_floor(teacher, c):
+        """Prefill + the LM head at every position, logits dropped: the cost a cache cannot go below."""
+        teacher.configure(target_spec(c), "hooks")
+        for i in range(0, len(sequences), 16):
+            teacher.run_pass(sequences[i : i + 16])
+            teacher.llm.collective_rpc(lm_head_pass, args=(target_spec(c).chunk_positions,))
+
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     prompts = [TokensPrompt(prompt_token_ids=r.tolist()) for r in sequences]
     bare = SamplingParams(max_tokens=1, detokenize=False)
+    import torch
+
+    share = {"gpu_memory_utilization": 0.3} if torch.cuda.is_available() else {}  # two engines on one GPU
     plain = VLLMTeacher(model_dir, target_spec(cfg("x")), [], n_layers, args.seq_len, max_logprobs=args.top_k,
-                        targets_from="engine")  # no hooks installed: the bare engine
+                        targets_from="engine", engine_kwargs=share)  # no hooks installed: the bare engine
     hooked = VLLMTeacher(model_dir, target_spec(cfg("x")), [], n_layers, args.seq_len, max_logprobs=args.top_k,
-                         targets_from="hooks")
+                         targets_from="hooks", engine_kwargs=share)
     hf = make_backend(cfg("hf", "hf"), model_dir, n_layers, "hf")
     paths = {
         "bare prefill": lambda: plain.llm.generate(prompts, bare, use_tqdm=False),
-        "floor (prefill + LM head everywhere)": lambda: call(hooked, cfg("x"), "floor"),
+        "floor (prefill + LM head everywhere)": lambda: head_floor(hooked, cfg("x")),
         "hooks top-k": lambda: call(hooked, cfg("x"), "hooks"),
         "hooks top-k, written": lambda: write(cfg("hooks"), hooked, "hooks"),
         "hooks both, written": lambda: write(cfg("both", targets="both"), hooked, "hooks"),

@@ -26,6 +26,7 @@ def main() -> None:
     py = sys.executable
     subprocess.run([py, HERE / "bench_capture.py", "--json", out / "capture.json"], check=True, cwd=ROOT)
     subprocess.run([py, HERE / "bench_temperature.py", "--json", out / "temperature.json"], check=True, cwd=ROOT)
+    subprocess.run([py, HERE / "bench_manifest.py", "--json", out / "manifest.json"], check=True, cwd=ROOT)
     if not (runs / "cache" / "manifest.json").exists():
         subprocess.run(["make", "--no-print-directory", "teacher-cache", f"RUNS={runs}"], check=True, cwd=ROOT)
     subprocess.run([py, HERE / "bench_train.py", "--cache", runs / "cache", "--json", out / "train.json"], check=True, cwd=ROOT)

@@ -1,0 +1,104 @@
+"""The array-job runner (stage_teacher/runner.py) and the manifest journal, on synthetic shards: a real kill -9."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import ROOT, assert_same_rows, read_all
+from pipeline.cache import CacheReader
+from pipeline.manifest import CacheError, atomic_write_bytes, fold_journal, journal_path, parse_journal, read_manifest
+from stage_teacher import runner
+
+
+def job_in(out, shards=8, num_jobs=1, index=0) -> runner.Job:
+    return runner.Job(out=out, manifest_file=out / "manifest.json", num_dataset_shards=shards, num_jobs=num_jobs,
+                      job_index=index, files=lambda j: [f"s-{j:03d}.bin"], stats=lambda s: {"shards": len(s)})
+
+
+def write(out):
+    def write_one(j: int, data: bytes) -> dict:
+        atomic_write_bytes(out / f"s-{j:03d}.bin", data)
+        return {"index": j, "file": f"s-{j:03d}.bin", "sha256": hashlib.sha256(data).hexdigest()}
+    return write_one
+
+
+KILLED_JOB = """
+import os, signal, sys
+from pathlib import Path
+sys.path[:0] = [{root!r}, {tests!r}]
+from test_runner import job_in, write
+from stage_teacher import runner
+
+out = Path({out!r})
+job, manifest = job_in(out), {{"shards": [], "complete": False}}
+
+def compute(j):
+    if j == 5:
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9 while shard 4 is being written: no cleanup runs
+    return bytes([j]) * 1000
+
+runner.run_shards(job, manifest, runner.start(job, manifest), compute, write(out), lambda j: 1, "test", "shard")
+"""
+
+
+def test_a_killed_job_resumes_from_its_journal_losing_nothing(tmp_path):
+    script = KILLED_JOB.format(root=str(ROOT), tests=str(ROOT / "tests"), out=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr
+    # the manifest was written whole once, before the first shard; each finished shard is one journal line
+    assert json.loads((tmp_path / "manifest.json").read_text())["shards"] == []
+    journal = journal_path(tmp_path / "manifest.json")
+    assert journal.name == "manifest.journal.jsonl"
+    assert [json.loads(l)["index"] for l in journal.read_text().splitlines()] == [0, 1, 2, 3]
+    with open(journal, "a") as f:
+        f.write('{"index": 4, "file": "s-00')  # an append cut short by the kill: ignored
+    assert [s["index"] for s in read_manifest(tmp_path / "manifest.json")["shards"]] == [0, 1, 2, 3]
+    job, manifest = job_in(tmp_path), {"shards": [], "complete": False}
+    computed = []
+    todo = runner.start(job, manifest)
+    assert todo == [4, 5, 6, 7]  # shard 4's file may be whole, but it was never named: it is written again
+
+    def compute(j):
+        computed.append(j)
+        return bytes([j]) * 1000
+
+    runner.run_shards(job, manifest, todo, compute, write(tmp_path), lambda j: 1, "test", "shard")
+    runner.finish(job, manifest)
+    final = json.loads((tmp_path / "manifest.json").read_text())
+    assert computed == [4, 5, 6, 7] and final["complete"] and final["stats"] == {"shards": 8}
+    assert [s["index"] for s in final["shards"]] == list(range(8)) and not journal.exists()
+    assert all((tmp_path / f"s-{j:03d}.bin").read_bytes() == bytes([j]) * 1000 for j in range(8))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_journal_folding_rules():
+    # a kill between the manifest's write and the journal's removal: a shard in both counts once
+    folded = fold_journal({"shards": [{"index": 0}, {"index": 2}]}, [{"index": 2}, {"index": 1}])
+    assert [s["index"] for s in folded["shards"]] == [0, 1, 2]
+    assert parse_journal('{"index": 0}\n{"index": 1}\n{"ind') == [{"index": 0}, {"index": 1}]
+    with pytest.raises(CacheError, match="line 1 is not JSON"):
+        parse_journal('{"ind\n{"index": 1}\n')  # only the last line can be cut short
+
+
+def test_array_job_owns_every_nth_shard(tmp_path):
+    assert job_in(tmp_path, shards=10, num_jobs=3, index=1).owned == [1, 4, 7]
+    assert job_in(tmp_path, shards=2, num_jobs=3, index=2).owned == []
+
+
+def test_readers_fold_a_running_jobs_journal(tmp_path, hf_cache):
+    """CacheReader (and so `distily inspect`) of a cache whose job is still running, or was killed."""
+    c = tmp_path / "c"
+    shutil.copytree(hf_cache, c)
+    whole = json.loads((c / "manifest.json").read_text())
+    head = {**whole, "shards": whole["shards"][:2], "complete": False}
+    (c / "manifest.json").write_text(json.dumps(head))
+    (c / "manifest.journal.jsonl").write_text("".join(json.dumps(s) + "\n" for s in whole["shards"][2:]))
+    m = CacheReader(c).manifest
+    assert m["shards"] == whole["shards"] and m["stats"]["tokens"] == whole["stats"]["tokens"] == 20 * 64
+    assert_same_rows(read_all(c), read_all(hf_cache))
