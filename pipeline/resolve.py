@@ -261,11 +261,8 @@ def tokenizer_fingerprint(tokenizer) -> dict:
 
 # Hashing a teacher's weights reads all of them (minutes for 140 GB), so the hash is taken once per output dir:
 # each job stores it in WEIGHTS_RECORD beside its output, with the weight files' names, sizes and mtimes; a
-# later job (another array job, a resume) whose weight files still have those names, sizes and mtimes reuses
-# it. Within one process a hash is also kept in memory under the same key.
+# later job (another array job, a resume) whose weight files still have those names, sizes and mtimes reuses it.
 WEIGHTS_RECORD = "teacher-weights.json"
-_known_hashes: dict[tuple, str] = {}  # (model dir, file signature) -> sha256
-_last_source: dict[str, str] = {}  # model dir -> "hashed" | "reused": how its last fingerprint was obtained
 
 
 def weight_files(model_dir: str | os.PathLike) -> list[Path]:
@@ -280,50 +277,37 @@ def weights_signature(model_dir: str | os.PathLike) -> list[list]:
     return [[f.name, st.st_size, st.st_mtime_ns] for f in weight_files(model_dir) for st in [f.stat()]]
 
 
-def weights_fingerprint(model_dir: str | os.PathLike) -> str:
-    """sha256 over the model's weight files (name + content), in name order; a hash this process already took,
-    or loaded with reuse_weights_record, is reused while the files' names, sizes and mtimes are unchanged."""
-    key = (str(Path(model_dir).resolve()), json.dumps(weights_signature(model_dir)))
-    if key in _known_hashes:
-        _last_source[key[0]] = "reused"
-        return _known_hashes[key]
+def weights_fingerprint(model_dir: str | os.PathLike, record_dir: str | os.PathLike | None = None) -> tuple[str, str]:
+    """(sha256 over the model's weight files (name + content, in name order), how it was obtained): "reused" from
+    the record an earlier job left in record_dir while the files' names, sizes and mtimes are unchanged, else
+    "hashed" (every weight file read)."""
+    model_dir = str(Path(model_dir).resolve())
+    files = weights_signature(model_dir)
+    try:
+        record = json.loads((Path(record_dir) / WEIGHTS_RECORD).read_text()) if record_dir else {}
+    except (OSError, ValueError):
+        record = {}  # no record, or unreadable: hash
+    if isinstance(record, dict) and record.get("model_dir") == model_dir and record.get("files") == files:
+        return record["sha256"], "reused"
     h = hashlib.sha256()
     for f in weight_files(model_dir):
         h.update(f.name.encode())
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):
                 h.update(block)
-    _known_hashes[key], _last_source[key[0]] = h.hexdigest(), "hashed"
-    return h.hexdigest()
+    return h.hexdigest(), "hashed"
 
 
-def weights_fingerprint_source(model_dir: str | os.PathLike) -> str:
-    """How the last weights_fingerprint(model_dir) was obtained: "hashed" (read every weight file) or "reused"."""
-    return _last_source[str(Path(model_dir).resolve())]
-
-
-def reuse_weights_record(out_dir: str | os.PathLike) -> None:
-    """Take the hash an earlier job stored in out_dir, if its teacher's weight files are unchanged (else nothing)."""
-    try:
-        record = json.loads((Path(out_dir) / WEIGHTS_RECORD).read_text())
-        if weights_signature(record["model_dir"]) == record["files"]:
-            _known_hashes[(record["model_dir"], json.dumps(record["files"]))] = record["sha256"]
-    except (OSError, ValueError, KeyError, TypeError, CacheError):
-        pass  # no record, another teacher's, or unreadable: the weights are hashed
-
-
-def save_weights_record(out_dir: str | os.PathLike, model_dir: str | os.PathLike) -> None:
-    """Store the teacher's hash (taken by weights_fingerprint) in out_dir for the jobs after this one.
+def save_weights_record(out_dir: str | os.PathLike, model_dir: str | os.PathLike, sha256: str) -> None:
+    """Store the teacher's hash in out_dir for the jobs after this one.
 
     Best effort: the record only saves time. Many jobs share it, so a job removes any record temporaries
     (a killed job's; a running job whose temporary goes just skips its write) and writes only what changed."""
     from .manifest import atomic_write_json, stale_temps
 
     model_dir = str(Path(model_dir).resolve())
-    files = weights_signature(model_dir)
-    key = (model_dir, json.dumps(files))
     path = Path(out_dir) / WEIGHTS_RECORD
-    record = {"model_dir": model_dir, "files": files, "sha256": _known_hashes.get(key) or weights_fingerprint(model_dir)}
+    record = {"model_dir": model_dir, "files": weights_signature(model_dir), "sha256": sha256}
     try:
         for stale in stale_temps(out_dir, WEIGHTS_RECORD):
             stale.unlink(missing_ok=True)

@@ -35,11 +35,9 @@ from pipeline.resolve import (
     fingerprint_tokens,
     packed_sequences,
     resolve_model,
-    reuse_weights_record,
     save_weights_record,
     tokenizer_fingerprint,
     weights_fingerprint,
-    weights_fingerprint_source,
 )
 
 from . import runner
@@ -116,6 +114,7 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
     sequences, source = packed_sequences(tokenizer, spec, cfg.max_seq_len, cfg.max_tokens, cfg.token_store,
                                          cfg.tokenize_processes)  # a read-only memory map of the token store
     print(f"dataset {spec.path}: {source['note']}")
+    weights_sha256, weights_source = weights_fingerprint(model_dir, cfg.output.removeprefix("file://"))
     manifest = {
         "format_version": schema.FORMAT_VERSION,
         "distily_version": __version__,
@@ -124,7 +123,8 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
         "teacher": {
             **info,
             "path": model_dir,
-            "weights_sha256": weights_fingerprint(model_dir),
+            "weights_sha256": weights_sha256,
+            "weights_sha256_source": weights_source,  # hashed, or reused from an earlier job's record (not identity)
             "model_type": teacher_cfg.model_type,
             "num_hidden_layers": num_layers,
             "hidden_size": teacher_cfg.hidden_size,
@@ -307,14 +307,12 @@ def run(cfg: CaptureConfig, teacher=None) -> dict:
     """Capture (or resume) the cache described by cfg. `teacher`: an already started backend to reuse
     (it must have been built with the same top-k and hidden layers); it is left open."""
     out = Path(cfg.output.removeprefix("file://"))
-    reuse_weights_record(out)  # a hash an earlier job stored: prepare's weights_fingerprint then reads no weights
     manifest, sequences, model_dir, tokenizer = prepare(cfg)
-    manifest["teacher"]["weights_sha256_source"] = weights_fingerprint_source(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_other_jobs(out, manifest)
     job = cache_job(out, cfg, len(sequences))
     todo = runner.start(job, manifest)
-    save_weights_record(out, model_dir)
+    save_weights_record(out, model_dir, manifest["teacher"]["weights_sha256"])
     write_shared_files(out, tokenizer, model_dir)
     print(f"teacher cache {out}: {len(sequences)} sequences x {cfg.max_seq_len} tokens, "
           f"{len(job.owned)} shards for this job, {len(job.owned) - len(todo)} already done")

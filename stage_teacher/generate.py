@@ -32,11 +32,9 @@ from pipeline.resolve import (
     DatasetSpec,
     load_texts,
     resolve_model,
-    reuse_weights_record,
     save_weights_record,
     tokenizer_fingerprint,
     weights_fingerprint,
-    weights_fingerprint_source,
 )
 
 from . import runner
@@ -108,12 +106,13 @@ def prepare(cfg: GenerateConfig) -> tuple[dict, Context, str]:
     if "random" in used:
         special = set(tokenizer.all_special_ids)
         ctx.vocab_ids = np.asarray([i for i in range(len(tokenizer)) if i not in special], dtype=np.int64)
+    weights_sha256, weights_source = weights_fingerprint(model_dir, cfg.output.removeprefix("file://"))
     manifest = {
         "format_version": generated.FORMAT_VERSION,
         "distily_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "software": software_versions(),
-        "teacher": {**info, "path": model_dir, "weights_sha256": weights_fingerprint(model_dir),
+        "teacher": {**info, "path": model_dir, "weights_sha256": weights_sha256, "weights_sha256_source": weights_source,
                     "model_type": teacher_cfg.model_type, "vocab_size": teacher_cfg.vocab_size},
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "generator": cfg.generator,
@@ -225,9 +224,7 @@ def run(cfg: GenerateConfig, engine=None) -> dict:
     """Generate (or resume) the dataset cfg describes. `engine`: anything with generate(prompts, params) (a running
     VLLMTeacher); it is left open. Without one, a plain vLLM engine is started for the run and shut down after."""
     out = Path(cfg.output.removeprefix("file://"))
-    reuse_weights_record(out)  # a hash an earlier job stored: prepare then reads no weights
     manifest, ctx, model_dir = prepare(cfg)
-    manifest["teacher"]["weights_sha256_source"] = weights_fingerprint_source(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_other_jobs(out, manifest)
     per = cfg.sequences_per_shard
@@ -235,7 +232,7 @@ def run(cfg: GenerateConfig, engine=None) -> dict:
                      num_dataset_shards=-(-cfg.num_sequences // per), num_jobs=cfg.num_shards,
                      job_index=cfg.shard_index, files=lambda j: [generated.shard_name(j)], stats=stats)
     todo = runner.start(job, manifest)
-    save_weights_record(out, model_dir)
+    save_weights_record(out, model_dir, manifest["teacher"]["weights_sha256"])
 
     def indices(j: int) -> np.ndarray:
         return np.arange(j * per, min((j + 1) * per, cfg.num_sequences))

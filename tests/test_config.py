@@ -65,8 +65,8 @@ def test_cli_reads_yaml_numbers_and_reports_bad_types(tmp_path):
     assert r.returncode == 2 and "train_student.max_steps: expected an integer, got 'lots'" in r.stderr
 
 
-# flags of other tools the README shows (torchrun, sbatch, pip)
-FOREIGN = {"--extra-index-url", "--no-deps", "--nproc-per-node", "--array", "--gres", "--ntasks", "--help", "--nnodes", "--node-rank", "--rdzv-endpoint", "--depth"}
+# flags of other tools the README and docs show (torchrun, sbatch, pip, benchmark scripts)
+FOREIGN = {"--extra-index-url", "--no-deps", "--nproc-per-node", "--array", "--gres", "--ntasks", "--help", "--nnodes", "--node-rank", "--rdzv-endpoint", "--depth", "--smoke"}
 
 
 def test_every_flag_the_docs_show_exists():

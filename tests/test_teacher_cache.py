@@ -251,7 +251,6 @@ def test_weights_are_hashed_once_per_output_dir(tmp_path, tiny_teacher, text_fil
         return real_open(path, *a, **k)
 
     monkeypatch.setattr(resolve, "open", counting_open, raising=False)
-    monkeypatch.setattr(resolve, "_known_hashes", {})  # as in a fresh process: nothing hashed yet
     out = tmp_path / "c"
     job0 = capture_cfg(tiny_teacher, text_file, out, num_shards=2, shard_index=0, max_tokens=64 * 8)
     first = run(job0)
@@ -259,7 +258,6 @@ def test_weights_are_hashed_once_per_output_dir(tmp_path, tiny_teacher, text_fil
     assert first["teacher"]["weights_sha256_source"] == "hashed" and reads
     assert json.loads((out / "teacher-weights.json").read_text())["sha256"] == sha
     reads.clear()
-    resolve._known_hashes.clear()  # the next job is another process: only the stored record can spare the read
     second = run(capture_cfg(tiny_teacher, text_file, out, num_shards=2, shard_index=1, max_tokens=64 * 8))
     assert second["teacher"]["weights_sha256_source"] == "reused" and reads == []
     assert second["teacher"]["weights_sha256"] == sha
@@ -269,7 +267,6 @@ def test_weights_are_hashed_once_per_output_dir(tmp_path, tiny_teacher, text_fil
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     try:
-        resolve._known_hashes.clear()
         third = run(job0)  # job 0 again (nothing left to do) after the weights were touched
         assert third["teacher"]["weights_sha256_source"] == "hashed" and reads and third["teacher"]["weights_sha256"] == sha
     finally:

@@ -142,7 +142,8 @@ def main() -> int:
                   "teacher-layers", "--init-layers", "evenly", "--max-steps", steps, "--batch-size", 4,
                   "--logging-steps", steps, "--save-steps", steps, "--eval-sequences", 4])
     if r.returncode == 0:
-        res = json.loads((run_dir / "result.json").read_text())
+        records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+        res = next(r for r in reversed(records) if "step_time_s" in r)  # the last logging window's timings
         result["train"] = {k: res.get(k) for k in ("step_time_s", "tokens_per_s", "peak_memory_mb", "loss")}
         rows.append((f"train {steps} steps (demo student)", f"{res.get('tokens_per_s', 0):,.0f} tok/s, "
                      f"{res.get('step_time_s', 0):.2f} s/step", f"peak {res.get('peak_memory_mb', 0):,.0f} MB"))
