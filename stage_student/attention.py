@@ -25,40 +25,70 @@ RELATION_LOSSES = ("kl", "mse")
 KINDS = ("q", "k", "v")
 
 
-def relation_logits(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, T, W] -> scaled dot products [B, A, T, T] of A relation heads, -inf above the diagonal (causal)."""
+RELATION_CHUNK_ROWS = 256  # query rows per chunk: [B, A, 256, T] relation tensors instead of [B, A, T, T]
+
+
+def relation_logits(x: torch.Tensor, heads: int, rows: slice = slice(None)) -> torch.Tensor:
+    """[B, T, W] -> scaled dot products [B, A, R, K] of A relation heads for the query rows `rows` (R of them)
+    against the keys they may see (K = the last row + 1), -inf above the diagonal (causal)."""
     b, t, w = x.shape
+    start, stop, _ = rows.indices(t)
     xh = x.float().reshape(b, t, heads, w // heads).transpose(1, 2)  # [B, A, T, d_r]
-    scores = xh @ xh.transpose(-1, -2) / math.sqrt(w // heads)
-    future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+    scores = xh[:, :, start:stop] @ xh[:, :, :stop].transpose(-1, -2) / math.sqrt(w // heads)
+    future = torch.arange(stop, device=x.device)[None, :] > torch.arange(start, stop, device=x.device)[:, None]
     return scores.masked_fill(future, float("-inf"))
 
 
-def relation_kl(student: torch.Tensor, teacher: torch.Tensor, heads: int) -> torch.Tensor:
-    """KL(teacher R || student R), summed over each row's positions, averaged over heads and rows."""
-    log_s = torch.log_softmax(relation_logits(student, heads), -1)
-    log_t = torch.log_softmax(relation_logits(teacher, heads), -1)
+def relation_kl_sum(student: torch.Tensor, teacher: torch.Tensor, heads: int, rows: slice) -> torch.Tensor:
+    """KL(teacher R || student R) of the rows `rows`, summed over rows, their positions and the heads."""
+    log_s = torch.log_softmax(relation_logits(student, heads, rows), -1)
+    log_t = torch.log_softmax(relation_logits(teacher, heads, rows), -1)
     future = ~torch.isfinite(log_t)  # above the diagonal: probability 0 in both, adds nothing
     log_s, log_t = log_s.masked_fill(future, 0.0), log_t.masked_fill(future, 0.0)
-    return (log_t.exp().masked_fill(future, 0.0) * (log_t - log_s)).sum(-1).mean()
+    return (log_t.exp().masked_fill(future, 0.0) * (log_t - log_s)).sum()
 
 
-def relation_mse(student: torch.Tensor, teacher: torch.Tensor, heads: int) -> torch.Tensor:
+def relation_mse_sum(student: torch.Tensor, teacher: torch.Tensor, heads: int, rows: slice) -> torch.Tensor:
+    """Squared differences of the relation matrices' causal entries in the rows `rows`, summed."""
+    s = torch.softmax(relation_logits(student, heads, rows), -1)
+    t = torch.softmax(relation_logits(teacher, heads, rows), -1)
+    return ((s - t) ** 2).sum()  # above the diagonal both are 0
+
+
+def by_row_chunks(fn, student: torch.Tensor, teacher: torch.Tensor, heads: int, chunk_rows: int) -> torch.Tensor:
+    """sum over chunks of query rows of fn(student, teacher, heads, rows). With more than one chunk each runs
+    under activation checkpointing, so only one chunk's [B, A, C, T] tensors are alive, forward or backward
+    (memory linear in T per chunk; the backward recomputes each chunk once)."""
+    from torch.utils.checkpoint import checkpoint
+
+    t = student.shape[1]
+    if chunk_rows <= 0 or chunk_rows >= t:
+        return fn(student, teacher, heads, slice(0, t))
+    return sum(checkpoint(fn, student, teacher, heads, slice(a, min(t, a + chunk_rows)), use_reentrant=False)
+               for a in range(0, t, chunk_rows))
+
+
+def relation_kl(student: torch.Tensor, teacher: torch.Tensor, heads: int, chunk_rows: int = RELATION_CHUNK_ROWS) -> torch.Tensor:
+    """KL(teacher R || student R), summed over each row's positions, averaged over heads and rows."""
+    b, t, _ = student.shape
+    return by_row_chunks(relation_kl_sum, student, teacher, heads, chunk_rows) / (b * heads * t)
+
+
+def relation_mse(student: torch.Tensor, teacher: torch.Tensor, heads: int, chunk_rows: int = RELATION_CHUNK_ROWS) -> torch.Tensor:
     """Mean squared difference of the relation matrices' causal entries."""
-    s = torch.softmax(relation_logits(student, heads), -1)
-    t = torch.softmax(relation_logits(teacher, heads), -1)
-    seq = s.shape[-1]
-    past = torch.ones(seq, seq, dtype=torch.bool, device=s.device).tril()
-    return ((s - t) ** 2)[..., past].mean()
+    b, t, _ = student.shape
+    return by_row_chunks(relation_mse_sum, student, teacher, heads, chunk_rows) / (b * heads * t * (t + 1) // 2)
 
 
 RELATIONS = {"kl": relation_kl, "mse": relation_mse}
 
 
-def mha_relation_loss(student: dict, teacher: dict, heads: int, weights=(1.0, 1.0, 1.0), kind: str = "kl") -> torch.Tensor:
-    """Sum over Q-Q, K-K, V-V of the weighted relation loss; student/teacher: {"q"|"k"|"v": [B, T, W]}."""
+def mha_relation_loss(student: dict, teacher: dict, heads: int, weights=(1.0, 1.0, 1.0), kind: str = "kl",
+                      chunk_rows: int = RELATION_CHUNK_ROWS) -> torch.Tensor:
+    """Sum over Q-Q, K-K, V-V of the weighted relation loss; student/teacher: {"q"|"k"|"v": [B, T, W]}.
+    chunk_rows: query rows per chunk (0: all rows at once, [B, A, T, T] tensors)."""
     fn = RELATIONS[kind]
-    return sum(w * fn(student[x], teacher[x], heads) for x, w in zip(KINDS, weights) if w)
+    return sum(w * fn(student[x], teacher[x], heads, chunk_rows) for x, w in zip(KINDS, weights) if w)
 
 
 def direct_mha_loss(student: dict, teacher: dict, maps: dict, weights=(1.0, 1.0, 1.0)) -> torch.Tensor:

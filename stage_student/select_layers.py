@@ -60,7 +60,8 @@ class PrunedForward:
     """Runs the teacher with only some of its layers, starting from a stored hidden state where it can."""
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, targets: tuple[torch.Tensor, ...]):
-        self.model, self.ids, self.targets = model.eval(), input_ids, targets
+        device = model.get_input_embeddings().weight.device  # the teacher's (a GPU where there is one)
+        self.model, self.ids, self.targets = model.eval(), input_ids.to(device), tuple(t.to(device) for t in targets)
         self.parent, self.attr = decoder_stack(model)
         self.layers = list(getattr(self.parent, self.attr))
         self.forwards = 0  # layer forwards run, for the record
@@ -224,7 +225,8 @@ def selection_batch(reader, count: int, teacher: nn.Module | None = None) -> tup
     ids = stack("input_ids").long()
     if "topk_ids" not in rows[0]:
         with torch.no_grad():
-            logp = torch.log_softmax(teacher(input_ids=ids).logits[:, :-1].float(), dim=-1)
+            device = teacher.get_input_embeddings().weight.device
+            logp = torch.log_softmax(teacher(input_ids=ids.to(device)).logits[:, :-1].float(), dim=-1).cpu()
         top = logp.topk(min(64, logp.shape[-1]), dim=-1)
         k = top.indices.shape[-1]
         tail = (1 - top.values.double().exp().sum(-1)).clamp(0, 1).float()
@@ -233,12 +235,13 @@ def selection_batch(reader, count: int, teacher: nn.Module | None = None) -> tup
     return ids, (stack("topk_ids").long().reshape(-1, k), stack("topk_logprobs").reshape(-1, k), stack("tail_mass").reshape(-1))
 
 
-def chosen_layers(cfg, reader, teacher: nn.Module, n_student: int) -> tuple[list[int], dict | None]:
+def chosen_layers(cfg, reader, teacher, n_student: int) -> tuple[list[int], dict | None]:
     """(teacher layers to copy, the selection record or None) for cfg.init_layers auto | evenly | a list.
 
-    An auto selection is stored in the run dir (`layer_selection.json`, for --resume) and under
-    $DISTILY_HOME/layer-selection, keyed by everything it depends on, so the next student of the same
-    cache, teacher and depth reuses it.
+    teacher: a TeacherCheckpoint (teacher_weights.py; the search then streams one layer at a time) or a model.
+    An auto selection runs once per job: on rank 0 (the other ranks wait and receive it), stored in the run dir
+    (`layer_selection.json`, for --resume) and under $DISTILY_HOME/layer-selection, keyed by everything it depends
+    on, so the next student of the same cache, teacher and depth reuses it without reading the teacher.
     """
     n_teacher = teacher.config.num_hidden_layers
     if isinstance(cfg.init_layers, list):
@@ -249,6 +252,28 @@ def chosen_layers(cfg, reader, teacher: nn.Module, n_student: int) -> tuple[list
     key = {"version": 1, "teacher_sha256": m["teacher"]["weights_sha256"], "teacher": str(cfg.teacher or m["teacher"]["path"]),
            "dataset": m["dataset"]["fingerprint"], "top_k": reader.top_k, "n_student": n_student,
            "select_sequences": cfg.select_sequences, "slack": GREEDY_SLACK}
+    result = None
+    if not distributed() or torch.distributed.get_rank() == 0:
+        result = stored_or_new_selection(cfg, reader, teacher, n_student, key)
+    result = share_from_rank0(result)
+    return result["layers"], result
+
+
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def share_from_rank0(obj):
+    """rank 0's obj on every rank (the others block until rank 0 has it); obj itself outside torch.distributed."""
+    if not distributed():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def stored_or_new_selection(cfg, reader, teacher, n_student: int, key: dict) -> dict:
+    """A stored selection with this key (run dir first, then $DISTILY_HOME), else a new search; stored in both."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     places = [Path(cfg.output) / "layer_selection.json", distily_home() / "layer-selection" / f"{digest}.json"]
     for path in places:
@@ -258,10 +283,11 @@ def chosen_layers(cfg, reader, teacher: nn.Module, n_student: int) -> tuple[list
             print(format_table(result))
             break
     else:
-        ids, targets = selection_batch(reader, cfg.select_sequences, teacher)
-        result = {**select_layers(teacher, ids, targets, n_student, GREEDY_SLACK), "key": key}
+        model = teacher.streaming_model() if hasattr(teacher, "streaming_model") else teacher
+        ids, targets = selection_batch(reader, cfg.select_sequences, model)
+        result = {**select_layers(model, ids, targets, n_student, GREEDY_SLACK), "key": key}
         path = None
     for place in places:
         place.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(place, result)
-    return result["layers"], {**result, "reused": str(path)} if path else result
+    return {**result, "reused": str(path)} if path else result

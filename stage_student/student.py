@@ -12,7 +12,6 @@ Then, with --student-quant bitnet, the decoder linears become BitNet b1.58 terna
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from pipeline.resolve import resolve_model, tokenizer_fingerprint
 
 from .bitnet import check_student_quant, to_bitnet
 from .select_layers import check_init_layers, chosen_layers, evenly_spaced, layer_list_name
+from .teacher_weights import TeacherCheckpoint, copy_plan
 
 INITS = ("random", "teacher-layers")
 
@@ -118,50 +118,44 @@ def quantize(model, cfg: TrainConfig, info: dict) -> dict:
     return info
 
 
-def load_teacher(cfg: TrainConfig, manifest: dict, dtype=torch.float32):
-    """The teacher model (its weights seed --init teacher-layers; it also runs for --init-layers auto)."""
-    from transformers import AutoModelForCausalLM
-
+def load_teacher(cfg: TrainConfig, manifest: dict) -> TeacherCheckpoint:
+    """The teacher's weights, read lazily by name (teacher_weights.py): --init teacher-layers copies only the kept
+    layers' tensors, and --init-layers auto streams one layer at a time; the whole teacher is never in memory."""
     path = Path(cfg.teacher or manifest["teacher"]["path"])
     if not (path / "config.json").exists():
         raise DistilyError(
             f"--init teacher-layers reads the teacher's weights, but {path} is not a model dir. "
             "Pass --teacher DIR (the teacher model dir), or use --init random."
         )
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return TeacherCheckpoint(path)
 
 
-def copy_teacher_layers(model, weights: dict[str, torch.Tensor], layers: list[int], copy_embeddings: bool) -> None:
-    """Student layer i <- teacher layer layers[i]; non-layer weights (embeddings, norm, head) if asked."""
+def copy_teacher_layers(model, weights, layers: list[int], copy_embeddings: bool) -> None:
+    """Student layer i <- teacher layer layers[i]; non-layer weights (embeddings, norm, head) if asked.
+
+    `weights`: a state dict or a TeacherCheckpoint (read tensor by tensor, cast to the student's dtype as it is
+    copied). Shapes are checked on every rank (from the files' headers); under torch.distributed only rank 0 reads
+    the tensors: DistributedDataParallel broadcasts rank 0's parameters to the other ranks when it wraps the model.
+    """
     own = model.state_dict()
-    prefix = layer_list_name(model)
-    layer_key = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
-    new = {}
-    for name, tensor in weights.items():
-        m = layer_key.search(name)
-        if m:
-            t_layer = int(m.group(1))
-            for s_layer, src in enumerate(layers):
-                if src == t_layer:
-                    new[layer_key.sub(f"{prefix}.{s_layer}.", name, count=1)] = tensor
-        elif copy_embeddings:
-            new[name] = tensor
-    head = next((f"{n}.weight" for n, mod in model.named_modules() if mod is model.get_output_embeddings()), None)
-    embed = next((f"{n}.weight" for n, mod in model.named_modules() if mod is model.get_input_embeddings()), None)
-    if copy_embeddings and head in own and head not in new and embed in new:
-        new[head] = new[embed]  # a tied teacher stores no separate LM head
-    for name, tensor in new.items():
-        if name not in own:
-            continue
-        if own[name].shape != tensor.shape:
+    plan = copy_plan(model, list(weights.keys()), layers, copy_embeddings)
+    for s_name, t_name in plan.items():
+        shape = tuple(weights.shape(t_name)) if hasattr(weights, "shape") else tuple(weights[t_name].shape)
+        if tuple(own[s_name].shape) != shape:
             raise DistilyError(
-                f"--init teacher-layers cannot copy {name}: teacher {tuple(tensor.shape)} vs student "
-                f"{tuple(own[name].shape)}. A narrower student needs --init random."
+                f"--init teacher-layers cannot copy {s_name}: teacher {shape} vs student "
+                f"{tuple(own[s_name].shape)}. A narrower student needs --init random."
             )
-    missing = [n for n in own if n not in new and layer_key.search(n)]
-    if missing:
-        raise DistilyError(f"--init teacher-layers found no teacher weights for {missing[:3]}...")
-    model.load_state_dict({**own, **{k: v for k, v in new.items() if k in own}})
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    by_source: dict[str, list[str]] = {}
+    for s_name, t_name in plan.items():
+        by_source.setdefault(t_name, []).append(s_name)
+    with torch.no_grad():
+        for t_name, s_names in by_source.items():  # one read per teacher tensor, even where two layers copy it
+            tensor = weights[t_name]
+            for s_name in s_names:
+                own[s_name].copy_(tensor)
 
 
 def describe(model) -> dict:

@@ -20,7 +20,7 @@ import random
 import resource
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,11 +38,14 @@ from pipeline.resolve import resolve_model
 from . import attention, chunked, losses
 from .bitnet import check_student_quant
 from .data import CacheStream, auto_workers, make_loader, split_eval
-from .hidden import Projectors, check_hidden_options, mapped_hidden_loss
+from .hidden import Projectors, check_hidden_options
 from .layer_map import MAPPERS, map_layers, required_teacher_layers
+from .parallel import state_digest, wrap
+from .step import AttnSpec, CachedTeacher, Distiller, OnlineTeacher, TeacherBatch, train_step
 from .student import StudentForward, build_student, describe, student_depth
 
 OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "lion8bit", "adamw")
+DIGEST_ENV = "DISTILY_STATE_DIGEST"  # set (tests): digest-rank{r}.log gets a sha256 of params + optimizer state per step
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -184,6 +187,14 @@ def resolve_kd_targets(cfg: TrainConfig, cached: str, kd: bool) -> str:
     return want
 
 
+@contextmanager
+def seeded(seed: int):
+    """Draw initial weights from `seed`, leaving the process's RNG stream as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 # ------------------------------------------------------------------------------------------ the loop
 
 
@@ -237,10 +248,11 @@ class Trainer:
         if attn_copied:
             self.attn_pairs = map_layers("copied", n_student, n_teacher, copied_from=self.student_info.get("teacher_layers"))
             self.check_cached_qkv()
-        self.setup_attention()
-        self.projectors = Projectors(
-            cfg.projector, [s for s, _ in self.pairs], self.model.config.hidden_size, manifest["teacher"]["hidden_size"]
-        )
+        with seeded(cfg.seed):  # the same start on every rank and in every run of this seed, whatever the student
+            self.setup_attention()
+            self.projectors = Projectors(
+                cfg.projector, [s for s, _ in self.pairs], self.model.config.hidden_size, manifest["teacher"]["hidden_size"]
+            )
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.model.to(self.device)
@@ -259,15 +271,21 @@ class Trainer:
         self.loss_spec = chunked.LossSpec(
             kd=cfg.loss if self.kd else None, kd_weight=cfg.kd_weight, ce_weight=1.0 if cfg.loss == "ce" else cfg.ce_weight,
             temperature=cfg.temperature, tail=cfg.tail, beta=cfg.beta, gamma=self.gamma)
-        self.student_forward = StudentForward(self.model, fuse=cfg.loss_chunk_size > 0)
-        self.forward_fn = self.student_forward
-        if self.world > 1:
-            self.forward_fn = torch.nn.parallel.DistributedDataParallel(
-                self.student_forward, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-            # projectors are averaged by hand (they are not part of the DDP module)
+        # the teacher: the cache, or the online reference model behind the same call
+        self.cached = CachedTeacher(self.kd_targets, self.device, cfg.kd_top_k)
+        self.teacher = self.cached if self.online is None else OnlineTeacher(
+            self.online, required_teacher_layers(self.pairs), self.teacher_qkv, self.bf16)
+        student_forward = StudentForward(self.model, fuse=cfg.loss_chunk_size > 0)
         if cfg.compile:
-            self.forward_fn = torch.compile(self.forward_fn)
+            student_forward.compile()  # in place: the state dict keeps its names
+        attn = AttnSpec(cfg.attn_loss, self.attn_pairs, self.relation_heads, tuple(cfg.relation_weights),
+                        cfg.attn_relation_loss)
+        self.distiller = Distiller(student_forward, self.projectors, self.attn_maps, hs_pairs=self.pairs,
+                                   hs_weight=cfg.hs_weight, hs_loss=cfg.hs_loss, hs_norm=cfg.hs_norm, attn=attn,
+                                   attn_weight=cfg.attn_weight, student_qkv=self.student_qkv,
+                                   chunk_size=cfg.loss_chunk_size, bf16=self.bf16)
+        self.train_module = wrap(self.distiller, self.world, self.device,
+                                 find_unused=not self.distiller.uses_every_parameter(self.loss_spec))
 
     def check_cached_layers(self) -> None:
         cfg = self.cfg
@@ -297,6 +315,7 @@ class Trainer:
         cfg = self.cfg
         self.attn_maps = torch.nn.Module()
         self.student_qkv = self.teacher_qkv = None
+        self.relation_heads = 0
         if not self.attn_pairs:
             return
         s_widths = qkv_widths(self.model.config)
@@ -310,108 +329,32 @@ class Trainer:
         else:
             self.attn_maps = attention.AttnMaps([s for s, _ in self.attn_pairs], s_widths, t_widths)
 
-    def attention_loss(self, batch: dict) -> torch.Tensor:
-        """The --attn-loss over the mapped layers (a 1-to-N pair averages its N teacher layers), from the Q/K/V
-        the student's forward just recorded and the cached (or online) teacher's."""
-        cfg = self.cfg
-        teacher = self.teacher_qkv.out if self.teacher_qkv is not None else {
-            l: {x: a.to(self.device) for x, a in parts.items()} for l, parts in batch["qkv"].items()}
-        total = 0.0
-        for s_layer, t_layers in self.attn_pairs:
-            student = self.student_qkv.out[s_layer]
-            for t in t_layers:
-                if cfg.attn_loss == "mha_relation":
-                    part = attention.mha_relation_loss(student, teacher[t], self.relation_heads, cfg.relation_weights,
-                                                       cfg.attn_relation_loss)
-                else:
-                    part = attention.direct_mha_loss(student, teacher[t], self.attn_maps(s_layer), cfg.relation_weights)
-                total = total + part / len(t_layers)
-        return total / len(self.attn_pairs)
-
     # --------------------------------------------------------------------------------------- losses
 
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        """The training step's losses on one micro-batch: KD on the cached (or online) teacher, CE, hidden.
-
-        The LM head runs inside the chunked loss (chunked.py) unless --loss-chunk-size is 0, which keeps the
-        plain full-logits reference path of losses.py."""
-        cfg = self.cfg
+        """The training loss on one micro-batch, through the same module and teacher as train_step."""
         ids = batch["input_ids"].to(self.device)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
-        for recorder in (self.student_qkv, self.teacher_qkv):
-            if recorder is not None:
-                recorder.clear()
-        with autocast:
-            out, student_hidden = self.forward_fn(input_ids=ids, output_hidden_states=bool(self.pairs))
-            if self.online is not None:
-                with torch.no_grad():
-                    teacher = self.online(input_ids=ids, output_hidden_states=bool(self.pairs))
-            targets = chunked.Targets(labels=ids[:, 1:].reshape(-1))
-            if self.kd and self.online is not None:
-                targets.teacher_logits = teacher.logits[:, :-1].reshape(-1, teacher.logits.shape[-1])
-            elif self.kd:
-                vars(targets).update(self.cached_targets(batch, cfg.kd_top_k))
-            parts = self.head_losses(out[:, :-1].reshape(-1, out.shape[-1]), targets, self.loss_spec)
-        if self.pairs:
-            if self.online is not None:
-                teacher_hidden = {l: teacher.hidden_states[l] for l in required_teacher_layers(self.pairs)}
-            else:
-                teacher_hidden = {l: h.to(self.device) for l, h in batch["hidden_states"].items()}
-            parts["hs"] = mapped_hidden_loss(
-                self.pairs, student_hidden, teacher_hidden, self.projectors, cfg.hs_loss, cfg.hs_norm
-            )
-            parts["loss"] = parts["loss"] + cfg.hs_weight * parts["hs"]
-        if self.attn_pairs:
-            parts["attn"] = self.attention_loss(batch)
-            parts["loss"] = parts["loss"] + cfg.attn_weight * parts["attn"]
-        return parts
-
-    def head_losses(self, out, targets: chunked.Targets, spec: chunked.LossSpec) -> dict[str, torch.Tensor]:
-        """KD and CE from the student's output over positions [N, H] (fused head) or its logits [N, V]."""
-        if spec.kd is None and spec.ce_weight == 0:  # e.g. --kd-weight 0 with an attention or hidden loss alone
-            return {"loss": torch.zeros((), device=out.device)}
-        weight, bias = self.student_forward.head()
-        if weight is not None or self.cfg.loss_chunk_size > 0:
-            return chunked.head_losses(out, weight, bias, spec, targets, self.cfg.loss_chunk_size)
-        return chunked.reference_losses(out, spec, targets)  # --loss-chunk-size 0: on the full logits
-
-    def cached_targets(self, batch: dict, kd_top_k: int | None = None) -> dict[str, torch.Tensor]:
-        """chunked.Targets fields of the cached targets, flattened like the logits: the teacher's top-k ids,
-        log-probs and tail mass (its first kd_top_k), or the RS-KD samples' ids, weights and log-probs."""
-        if self.kd_targets == "sampled":
-            m = batch["sample_ids"].shape[-1]
-            return {"sample_ids": batch["sample_ids"].reshape(-1, m).to(self.device),
-                    "sample_weights": batch["sample_weights"].reshape(-1, m).to(self.device),
-                    "teacher_entropy": batch["teacher_entropy"].reshape(-1).to(self.device)}
-        k = batch["topk_ids"].shape[-1]
-        ids, logprobs = batch["topk_ids"].reshape(-1, k), batch["topk_logprobs"].reshape(-1, k)
-        tail = batch["tail_mass"].reshape(-1)
-        if kd_top_k and kd_top_k < k:
-            ids, logprobs, tail = losses.truncate_topk(ids, logprobs, kd_top_k)
-        return {"topk_ids": ids.to(self.device), "topk_logprobs": logprobs.to(self.device), "tail_mass": tail.to(self.device)}
+        return self.train_module(ids, self.teacher(batch, ids, kd=self.kd), self.loss_spec)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out KD and CE loss on the cache's last --eval-sequences sequences (same on every rank)."""
+        """Held-out KD and CE loss on the cache's last --eval-sequences sequences (same on every rank), by the
+        training forward with the eval LossSpec: forward KL on all k cached targets (whatever --kd-top-k or
+        --online-teacher) plus CE, and the attention loss when one is trained."""
         if not self.eval_pairs:
             return {}
         self.model.eval()
         stream = CacheStream(self.cfg.cache, self.eval_pairs, 1, 0, 1, epochs=1, qkv_layers=self.cached_qkv_layers())
-        spec = chunked.LossSpec(kd="forward_kl", ce_weight=1.0)  # KL on all k cached, whatever --kd-top-k
+        spec = chunked.LossSpec(kd="forward_kl", ce_weight=1.0)
         totals: dict[str, float] = {}
         n = 0
         for batch in stream:
             ids = batch["input_ids"].to(self.device)
-            out, _ = self.student_forward(input_ids=ids)
-            if self.attn_pairs:  # the hooks recorded the student's Q/K/V in this forward
-                if self.online is not None:
-                    self.online(input_ids=ids)
-                totals["eval/attn"] = totals.get("eval/attn", 0.0) + self.attention_loss(batch).item()
-            targets = chunked.Targets(labels=ids[:, 1:].reshape(-1), **self.cached_targets(batch))
-            parts = self.head_losses(out[:, :-1].reshape(-1, out.shape[-1]), targets, spec)
-            for k in ("ce", "kd"):
-                name = "eval/ce" if k == "ce" else "eval/forward_kl"
-                totals[name] = totals.get(name, 0.0) + parts[k].item()
+            qkv = self.teacher(batch, ids, kd=False).qkv if self.attn_pairs else {}  # online: its forward
+            parts = self.distiller(ids, TeacherBatch(targets=self.cached.targets(batch), qkv=qkv), spec)
+            for k, name in (("attn", "eval/attn"), ("ce", "eval/ce"), ("kd", "eval/forward_kl")):
+                if k in parts:
+                    totals[name] = totals.get(name, 0.0) + parts[k].item()
             n += 1
         self.model.train()
         return {k: v / n for k, v in totals.items()}
@@ -557,7 +500,8 @@ class Trainer:
                 self.tb.add_scalar(k, v, record["step"])
         self.tb.flush()
 
-    def run(self) -> dict:
+    def begin(self) -> bool:
+        """Resume from the latest checkpoint (--resume) or start afresh; open the logs. True when resumed."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if not cfg.resume and complete_checkpoints(self.checkpoint_dir()):
@@ -571,6 +515,7 @@ class Trainer:
             if cfg.resume and self.rank == 0:
                 print(f"--resume: no checkpoint in {self.checkpoint_dir()}, starting from step 0")
             (self.out / f"data-rank{self.rank}.log").unlink(missing_ok=True)
+            (self.out / f"digest-rank{self.rank}.log").unlink(missing_ok=True)
             if self.rank == 0:
                 (self.out / "log.jsonl").unlink(missing_ok=True)
         if self.rank == 0:
@@ -586,73 +531,73 @@ class Trainer:
             if selection and not resumed:
                 self.log({"step": 0, "init/selection_kl": selection["kl"], "init/evenly_kl": selection["evenly_kl"],
                           "init/selection_seconds": selection["seconds"], "init/teacher_layers": selection["layers"]})
+        if not resumed or self.window is None:
+            self.window = self.new_window()
+        return resumed
+
+    def train_stream(self) -> CacheStream:
+        """This rank's training batches from the loader position of self.step."""
+        cfg = self.cfg
         cached_hidden = [] if self.online is not None else required_teacher_layers(self.pairs)  # online: from its forward
-        stream = CacheStream(cfg.cache, self.train_pairs, cfg.batch_size, cfg.seed, cfg.shuffle_buffer, self.rank,
-                             self.world, start=self.step * cfg.grad_accum, hidden_layers=cached_hidden,
-                             qkv_layers=self.cached_qkv_layers())
+        return CacheStream(cfg.cache, self.train_pairs, cfg.batch_size, cfg.seed, cfg.shuffle_buffer, self.rank,
+                           self.world, start=self.step * cfg.grad_accum, hidden_layers=cached_hidden,
+                           qkv_layers=self.cached_qkv_layers())
+
+    def account(self, stats: dict, step_tokens: int, seconds: float, wait: float, epoch: float) -> dict:
+        """Add a finished step to the logging window; at a logging step, the window's means as a log record."""
+        cfg, w = self.cfg, self.window
+        self.tokens_seen += step_tokens
+        w["time"] += seconds
+        w["data"] += wait
+        w["tokens"] += step_tokens
+        w["steps"] += 1
+        for k, v in stats["losses"].items():
+            name = f"loss/{k}" if k != "loss" else "loss"
+            w["losses"][name] = w["losses"].get(name, 0.0) + v
+        if not (self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps or self.step == 1):
+            return {}
+        current, peak = memory_mb(self.device)
+        steps = w["steps"]
+        record = {
+            "step": self.step, **{k: v / steps for k, v in w["losses"].items()},  # window means
+            "lr": stats["lr"], "grad_norm": stats["grad_norm"], "tokens_seen": self.tokens_seen,
+            "tokens_per_s": w["tokens"] / w["time"], "step_time_s": w["time"] / steps,
+            "data_wait_s": w["data"] / steps, "memory_mb": current, "peak_memory_mb": max(peak, w["peak"]),
+            "epoch": epoch, "window_steps": steps,
+        }
+        if self.step == 1:
+            record["optimizer_state_bytes"] = optimizer_state_bytes(self.optimizer)
+        return record
+
+    def run(self) -> dict:
+        """The loop: fetch grad_accum micro-batches, train_step, log, evaluate, checkpoint; then final/."""
+        cfg = self.cfg
+        self.begin()
+        stream = self.train_stream()
         workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(self.device.type)
         batches = iter(make_loader(stream, workers))
         data_log = open(self.out / f"data-rank{self.rank}.log", "a")
-        stop_at = cfg.max_steps
+        # test hook: each rank writes a digest of its parameters and optimizer state after every step
+        digest = open(self.out / f"digest-rank{self.rank}.log", "a") if os.environ.get(DIGEST_ENV) else None
         self.model.train()
-        if not resumed or self.window is None:
-            self.window = self.new_window()
         last: dict = {}
-        while self.step < stop_at:
+        while self.step < cfg.max_steps:
             t0 = time.perf_counter()
-            sums: dict[str, float] = {}
-            wait = 0.0
-            seqs = []
-            for micro in range(cfg.grad_accum):
-                tw = time.perf_counter()
-                batch = next(batches)
-                wait += time.perf_counter() - tw
-                seqs.extend(batch["seq_index"].tolist())
-                sync = micro == cfg.grad_accum - 1 or self.world == 1
-                ctx = self.forward_fn.no_sync() if not sync and self.world > 1 else nullcontext()
-                with ctx:
-                    parts = self.compute_losses(batch)
-                    (parts["loss"] / cfg.grad_accum).backward()
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v.item() / cfg.grad_accum
-            if self.world > 1:
-                for p in self.projectors.parameters():
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad /= self.world
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-            lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
+            wait = time.perf_counter() - t0
+            stats = train_step(self.train_module, self.teacher, micro_batches, self.loss_spec, self.optimizer,
+                               self.scheduler, cfg.max_grad_norm, self.device)
             self.step += 1
-            step_tokens = len(seqs) * batch["input_ids"].shape[1] * self.world
-            self.tokens_seen += step_tokens
+            if digest:
+                digest.write(f"{self.step} {state_digest(self.distiller, self.optimizer)}\n")
+                digest.flush()
+            seqs = [i for batch in micro_batches for i in batch["seq_index"].tolist()]
             data_log.write(f"{self.step} {' '.join(map(str, seqs))}\n")
-            self.window["time"] += time.perf_counter() - t0
-            self.window["data"] += wait
-            self.window["tokens"] += step_tokens
-            self.window["steps"] += 1
-            last = {"step": self.step, **{f"loss/{k}" if k != "loss" else "loss": v for k, v in sums.items()}}
-            for k, v in last.items():
-                if k != "step":
-                    self.window["losses"][k] = self.window["losses"].get(k, 0.0) + v
-            record = {}
-            if self.step % cfg.logging_steps == 0 or self.step == stop_at or self.step == 1:
-                current, peak = memory_mb(self.device)
-                peak = max(peak, self.window["peak"])
-                steps = self.window["steps"]
-                record = {
-                    "step": self.step, **{k: v / steps for k, v in self.window["losses"].items()},  # window means
-                    "lr": lr, "grad_norm": grad_norm, "tokens_seen": self.tokens_seen,
-                    "tokens_per_s": self.window["tokens"] / self.window["time"], "step_time_s": self.window["time"] / steps,
-                    "data_wait_s": self.window["data"] / steps, "memory_mb": current, "peak_memory_mb": peak,
-                    "epoch": self.step * cfg.grad_accum / stream.per_epoch, "window_steps": steps,
-                }
-                if self.step == 1:
-                    record["optimizer_state_bytes"] = optimizer_state_bytes(self.optimizer)
-            if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step != stop_at:  # the end evaluates below
+            step_tokens = len(seqs) * micro_batches[0]["input_ids"].shape[1] * self.world
+            record = self.account(stats, step_tokens, time.perf_counter() - t0, wait,
+                                  epoch=self.step * cfg.grad_accum / stream.per_epoch)
+            last = {"step": self.step, **{f"loss/{k}" if k != "loss" else "loss": v for k, v in stats["losses"].items()}}
+            if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step != cfg.max_steps:  # the end evaluates below
                 record = {"step": self.step, **record, **self.timed_evaluate(self.window)}
             if record:
                 self.log(record)
@@ -661,16 +606,22 @@ class Trainer:
             if "window_steps" in record:
                 self.window = self.new_window()
             stopping = bool(cfg.stop_after_steps) and self.step >= cfg.stop_after_steps
-            if self.step % cfg.save_steps == 0 or self.step == stop_at or stopping:
+            if self.step % cfg.save_steps == 0 or self.step == cfg.max_steps or stopping:
                 data_log.flush()  # the data log holds every step the checkpoint covers
                 os.fsync(data_log.fileno())
                 self.save_checkpoint()
             if stopping:
                 break  # a time-limited job: the checkpoint above lets --resume continue
         data_log.close()
+        if digest:
+            digest.close()
+        return self.finish(last)
+
+    def finish(self, last: dict) -> dict:
+        """After the loop: the final eval, final/ and result.json when max_steps is reached; close the group."""
         if self.world > 1:
             dist.barrier()
-        result = {**last, "tokens_seen": self.tokens_seen, "finished": self.step >= stop_at}
+        result = {**last, "tokens_seen": self.tokens_seen, "finished": self.step >= self.cfg.max_steps}
         if result["finished"]:
             result.update(self.timed_evaluate())
             result["final"] = str(self.save_final())
