@@ -56,9 +56,11 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     import logging
 
+    # Before the import, which is when it warns: on CPUs with AVX512-BF16 bitsandbytes tries to fetch a 4-bit
+    # inference GEMM from the hub's `kernels` package ("Failed to load CPU gemm_4bit_forward ..."); its 8-bit
+    # optimizers, all distily uses, never call that kernel.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import bitsandbytes as bnb
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU builds warn about optional 4-bit kernels
 
     cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit, "lion8bit": bnb.optim.Lion8bit}
     if name not in cls:

@@ -202,3 +202,12 @@ def test_window_peak_memory_restarts():
     reset_peak_memory(cpu)
     current, peak_after = memory_mb(cpu)
     assert peak_with - peak_after > 150 and peak_after < current + 50
+
+
+def test_bitsandbytes_import_is_quiet_on_cpu():
+    """The 8-bit optimizers come without bitsandbytes' warning about a 4-bit kernel distily never uses."""
+    code = ("import torch; from stage_student.train import make_optimizer; "
+            "make_optimizer('adamw8bit', [torch.nn.Parameter(torch.zeros(4096))], 1e-3, 0.0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "gemm_4bit_forward" not in r.stderr + r.stdout
