@@ -154,13 +154,10 @@ class Distiller(nn.Module):
         return total / len(a.pairs)
 
     def uses_every_parameter(self, spec: chunked.LossSpec) -> bool:
-        """False when a trainable parameter gets no gradient in some step: an untied LM head that no KD or CE
-        term reads (--kd-weight 0 with a hidden or attention loss alone). DDP must then look for unused ones."""
-        head = self.student.model.get_output_embeddings()
-        head_params = {id(p) for p in head.parameters()} if head is not None else set()
-        embed = {id(p) for p in self.student.model.get_input_embeddings().parameters()}
-        untied = bool(head_params - embed)
-        return not (untied and spec.kd is None and spec.ce_weight == 0)
+        """False when some trainable parameter may get no gradient in a step: with no KD or CE term (--kd-weight 0
+        with a hidden or attention loss alone) the head, the final norm and every layer after the last mapped one
+        (or, for an attention loss, the rest of each mapped layer) are unused. DDP must then look for them."""
+        return not (spec.kd is None and spec.ce_weight == 0)
 
 
 def train_step(model, teacher, micro_batches: list[dict], spec: chunked.LossSpec, optimizer, scheduler,

@@ -187,6 +187,10 @@ def check_parallel(cfg, teacher_cfg, model_dir: str) -> None:
 
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"--dtype {cfg.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+    if getattr(cfg, "backend", "vllm") == "vllm":
+        from .vllm_backend import check_vllm_version
+
+        check_vllm_version()  # before the text is tokenised and the weights hashed
     tp, pp = cfg.tensor_parallel_size, getattr(cfg, "pipeline_parallel_size", 1)
     if tp < 1 or pp < 1:
         raise ConfigError(f"--tensor-parallel-size {tp} and --pipeline-parallel-size {pp} must be at least 1")

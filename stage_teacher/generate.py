@@ -264,10 +264,8 @@ class PlainEngine:
     def __init__(self, model_dir: str, cfg: GenerateConfig):
         from .vllm_backend import start_llm
 
-        parallel = {"tensor_parallel_size": cfg.tensor_parallel_size}
-        if cfg.tensor_parallel_size > 1:
-            parallel["distributed_executor_backend"] = "mp"
-        self.llm = start_llm(model_dir, cfg.max_seq_len, cfg.dtype, cfg.enforce_eager, cfg.seed, **parallel)
+        self.llm = start_llm(model_dir, cfg.max_seq_len, cfg.dtype, cfg.enforce_eager, cfg.seed,
+                             tensor_parallel_size=cfg.tensor_parallel_size)
 
     def generate(self, prompts, params) -> list:
         return self.llm.generate(prompts, params, use_tqdm=False)

@@ -109,6 +109,8 @@ def start_llm(model_dir: str, max_model_len: int, dtype: str = "float32", enforc
     """The one place a vLLM engine is built (teacher-cache and generate): in-process engine core, no prefix
     caching (every prompt token passes through the model exactly once)."""
     workers = engine_kwargs.get("tensor_parallel_size", 1) * engine_kwargs.get("pipeline_parallel_size", 1)
+    if workers > 1:
+        engine_kwargs.setdefault("distributed_executor_backend", "mp")  # worker processes (the hooks go to each)
     configure_environment(workers=workers)
     check_vllm_version()
     from vllm import LLM
@@ -145,15 +147,13 @@ class VLLMTeacher:
         self.hooked = bool(hidden_layers) or bool(qkv_layers) or targets_from != "engine"
         self.configure(spec, targets_from, qkv_layers)  # checked before the engine starts
         parallel = {"tensor_parallel_size": tensor_parallel_size, "pipeline_parallel_size": pipeline_parallel_size}
-        if tensor_parallel_size * pipeline_parallel_size > 1:
-            parallel["distributed_executor_backend"] = "mp"
         self.llm = start_llm(model_dir, max_seq_len + 1, dtype, enforce_eager or self.hooked, seed,
                              max_logprobs=max_logprobs, **parallel, **(engine_kwargs or {}))
         self.workers: list[dict] = []
         if self.hooked:
             from . import vllm_hooks
 
-            self.workers = self.llm.collective_rpc(vllm_hooks.install, args=(num_layers, self.hidden_layers, True))
+            self.workers = self.llm.collective_rpc(vllm_hooks.install, args=(num_layers, self.hidden_layers))
 
     def configure(self, spec: TargetSpec, targets_from: str, qkv_layers: list[int] = ()) -> None:
         """Targets (and Q/K/V layers) for the next calls: one engine serves every spec; switching to hooks needs
@@ -188,7 +188,7 @@ class VLLMTeacher:
             if missing:
                 raise CacheError(f"--qkv-layers: layers {missing} of this vLLM model have no fused qkv_proj to hook; "
                                  "capture Q/K/V with --backend hf")
-            self.llm.collective_rpc(vllm_hooks.begin, args=(sequences, self.qkv_layers))
+            self.llm.collective_rpc(vllm_hooks.begin, args=(sequences, self.qkv_layers, self.targets_from == "hooks"))
         prompts = [TokensPrompt(prompt_token_ids=row.tolist()) for row in sequences]
         return self.llm.generate(prompts, self.params, use_tqdm=False)
 

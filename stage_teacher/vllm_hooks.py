@@ -44,14 +44,14 @@ class Placement:
 
 
 class Recorder:
-    def __init__(self, model: torch.nn.Module, num_layers: int, hidden_layers: list[int], want_final: bool):
+    def __init__(self, model: torch.nn.Module, num_layers: int, hidden_layers: list[int]):
         from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
         self.model = model
         self.decoder = find_decoder(model, num_layers)
         self.num_layers = num_layers
         self.hidden_layers = sorted(hidden_layers)
-        self.want_final = want_final
+        self.want_final = False  # per pass (begin): the LM head's input is kept only when the hooks make the targets
         self.qkv_layers: list[int] = []
         self.tp_rank, self.tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
         self.pp_rank, self.last_stage = get_pp_group().rank_in_group, get_pp_group().is_last_rank
@@ -115,7 +115,8 @@ class Recorder:
         return store[key]
 
     def _on_embeddings(self, module, args, kwargs) -> None:
-        if self.step.runs:  # the stream entering layer 1: the embeddings, scaled where the model scales them
+        if self.step.runs and self.tp_rank == 0:  # the stream entering layer 1 (embeddings, scaled where the model
+            # scales them); replicated over tensor ranks, so rank 0's copy is the one kept
             h = kwargs.get("hidden_states", args[1] if len(args) > 1 else None)
             self._write(self._buffer(self.hidden, 0, h, torch.float32), h.detach())
 
@@ -128,7 +129,7 @@ class Recorder:
             else:
                 h = out
             h = h.detach()
-            if layer in self.hidden_layers:
+            if layer in self.hidden_layers and self.tp_rank == 0:  # replicated over tensor ranks: rank 0's is kept
                 self._write(self._buffer(self.hidden, layer, h, torch.float32), h)
             if layer == self.num_layers and self.want_final:  # the LM head's input, kept in the model's dtype
                 self._write(self._buffer(self.final, 0, h, h.dtype), h)
@@ -145,7 +146,8 @@ class Recorder:
 
     # ------------------------------------------------------------------------------------------- calls
 
-    def begin(self, sequences: np.ndarray, qkv_layers: list[int]) -> None:
+    def begin(self, sequences: np.ndarray, qkv_layers: list[int], want_final: bool) -> None:
+        self.want_final = want_final
         self.sequences = torch.from_numpy(np.asarray(sequences, dtype=np.int64))
         self.filled = np.zeros(len(sequences), dtype=np.int64)
         self.qkv_layers = sorted(qkv_layers)
@@ -157,6 +159,8 @@ class Recorder:
         """This worker's share of the shard: targets (tensor rank 0 of the last stage), hidden states (tensor
         rank 0 of the stage owning them), its Q/K/V partitions. Every rank must call it (the LM head is a collective)."""
         n, t = self.sequences.shape
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the pass's non-blocking copies into pinned host buffers have all landed
         if (self.filled != t).any():
             bad = int(np.nonzero(self.filled != t)[0][0])
             self.sequences = None
@@ -175,8 +179,6 @@ class Recorder:
     @torch.no_grad()
     def _targets(self, final: torch.Tensor, spec: TargetSpec, seq_index: np.ndarray) -> dict | None:
         device = next(self.model.parameters()).device
-        if final.is_pinned():
-            torch.cuda.synchronize()  # the non-blocking copies into the pinned buffer have landed
         nexts = self.sequences[:, 1:]
         per_sequence = []
         for i in range(len(final)):
@@ -198,17 +200,17 @@ def _missing(module: torch.nn.Module) -> bool:
 # ----------------------------------------------------------------------- the functions collective_rpc runs
 
 
-def install(worker, num_layers: int, hidden_layers: list[int], want_final: bool) -> dict:
+def install(worker, num_layers: int, hidden_layers: list[int]) -> dict:
     """Hooks on this worker's model; returns what the driver checks (layers owned, Q/K/V splits)."""
     global _RECORDER
-    _RECORDER = Recorder(worker.get_model(), num_layers, hidden_layers, want_final)
+    _RECORDER = Recorder(worker.get_model(), num_layers, hidden_layers)
     r = _RECORDER
     return {"tp_rank": r.tp_rank, "tp_size": r.tp_size, "pp_rank": r.pp_rank, "owned": sorted(r.owned),
             "qkv_hookable": sorted(r.splits), "kv_replicas": r.kv_replicas}
 
 
-def begin(worker, sequences: np.ndarray, qkv_layers: list[int]) -> None:
-    _RECORDER.begin(sequences, qkv_layers)
+def begin(worker, sequences: np.ndarray, qkv_layers: list[int], want_final: bool) -> None:
+    _RECORDER.begin(sequences, qkv_layers, want_final)
 
 
 def finish(worker, spec: TargetSpec | None, seq_index: np.ndarray) -> dict:
