@@ -22,7 +22,7 @@ from pipeline.errors import DistilyError
 from pipeline.resolve import resolve_model, tokenizer_fingerprint
 
 from .bitnet import check_student_quant, to_bitnet
-from .select_layers import check_init_layers, chosen_layers, evenly_spaced, layer_list_name
+from .select_layers import check_init_layers, chosen_layers, distributed, evenly_spaced, layer_list_name
 from .teacher_weights import TeacherCheckpoint, copy_plan
 
 INITS = ("random", "teacher-layers")
@@ -146,8 +146,8 @@ def copy_teacher_layers(model, weights, layers: list[int], copy_embeddings: bool
                 f"--init teacher-layers cannot copy {s_name}: teacher {shape} vs student "
                 f"{tuple(own[s_name].shape)}. A narrower student needs --init random."
             )
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        return
+    if distributed() and torch.distributed.get_rank() != 0:
+        return  # DDP broadcasts rank 0's weights when it wraps the model
     by_source: dict[str, list[str]] = {}
     for s_name, t_name in plan.items():
         by_source.setdefault(t_name, []).append(s_name)
