@@ -12,6 +12,7 @@ leaves unused (the LM head at --kd-weight 0). Evaluation calls the same forward 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -160,14 +161,14 @@ class Distiller(nn.Module):
         return not (spec.kd is None and spec.ce_weight == 0)
 
 
-def train_step(model, teacher, micro_batches: list[dict], spec: chunked.LossSpec, optimizer, scheduler,
+def train_step(model, teacher, micro_batches: Iterable[dict], n: int, spec: chunked.LossSpec, optimizer, scheduler,
                max_grad_norm: float, device: torch.device) -> dict:
-    """One optimizer step over `micro_batches` (gradient accumulation): each micro-batch's loss / their count
-    is backpropagated (under DDP the gradients are averaged over ranks on the last one only), then the global
-    gradient norm is clipped and the optimizer and scheduler step.
+    """One optimizer step over the n `micro_batches` (gradient accumulation; an iterator, so only one micro-batch
+    with its cached hidden states is held at a time): each micro-batch's loss / n is backpropagated (under DDP
+    the gradients are averaged over ranks on the last one only), then the global gradient norm is clipped and
+    the optimizer and scheduler step.
 
     Returns {"losses": {name: mean over the micro-batches}, "grad_norm": before clipping, "lr": the step's}."""
-    n = len(micro_batches)
     sums: dict[str, float] = {}
     for i, batch in enumerate(micro_batches):
         ids = batch["input_ids"].to(device)

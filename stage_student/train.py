@@ -585,17 +585,27 @@ class Trainer:
         last: dict = {}
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
-            micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
-            wait = time.perf_counter() - t0
-            stats = train_step(self.train_module, self.teacher, micro_batches, self.loss_spec, self.optimizer,
-                               self.scheduler, cfg.max_grad_norm, self.device)
+            fetched = {"seqs": [], "wait": 0.0, "seq_len": 0}
+
+            def micro_batches():  # one at a time: what the data log and the step's accounting need, kept aside
+                for _ in range(cfg.grad_accum):
+                    t = time.perf_counter()
+                    batch = next(batches)
+                    fetched["wait"] += time.perf_counter() - t
+                    fetched["seqs"] += batch["seq_index"].tolist()
+                    fetched["seq_len"] = batch["input_ids"].shape[1]
+                    yield batch
+
+            stats = train_step(self.train_module, self.teacher, micro_batches(), cfg.grad_accum, self.loss_spec,
+                               self.optimizer, self.scheduler, cfg.max_grad_norm, self.device)
+            wait = fetched["wait"]
             self.step += 1
             if digest:
                 digest.write(f"{self.step} {state_digest(self.distiller, self.optimizer)}\n")
                 digest.flush()
-            seqs = [i for batch in micro_batches for i in batch["seq_index"].tolist()]
+            seqs = fetched["seqs"]
             data_log.write(f"{self.step} {' '.join(map(str, seqs))}\n")
-            step_tokens = len(seqs) * micro_batches[0]["input_ids"].shape[1] * self.world
+            step_tokens = len(seqs) * fetched["seq_len"] * self.world
             record = self.account(stats, step_tokens, time.perf_counter() - t0, wait,
                                   epoch=self.step * cfg.grad_accum / stream.per_epoch)
             last = {"step": self.step, **{f"loss/{k}" if k != "loss" else "loss": v for k, v in stats["losses"].items()}}
