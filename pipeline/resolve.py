@@ -156,7 +156,9 @@ def tokenise(tokenizer, texts: list[str], max_tokens: int | None = None) -> tupl
     document is in it). Stops once max_tokens are in."""
     if tokenizer.eos_token_id is None:
         raise CacheError("the tokenizer has no EOS token to join documents with")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False) else []
+    from .token_store import document_bos
+
+    bos = document_bos(tokenizer)
     ids: list[int] = []
     for batch_start in range(0, len(texts), 256):
         enc = tokenizer(texts[batch_start : batch_start + 256], add_special_tokens=False)["input_ids"]

@@ -223,6 +223,12 @@ def next_chunk(rows: int, tokens: int, total_rows: int, max_tokens: int | None, 
     return min(left, max(FIRST_ROWS, math.ceil(wanted * rows / tokens * 1.1)))
 
 
+def document_bos(tokenizer) -> list[int]:
+    """What starts each document in a stream: [BOS] where the tokenizer adds one, else nothing (every document
+    then ends with EOS). The one rule both the store and resolve.tokenise, its reference, follow."""
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False) else []
+
+
 def encode_rows(batch: dict, tokenizer, column: str, bos: list[int]) -> dict:
     """One batch of rows as token ids: BOS (where the tokenizer adds one), the text's ids, EOS; rows that are
     not text or only whitespace give no tokens (as `resolve.tokenise` skips them)."""
@@ -241,7 +247,7 @@ def append_chunk(tokenizer, rows_ds, column: str, arrow_file: Path, out, process
     `out` and delete the files. Returns the number of tokens appended."""
     from datasets import Features, Sequence, Value
 
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False) else []
+    bos = document_bos(tokenizer)
     num_proc = min(processes, len(rows_ds) // ROWS_PER_PROCESS) or None  # None: in this process
     mapped = rows_ds.map(
         encode_rows, batched=True, batch_size=256, num_proc=num_proc, remove_columns=[column],
