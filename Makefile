@@ -39,7 +39,7 @@ CACHE_ARGS = -o $(RUNS)/cache $(call opt,--teacher,$(TEACHER)) $(call opt,--data
 TRAIN_ARGS = --cache $(RUNS)/cache --student-layers $(STUDENT_LAYERS) --init teacher-layers --init-layers $(INIT_LAYERS) --optimizer $(OPTIMIZER) \
 	--max-steps $(STEPS) --batch-size $(BATCH) --lr $(LR) --warmup-steps 5 --save-steps 20 --logging-steps 5 --eval-sequences 16
 
-.PHONY: setup demo generate teacher-cache train-student train-student-ce eval test bench bench-scale bench-capture-memory gpu-check faults study study-generate clean
+.PHONY: setup demo generate teacher-cache train-student train-student-ce eval test bench bench-scale bench-reader bench-capture-memory gpu-check faults study study-generate clean
 
 setup: $(VENV)/.installed
 
@@ -83,7 +83,10 @@ demo: setup
 	echo "  CE student:   $(RUNS)/student-ce/final" && \
 	echo "  report:       $(RUNS)/eval/eval.md, eval.json, training_loss.png, eval_comparison.png"
 
+# The gguf extra builds llama.cpp (llama-cpp-python, CPU only, minutes, once) for tests/test_gguf_export.py.
 test: setup
+	$(BIN)/python -c "import llama_cpp, gguf" 2>/dev/null || CMAKE_ARGS="-DGGML_CUDA=OFF -DGGML_BLAS=OFF -DLLAMA_CURL=OFF" \
+		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q $(PIP_ARGS) -e '.[gguf]'
 	$(BIN)/python -m pytest -q $(TEST_ARGS)
 
 bench: setup
@@ -93,6 +96,10 @@ bench: setup
 SIZES ?= 1M,10M,100M
 bench-scale: setup
 	$(BIN)/python tests/bench/bench_scale.py --sizes $(SIZES) --json bench-results/scale.json
+
+# One DataLoader worker's decode rate (tokens/s) on synthetic 4,096-wide caches, against a GPU's 30,000 tokens/s.
+bench-reader: setup
+	$(BIN)/python tests/bench/bench_reader.py --json bench-results/reader.json
 
 # Peak RSS and speed of a capture with 4 hidden layers: this checkout (TP=1 and TP=3) against BEFORE (a git ref).
 BEFORE ?= HEAD~1
@@ -110,9 +117,16 @@ faults: setup
 	$(BIN)/python tests/bench/faults.py --json bench-results/faults.json
 
 # Which recipe gives the best student at the demo's budget (about 70 min here); resumable, row by row.
+# STUDY_STEPS=200: a second budget in its own dirs (bench-results/study-200); rows already done are skipped, so it
+# can run in parts (STUDY_ROWS=ce,kd-auto-k64 runs only those).
+STUDY_STEPS ?= $(STEPS)
+STUDY_ROWS ?=
+STUDY_DIR = study$(if $(filter-out 30,$(STUDY_STEPS)),-$(STUDY_STEPS))
 study: setup
 	$(BIN)/python tests/bench/bench_temperature.py --json bench-results/temperature.json
-	$(BIN)/python tests/bench/study.py --out bench-results/study --runs runs/study --steps $(STEPS)
+	$(BIN)/python tests/bench/study.py --out bench-results/$(STUDY_DIR) --runs runs/$(STUDY_DIR) --steps $(STUDY_STEPS) \
+		$(call opt,--rows,$(STUDY_ROWS))
+	$(BIN)/python tests/bench/study_cross_tokenizer.py --out bench-results/cross-tokenizer --runs runs/study-cross --steps 300
 
 # Students trained on data the teacher wrote (distily generate) against the corpus, at equal tokens and steps.
 study-generate: setup

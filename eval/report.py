@@ -150,6 +150,19 @@ def model_card(student: str, results: dict[str, dict], table: str, run_config: d
                   f"- optimizer `{cfg['optimizer']}`, lr {cfg['lr']} ({cfg['lr_schedule']}, warmup {cfg['warmup_steps']}), "
                   f"batch {cfg['batch_size']} x accum {cfg['grad_accum']} x world {run_config.get('world_size', 1)}, {cfg['max_steps']} steps",
                   f"- tokens seen: {run_config.get('tokens_seen', 'see log.jsonl')}", ""]
+        cross = run_config.get("cross_tokenizer")
+        if cross:  # a student with another tokenizer (stage_student/cross_tokenizer.py)
+            pre = cross.get("preflight", {})
+            lines += ["### Cross-tokenizer distillation", "",
+                      f"- method `{cross['method']}`; student tokenizer sha256 `{cross['student_tokenizer']['sha256'][:16]}`, "
+                      f"vocab {cross['student_tokenizer']['vocab_size']}; {cross['exact_teacher_tokens']} teacher tokens "
+                      f"map to byte-identical student tokens, {cross['prefix_teacher_tokens']} more to the student token "
+                      "their text starts with",
+                      f"- on {pre.get('sequences')} cached sequences: {pre.get('aligned_positions')} aligned positions, "
+                      f"{pre.get('student_share_with_target', 0):.1%} of student positions with a teacher target, "
+                      f"{pre.get('mapped_coverage', 0):.1%} of the teacher's mass on mapped tokens there "
+                      f"({pre.get('exact_coverage', 0):.1%} byte-identical), "
+                      f"{pre.get('exact_share', 0):.1%} exact (same next token), {pre.get('span_share', 0):.1%} spans", ""]
         selection = run_config["student"].get("layer_selection")
         if selection:
             lines += ["### Layer selection (`--init-layers auto`)", "",

@@ -12,6 +12,9 @@ Public API (used by the trainer, by users and by our checks)::
         seq["sample_ids"], seq["sample_counts"]  # RS-KD caches: [T-1, m], padding id -1 with count 0; also
         seq["sample_weights"], seq["teacher_entropy"]  # count / N (x p/q at t != 1); H(p) per position [T-1]
 
+    reader.read_hidden(shard, layers=[16], rows=slice(3, 4))  # {16: [1, T, H]}: reads and decodes only that
+                                                               # (format 3; older files are decompressed whole)
+
 Values come back decoded (int64 ids, float32 log-probs and hidden states) whatever the stored form and version.
 """
 from __future__ import annotations
@@ -101,8 +104,10 @@ def write_shard(
         entry["sample_unique_sum"] = int(columns["sample_lengths"].astype(np.int64).sum())
     if hidden or qkv:
         tensors = encode_tensors(hidden, cap["hidden_dtype"], qkv)
-        raw = save_tensors(tensors)
-        hidden_bytes = zstandard.ZstdCompressor(level=schema.ZSTD_LEVEL).compress(raw)
+        if manifest.get("format_version", 1) >= schema.ROW_FRAMES_VERSION:
+            hidden_bytes = save_row_frames(tensors)
+        else:  # the layout of versions 1 and 2: the whole safetensors file as one zstd frame
+            hidden_bytes = zstandard.ZstdCompressor(level=schema.ZSTD_LEVEL).compress(save_tensors(tensors))
         atomic_write_bytes(cache_dir / schema.hidden_name(index), hidden_bytes)
         entry.update(
             hidden_file=schema.hidden_name(index),
@@ -161,6 +166,54 @@ def save_tensors(tensors: dict) -> bytes:
     return save(tensors)
 
 
+def save_row_frames(tensors: dict) -> bytes:
+    """Stored tensors [N, ...] -> a version-3 hidden-state file: per tensor, each row one zstd frame (schema.py)."""
+    from safetensors.numpy import save
+
+    cctx = zstandard.ZstdCompressor(level=schema.ZSTD_LEVEL)
+    blobs, index = {}, {}
+    for key, t in tensors.items():
+        raw, code = raw_view(t)
+        frames = [cctx.compress(row) for row in raw.reshape(len(raw), -1)]
+        index[key] = {"dtype": code, "shape": list(raw.shape), "frames": np.cumsum([0] + [len(f) for f in frames]).tolist()}
+        blobs[key] = np.frombuffer(b"".join(frames), dtype=np.uint8)
+    return save(blobs, metadata={schema.ROW_FRAMES_KEY: json.dumps(index)})
+
+
+# A stored tensor as numpy: its elements with the same bit width (bfloat16, which numpy lacks, as uint16) and the
+# safetensors code of its dtype.
+SAFETENSORS_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "I8": np.int8, "I16": np.int16}
+
+
+def raw_view(t: "torch.Tensor") -> tuple[np.ndarray, str]:
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy().view(np.uint16), "BF16"
+    raw = t.contiguous().numpy()
+    code = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items() if k != "BF16"}[raw.dtype]
+    return raw, code
+
+
+def as_float32(raw: np.ndarray, code: str) -> np.ndarray:
+    """A stored tensor's values as a new float32 array (exact: every stored dtype fits in float32)."""
+    if code == "BF16":  # bfloat16 is the top half of a float32 (numpy: 2.7x faster than torch's .float() here)
+        bits = raw.astype(np.uint32)
+        bits <<= 16
+        return bits.view(np.float32)
+    return raw.astype(np.float32)
+
+
+def decode_stored(read, key: str, keys) -> np.ndarray:
+    """One tensor as float32 from its stored form; read(key) -> (raw, code) of a stored tensor (some of its rows)."""
+    h = as_float32(*read(key))
+    if f"{key}_scale" in keys:  # int8 codes x the per-token scale, then the exact outliers put back
+        h *= as_float32(*read(f"{key}_scale"))[..., None]
+        idx = read(f"{key}_outlier_idx")[0].astype(np.int64)
+        np.put_along_axis(h, idx, as_float32(*read(f"{key}_outlier_val")), axis=-1)
+    return h
+
+
 def encode_tensor(key: str, h: "torch.Tensor", dtype: str) -> dict:
     """One [N, T, H] tensor in a stored dtype. int8: each token's few largest-magnitude values in bfloat16 with
     their channel, the rest as int8 codes with a per-token absmax scale."""
@@ -184,11 +237,9 @@ def decode_hidden(tensors: dict, layer: int) -> "torch.Tensor":
 
 
 def decode_tensor(tensors: dict, key: str) -> "torch.Tensor":
-    h = tensors[key].float()
-    if f"{key}_scale" in tensors:  # int8
-        h = h * tensors[f"{key}_scale"][..., None]
-        h.scatter_(-1, tensors[f"{key}_outlier_idx"].long(), tensors[f"{key}_outlier_val"].float())
-    return h
+    import torch
+
+    return torch.from_numpy(decode_stored(lambda k: raw_view(tensors[k]), key, tensors))
 
 
 def column_bytes(parquet_bytes: bytes) -> dict[str, int]:
@@ -349,24 +400,45 @@ class CacheReader:
     def qkv_layers(self) -> list[int]:
         return list(self.manifest["capture"].get("qkv_layers", []))
 
-    def _tensors(self, shard: dict) -> dict:
-        from safetensors.torch import load
+    def open_hidden(self, shard: dict, hidden_layers: list[int] | None = None,
+                    qkv_layers: list[int] | None = None) -> HiddenFile:
+        """The shard's hidden-state file, ready to read rows of these layers' tensors (default: all captured)."""
+        hidden_layers = self.hidden_layers if hidden_layers is None else hidden_layers
+        qkv_layers = self.qkv_layers if qkv_layers is None else qkv_layers
+        names = [schema.hidden_key(l) for l in hidden_layers]
+        names += [schema.qkv_key(kind, l) for l in qkv_layers for kind in schema.QKV]
+        path = self._join(shard["hidden_file"])
+        try:
+            if self.manifest.get("format_version", 1) >= schema.ROW_FRAMES_VERSION:
+                hfile = RowFrames(self.fs, path)
+            else:
+                hfile = WholeFile(self.fs, path, names)
+        except FileNotFoundError as e:
+            raise CacheError(f"{self.path}: {shard['hidden_file']} is missing; run `distily verify` or rebuild") from e
+        except (ValueError, KeyError, zstandard.ZstdError) as e:
+            raise CacheError(f"{self.path}: {shard['hidden_file']} is corrupt ({e}); rebuild it by rerunning the capture") from e
+        missing = [n for n in names if n not in hfile.keys]
+        if missing:
+            raise CacheError(f"{self.path}: {shard['hidden_file']} holds no {', '.join(missing)}; the cache captured "
+                             f"hidden layers {self.hidden_layers} and Q/K/V layers {self.qkv_layers}")
+        return hfile
 
-        with self.fs.open(self._join(shard["hidden_file"]), "rb") as f:
-            return load(zstandard.ZstdDecompressor().decompress(f.read()))
+    def read_hidden(self, shard: dict, layers: list[int] | None = None, rows: slice | None = None) -> dict[int, np.ndarray]:
+        """{layer: [N, T, H]} float32 (rows: only those); decodes only these layers."""
+        return self.read_extras(shard, self.hidden_layers if layers is None else layers, [], rows)[0]
 
-    def read_hidden(self, shard: dict, layers: list[int] | None = None) -> dict[int, np.ndarray]:
-        return self.read_extras(shard, self.hidden_layers if layers is None else layers, [])[0]
-
-    def read_qkv(self, shard: dict, layers: list[int] | None = None) -> dict[int, dict[str, np.ndarray]]:
+    def read_qkv(self, shard: dict, layers: list[int] | None = None, rows: slice | None = None) -> dict[int, dict[str, np.ndarray]]:
         """{layer: {"q": [N, T, d_q], "k": [N, T, d_kv], "v": [N, T, d_kv]}} float32 (--qkv-layers captures)."""
-        return self.read_extras(shard, [], self.qkv_layers if layers is None else layers)[1]
+        return self.read_extras(shard, [], self.qkv_layers if layers is None else layers, rows)[1]
 
-    def read_extras(self, shard: dict, hidden_layers: list[int], qkv_layers: list[int]) -> tuple[dict, dict]:
-        """(hidden states, Q/K/V) of these layers from the shard's hidden-state file, read and decompressed once."""
-        tensors = self._tensors(shard)
-        hidden = {l: decode_hidden(tensors, l).numpy() for l in hidden_layers}
-        qkv = {l: {kind: decode_tensor(tensors, schema.qkv_key(kind, l)).numpy() for kind in schema.QKV} for l in qkv_layers}
+    def read_extras(self, shard: dict, hidden_layers: list[int], qkv_layers: list[int],
+                    rows: slice | None = None) -> tuple[dict, dict]:
+        """(hidden states, Q/K/V) of these layers (and rows, default all) from the shard's hidden-state file. A
+        version-3 file reads and decompresses only these tensors' rows; an older one is decompressed whole."""
+        hfile = self.open_hidden(shard, hidden_layers, qkv_layers)
+        rows = slice(None) if rows is None else rows
+        hidden = {l: hfile.decode(schema.hidden_key(l), rows) for l in hidden_layers}
+        qkv = {l: {kind: hfile.decode(schema.qkv_key(kind, l), rows) for kind in schema.QKV} for l in qkv_layers}
         return hidden, qkv
 
     def iter_sequences(self, hidden: bool = True) -> Iterator[dict]:
@@ -445,6 +517,70 @@ class CacheReader:
             if problems:
                 break
         return problems
+
+
+def read_header(fetch) -> tuple[dict, int]:
+    """A safetensors header and where its data starts; fetch(start, end) -> those bytes of the file."""
+    size = int.from_bytes(fetch(0, 8), "little")
+    return json.loads(fetch(8, 8 + size)), 8 + size
+
+
+class HiddenFile:
+    """One shard's hidden-state file, opened: `keys` are its stored tensors, read(key, rows) gives some rows of one
+    in stored form, decode(key, rows) as float32."""
+
+    keys: set[str]
+
+    def read(self, key: str, rows: slice) -> tuple[np.ndarray, str]:
+        raise NotImplementedError
+
+    def decode(self, key: str, rows: slice) -> np.ndarray:
+        return decode_stored(lambda k: self.read(k, rows), key, self.keys)
+
+
+class RowFrames(HiddenFile):
+    """A version-3 hidden-state file: reads the rows of one tensor with one range read and decompresses only them."""
+
+    def __init__(self, fs, path: str):
+        self.fs, self.path = fs, path
+        header, self.data_start = read_header(lambda a, b: fs.cat_file(path, start=a, end=b))
+        self.index = json.loads(header["__metadata__"][schema.ROW_FRAMES_KEY])
+        self.begin = {k: v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+        self.keys = set(self.index)
+        self.dctx = zstandard.ZstdDecompressor()
+
+    def read(self, key: str, rows: slice) -> tuple[np.ndarray, str]:
+        """Rows [start, stop) of a stored tensor: (raw [rows, ...], safetensors dtype code)."""
+        info = self.index[key]
+        start, stop, _ = rows.indices(info["shape"][0])
+        frames = info["frames"][start : stop + 1]
+        at = self.data_start + self.begin[key]
+        blob = self.fs.cat_file(self.path, start=at + frames[0], end=at + frames[-1])
+        view = memoryview(blob)
+        parts = [self.dctx.decompress(view[a - frames[0] : b - frames[0]]) for a, b in zip(frames, frames[1:])]
+        raw = np.frombuffer(parts[0] if len(parts) == 1 else b"".join(parts), dtype=SAFETENSORS_DTYPES[info["dtype"]])
+        return raw.reshape(len(parts), *info["shape"][1:]), info["dtype"]
+
+
+class WholeFile(HiddenFile):
+    """A version-1/2 hidden-state file: the safetensors file is one zstd frame, decompressed once on opening; only
+    the tensors of `names` (and their int8 parts) are kept, in their stored form."""
+
+    def __init__(self, fs, path: str, names: list[str]):
+        with fs.open(path, "rb") as f:
+            blob = zstandard.ZstdDecompressor().decompress(f.read())
+        header, start = read_header(lambda a, b: blob[a:b])
+        self.keys = {k for k in header if k != "__metadata__"}
+        wanted = {f"{n}{part}" for n in names for part in ("", "_scale", "_outlier_idx", "_outlier_val")}
+        self.tensors = {}
+        for k in self.keys & wanted:
+            (a, b), code = header[k]["data_offsets"], header[k]["dtype"]
+            raw = np.frombuffer(blob[start + a : start + b], SAFETENSORS_DTYPES[code])  # a copy: the blob is freed
+            self.tensors[k] = raw.reshape(header[k]["shape"]), code
+
+    def read(self, key: str, rows: slice) -> tuple[np.ndarray, str]:
+        raw, code = self.tensors[key]
+        return raw[rows], code
 
 
 def verify_shard_files(cache_dir: str | os.PathLike, shard: dict, fs=None) -> str | None:

@@ -115,6 +115,10 @@ class TrainConfig:
     cache: str = opt("runs/cache", "Teacher cache dir or fsspec URL.")
     output: str = opt("runs/student", "Run dir.", names=("-o",))
     student: str | None = opt(None, "Student HF model dir/id.", shown="a recipe from the teacher config")
+    cross_tokenizer: str = opt("none", "A --student whose tokenizer is not the cache's: none (refused) | bucket (KD at "
+                               "byte-aligned positions over tokens mapped by their bytes + a rest bucket) | gold (bucket + ULD "
+                               "on the unmapped mass) | uld (sorted-probability Wasserstein, no mapping). "
+                               "docs/cross-tokenizer.md.")
     student_layers: int | None = opt(None, "Recipe: number of layers.", shown="teacher's / 2")
     student_config: dict = opt(help='Recipe: config overrides as JSON, e.g. \'{"hidden_size": 384}\'.', factory=dict, shown="none")
     init: str = opt("teacher-layers", "Initialisation: random | teacher-layers.")
@@ -128,7 +132,11 @@ class TrainConfig:
     student_quant: str = opt("none", "Student weights: none | bitnet (BitNet b1.58: ternary decoder linears with absmean "
                              "scale, int8 per-token activations, straight-through gradients; embeddings and LM head "
                              "stay full precision).")
-    loss: str = opt("forward_kl", "forward_kl | reverse_kl | jsd | skew_kl | skew_rkl | cakld | tvd | ce.")
+    int8_training: bool = opt(False, "Decoder linears compute forward and backward matmuls in int8 with dynamic row-wise "
+                              "scales (torchao's int8 mixed-precision training); weights stay float. "
+                              "docs/train-student.md.")
+    loss: str = opt("forward_kl", "forward_kl | reverse_kl | jsd | skew_kl | skew_rkl | cakld | tvd | sinkhorn (Sinkhorn "
+                    "divergence over the top-k + rest buckets, discrete ground cost, eps 0.1) | ce.")
     temperature: float = opt(1.0, "KD temperature.")
     kd_targets: str = opt("auto", "Cached targets for KD: topk | sampled (RS-KD, unbiased; --loss forward_kl) | auto (top-k "
                           "when cached, else sampled).")
@@ -141,7 +149,8 @@ class TrainConfig:
     kd_weight: float = opt(1.0, "Weight of the logit KD loss.")
     ce_weight: float = opt(0.0, "Weight of CE on the true next token.")
     hs_weight: float = opt(0.0, "Weight of the hidden-state loss.")
-    hs_loss: str = opt("mse", "Hidden-state loss: mse | cosine.")
+    hs_loss: str = opt("mse", "Hidden-state loss: mse | cosine | mutual_information (-InfoNCE over the micro-batch's "
+                       "positions, temperature 0.1) | logsum (Distily's: log sum |S - T|^4).")
     hs_norm: str = opt("none", "Hidden-state norm: none | layernorm | teacher_layernorm.")
     layer_mapper: str = opt("last", "last | uniform | last-k | all | copied | uniform-consecutive | uniform+last | "
                             "upper-middle.")
@@ -158,7 +167,14 @@ class TrainConfig:
     attn_layer_mapper: str = opt("upper-middle", "Which student layer learns which teacher layer's attention (the "
                                  "--layer-mapper choices); upper-middle: the student's last <- teacher layer L - L/8 "
                                  "(2310.08797, MiniLMv2).")
-    optimizer: str = opt("adamw8bit", "adamw8bit | paged_adamw8bit | lion8bit | adamw.")
+    optimizer: str = opt("adamw8bit", "adamw8bit | paged_adamw8bit | lion8bit (bitsandbytes) | ao_adamw8bit (torchao's; "
+                         "works with --parallel fsdp) | adamw.")
+    loss_balance: str = opt("none", "Combining the logit loss's gradient with the hidden/attention losses': none (their "
+                            "sum) | pcgrad (an auxiliary gradient that conflicts with the logit one loses its component "
+                            "along it) | gradnorm (each auxiliary gradient rescaled to its weight x the logit gradient's "
+                            "norm). One process. Cosines and norms are logged every window (grad/cos_hs, ...).")
+    parallel: str = opt("ddp", "Under torchrun: ddp (every rank holds the whole student) | fsdp (fully_shard: weights, "
+                        "gradients and optimizer state split over the ranks; --optimizer ao_adamw8bit or adamw).")
     lr: float = opt(3e-4, "Peak learning rate.")
     weight_decay: float = opt(0.0, "Weight decay.")
     warmup_steps: int = opt(10, "Linear warm-up steps.")
@@ -174,6 +190,8 @@ class TrainConfig:
     seed: int = opt(0, "Seed for init and data order.")
     shuffle_buffer: int = opt(256, "Shuffle buffer across shards, in sequences.")
     num_workers: int | None = opt(None, "DataLoader workers decoding shards.", shown="1 on GPUs, 0 on CPUs without a spare core")
+    embedding_noise: float = opt(0.0, "NEFTune (arXiv 2310.05914): uniform noise in +-alpha/sqrt(T x H) on the student's "
+                                 "input embeddings while training (transformers' hook); alpha, e.g. 5. 0: off.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward (less memory).")
     compile: bool = opt(False, "torch.compile the student's forward (inductor; CPUs need a C compiler).")
     bf16: bool | None = opt(None, "bf16 autocast.", shown="on when CUDA is available")
@@ -206,7 +224,10 @@ class ExportConfig:
     run_dir: str = opt("runs/student", "A train-student run dir, or its final/ dir.", positional=True)
     output: str = opt("runs/student-bitnet", "Export dir (replaced if it holds an earlier export).", positional=True)
     format: str = opt("bitnet", "bitnet: packed 2-bit ternary safetensors (four codes per byte + a scale per "
-                      "matrix) that transformers' AutoModelForCausalLM loads.")
+                      "matrix) that transformers' AutoModelForCausalLM loads | gguf: OUTPUT/model.gguf for llama.cpp "
+                      "(Llama-family students; needs the gguf extra).")
+    gguf_type: str = opt("tq2_0", "With --format gguf: tq2_0 (2.06 bits) | tq1_0 (1.69 bits), the llama.cpp type of "
+                         "ternary matrices whose rows are a multiple of 256 (the others: exact Q4_0).")
 
 
 SECTIONS = {"generate": GenerateConfig, "teacher_cache": CaptureConfig, "train_student": TrainConfig, "eval": EvalConfig,

@@ -7,7 +7,8 @@ A manifest is a plain JSON dict::
             vocab_size}                     # weights_sha256_source: hashed | reused (pipeline/resolve.py)
     tokenizer{sha256, vocab_size, eos_token_id, bos_token_id, pad_token_id}
     capture{backend, targets_from, targets, top_k, logprob_dtype, samples, sample_temperature, sample_seed,
-            hidden_layers, hidden_dtype, logprobs, max_seq_len, sequences_per_shard}
+            hidden_layers, hidden_dtype, logprobs, max_seq_len, sequences_per_shard,
+            targets_vocab}                  # only when the head is padded: see targets_vocab() below
     dataset{spec, fingerprint, num_sequences, num_tokens}
     job{num_shards, shard_index}            # the array-job split this manifest covers
     shards[{index, file, hidden_file, rows, tokens, sha256, hidden_sha256, bytes, column_bytes, hidden_bytes}]
@@ -159,6 +160,12 @@ def read_manifest(path: str | os.PathLike, fs=None) -> dict:
         return manifest
     with opener(journal, "r") as f:
         return fold_journal(manifest, parse_journal(f.read(), journal))
+
+
+def targets_vocab(manifest: dict) -> int:
+    """How many token ids the cached targets range over: capture.targets_vocab (len(tokenizer)) when the teacher's
+    head has padding rows the capture cut off, else (no field: every older cache) the teacher's whole head."""
+    return manifest["capture"].get("targets_vocab", manifest["teacher"]["vocab_size"])
 
 
 IDENTITY_KEYS = ("format_version", "teacher", "tokenizer", "capture", "dataset")

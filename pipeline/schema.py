@@ -6,7 +6,7 @@ A cache directory looks like this::
     tokenizer/                         # the teacher's tokenizer (save_pretrained), so students need no teacher
     teacher_config.json                # the teacher's HF config, for student recipes
     shard-00000.parquet                # tokens and teacher targets of sequences [0, N)  (zstd Parquet)
-    shard-00000.hidden.safetensors.zst # hidden states of the same sequences (zstd-compressed safetensors)
+    shard-00000.hidden.safetensors.zst # hidden states of the same sequences (safetensors of zstd frames, below)
     shard-00001.parquet ...
 
 Parquet rows are sequences. Per-position columns are flattened row-major lists so that Arrow stores them as
@@ -50,15 +50,25 @@ last), the outputs of its attention's query, key and value projections: ``q_{l}`
 model's order (d_q = heads x head_dim, d_kv = key-value heads x head_dim: grouped-query widths as the model has
 them), stored like the hidden states (``--hidden-dtype``). The manifest's ``capture.qkv`` gives the widths.
 
+The hidden-state file (version 3) is a safetensors file whose tensors are zstd frames, one per row: tensor
+``layer_{i}`` holds the N frames of the stored ``layer_{i}`` one after the other (uint8), and the header's
+metadata key ROW_FRAMES_KEY holds, per tensor, its stored dtype (a safetensors code: BF16, F16, F32, I8, I16),
+its shape [N, T, ...] and the N + 1 offsets of its frames. A reader fetches one tensor's rows (one range read
+of the file) and decompresses only them. Versions 1 and 2 zstd-compress the whole safetensors file as one frame.
+
 Version history: 1 = int32 ids, float32 log-probs, top-k only; 2 = narrow ids, quantised log-probs, sampled
-targets, int8 hidden states. Readers read every version in READABLE_VERSIONS.
+targets, int8 hidden states; 3 = the hidden-state file as row frames (the Parquet shards are those of 2). A cache
+without hidden states or Q/K/V is written as version 2 (format_version()): nothing in it changed, so its
+identity stays that of caches written before. Readers read every version in READABLE_VERSIONS.
 """
 from __future__ import annotations
 
 import pyarrow as pa
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+ROW_FRAMES_VERSION = 3  # from this version on the hidden-state file is row frames
+ROW_FRAMES_KEY = "distily_row_frames"
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 TEACHER_CONFIG = "teacher_config.json"
@@ -110,6 +120,11 @@ def parquet_schema(manifest: dict) -> pa.Schema:
             fields += [("sample_iw", pa.list_(pa.float32()))]
         fields += [("teacher_entropy", pa.list_(pa.float32()))]
     return pa.schema(fields)
+
+
+def format_version(hidden_layers, qkv_layers) -> int:
+    """The version a new cache is written in: FORMAT_VERSION when it has a hidden-state file, else 2."""
+    return FORMAT_VERSION if hidden_layers or qkv_layers else 2
 
 
 def shard_name(index: int) -> str:

@@ -20,13 +20,19 @@ put back together in place:  dL/dz_j = g_rest * softmax(z / t masked to j outsid
 the tail tokens, g_j for the top-k, + g_y at the true token. Any other target (the full-vocabulary
 --online-teacher) takes `autograd_chunk`, the reference losses on each chunk. Both equal losses.py to
 float32 rounding (tests/test_chunked_loss.py).
+
+Padded vocabularies (LossSpec.vocab = the cache's real tokens, len(tokenizer)): every loss is over the first
+`vocab` logits only. The fused head uses the first `vocab` rows of the weight (tied or untied; the padding rows get
+no gradient), unfused logits and the online teacher's logits are cut to the same columns.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.errors import DistilyError
 
 from . import losses
 
@@ -42,6 +48,7 @@ class LossSpec:
     tail: str = "bucket"
     beta: float = 0.5
     gamma: float = 0.5
+    vocab: int | None = None  # the real tokens: logits beyond (padding rows of a head) are cut; None: the whole head
 
 
 @dataclass
@@ -64,6 +71,7 @@ def head_losses(hidden, head_weight, head_bias, spec: LossSpec, targets: Targets
 
     head_weight None: `hidden` already holds the logits [N, V] (heads that are not a plain linear layer).
     """
+    hidden, head_weight, head_bias, targets = real_tokens(spec.vocab, hidden, head_weight, head_bias, targets)
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, head_weight, head_bias))
     n = hidden.shape[0]
@@ -78,6 +86,24 @@ def head_losses(hidden, head_weight, head_bias, spec: LossSpec, targets: Targets
     out = {name: parts[i] for i, name in enumerate(names)}
     out["loss"] = total
     return out
+
+
+def real_tokens(vocab: int | None, hidden, head_weight, head_bias, targets: Targets):
+    """The head (its first `vocab` rows) or the logits [N, V] (their first `vocab` columns), and the online
+    teacher's logits, cut to the real tokens. Views, only where something is wider: the gradient flows back to
+    the rows kept."""
+    if vocab is None:
+        return hidden, head_weight, head_bias, targets
+    width = head_weight.shape[0] if head_weight is not None else hidden.shape[-1]
+    if width < vocab:
+        raise DistilyError(f"the student's LM head has {width} rows, fewer than the {vocab} tokens of the targets")
+    if width > vocab and head_weight is not None:
+        head_weight, head_bias = head_weight[:vocab], None if head_bias is None else head_bias[:vocab]
+    elif width > vocab:
+        hidden = hidden[:, :vocab]
+    if targets.teacher_logits is not None and targets.teacher_logits.shape[-1] > vocab:
+        targets = replace(targets, teacher_logits=targets.teacher_logits[:, :vocab])
+    return hidden, head_weight, head_bias, targets
 
 
 class _FusedHead(torch.autograd.Function):
@@ -242,6 +268,7 @@ def _zero_if_none(g, like):
 
 def reference_losses(logits, spec: LossSpec, t: Targets) -> dict:
     """The losses of losses.py on full logits [N, V] (the reference; --loss-chunk-size 0), differentiable."""
+    logits, _, _, t = real_tokens(spec.vocab, logits, None, None, t)
     values = {}
     if spec.kd is not None and t.teacher_logits is not None:
         values["kd"] = losses.kd_loss_full(spec.kd, logits, t.teacher_logits, spec.temperature, spec.beta, spec.gamma)

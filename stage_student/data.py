@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.cache import SAMPLE_KEYS, CacheReader
+from pipeline.schema import QKV, hidden_key, qkv_key
 from pipeline.errors import CacheError
 
 
@@ -66,8 +67,9 @@ def rank_batches(pairs, seed, epoch, buffer, rank, world, batch_size) -> list[li
 class CacheStream(IterableDataset):
     def __init__(self, cache: str, pairs, batch_size: int, seed: int, buffer: int, rank: int = 0, world: int = 1,
                  start: int = 0, hidden_layers: list[int] | None = None, epochs: int | None = None,
-                 qkv_layers: list[int] | None = None):
+                 qkv_layers: list[int] | None = None, collate_fn=None):
         self.cache, self.pairs, self.batch_size = cache, pairs, batch_size
+        self.collate = collate_fn or collate  # cross-tokenizer runs: cross_tokenizer.CrossTokenizer
         self.seed, self.buffer, self.rank, self.world, self.start = seed, buffer, rank, world, start
         self.hidden_layers, self.epochs, self.qkv_layers = hidden_layers or [], epochs, qkv_layers or []
         self.per_epoch = len(rank_batches(pairs, seed, 0, buffer, rank, world, batch_size))
@@ -86,22 +88,22 @@ class CacheStream(IterableDataset):
             if epoch != batches_epoch:
                 batches = rank_batches(self.pairs, self.seed, epoch, self.buffer, self.rank, self.world, self.batch_size)
                 batches_epoch = epoch
-            yield collate([self._row(reader, shards, cache, keep, s, r) for s, r in batches[b]])
+            yield self.collate([self._row(reader, shards, cache, keep, s, r) for s, r in batches[b]])
             m += nw
 
     def _row(self, reader, shards, cache, keep, s, r):
-        if s not in cache:
-            data = reader.read_shard(shards[s], hidden=False)
-            if self.hidden_layers or self.qkv_layers:  # one read of the hidden-state file serves both
-                data["hidden_states"], data["qkv"] = reader.read_extras(shards[s], self.hidden_layers, self.qkv_layers)
-            cache[s] = data
+        if s not in cache:  # a shard's Parquet is decoded once; its hidden-state file is opened, read row by row
+            hfile = (reader.open_hidden(shards[s], self.hidden_layers, self.qkv_layers)
+                     if self.hidden_layers or self.qkv_layers else None)
+            cache[s] = reader.read_shard(shards[s], hidden=False), hfile
             while len(cache) > keep:
                 cache.popitem(last=False)
         cache.move_to_end(s)
-        data = cache[s]
-        row = {k: v[r] for k, v in data.items() if k not in ("hidden_states", "qkv")}
-        row["hidden_states"] = {l: h[r] for l, h in data.get("hidden_states", {}).items()}
-        row["qkv"] = {l: {x: a[r] for x, a in parts.items()} for l, parts in data.get("qkv", {}).items()}
+        data, hfile = cache[s]
+        row = {k: v[r] for k, v in data.items()}
+        rows = slice(r, r + 1)
+        row["hidden_states"] = {l: hfile.decode(hidden_key(l), rows)[0] for l in self.hidden_layers}
+        row["qkv"] = {l: {x: hfile.decode(qkv_key(x, l), rows)[0] for x in QKV} for l in self.qkv_layers}
         return row
 
 

@@ -14,6 +14,7 @@ writes what those weights quantise to, in transformers' offline BitNet format (t
 The codes and scales come from bitnet.ternary_codes, the function the training forward uses, so the export is
 the trained model exactly (up to float rounding of the rescaling order). Written into OUTPUT.tmp-*, fsynced and
 renamed: an interrupted export never leaves a half-written OUTPUT. Sizes go to OUTPUT/export.json.
+`--format gguf` writes OUTPUT/model.gguf for llama.cpp instead, through the same steps (gguf_export.py).
 """
 from __future__ import annotations
 
@@ -29,9 +30,10 @@ from pipeline.config import ExportConfig
 from pipeline.errors import DistilyError
 from pipeline.manifest import atomic_write_json, fsync_dir, fsync_tree, read_json
 
+from . import gguf_export
 from .bitnet import quantization_config, ternary_codes, to_bitnet
 
-FORMATS = ("bitnet",)
+FORMATS = ("bitnet", "gguf")
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "F16": 2, "BF16": 2, "I32": 4,
                "F32": 4, "I64": 8, "F64": 8}
 
@@ -126,11 +128,14 @@ def replace_dir(tmp: Path, out: Path) -> None:
 
 
 def export(cfg: ExportConfig, log=print) -> dict:
-    """Write the packed export of cfg.run_dir to cfg.output; return (and print) its sizes."""
+    """Write the export of cfg.run_dir to cfg.output (--format bitnet: packed safetensors; gguf: gguf_export.py);
+    return (and print) its sizes."""
     if cfg.format not in FORMATS:
         raise DistilyError(f"--format {cfg.format!r} is unknown; choose one of {', '.join(FORMATS)}")
     src = model_dir(cfg.run_dir)
     check_bitnet_dir(src)
+    if cfg.format == "gguf":
+        gguf_export.check(read_json(src / "config.json"), cfg.gguf_type)
     out = Path(cfg.output)
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise DistilyError(f"OUTPUT {out} would write into the student dir {src}: choose another output dir")
@@ -138,27 +143,36 @@ def export(cfg: ExportConfig, log=print) -> dict:
         raise DistilyError(f"OUTPUT {out} exists and is not an earlier export (no export.json): choose an empty or new dir")
 
     model, names = load_latent(src)
-    state = model.state_dict()
-    for name in names:
-        state.update(pack_linear(name, model.get_submodule(name)))
-    linear_params = sum(model.get_submodule(n).weight.numel() for n in names)
-    keep = model.config.quantization_config["modules_to_not_convert"]  # as training computed it (to_bitnet)
-    model.config.quantization_config = quantization_config("offline", keep)
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        copy_tokenizer(src, tmp)
-        sizes = {**accounting(tmp, names, linear_params), "source": str(src)}
+        tmp.mkdir()
+        if cfg.format == "gguf":
+            sizes = gguf_export.write(model, names, src, tmp, cfg.gguf_type)
+        else:
+            sizes = write_packed(model, names, src, tmp)
+        sizes["source"] = str(src)
         atomic_write_json(tmp / "export.json", sizes)
         fsync_tree(tmp)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(describe(sizes, out))
+    log(gguf_export.describe(sizes, out) if cfg.format == "gguf" else describe(sizes, out))
     return {**sizes, "output": str(out)}
+
+
+def write_packed(model, names: list[str], src: Path, tmp: Path) -> dict:
+    """transformers' offline BitNet dir in `tmp`: packed linears, the rest as trained, the tokenizer."""
+    state = model.state_dict()
+    for name in names:
+        state.update(pack_linear(name, model.get_submodule(name)))
+    linear_params = sum(model.get_submodule(n).weight.numel() for n in names)
+    keep = model.config.quantization_config["modules_to_not_convert"]  # as training computed it (to_bitnet)
+    model.config.quantization_config = quantization_config("offline", keep)
+    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    copy_tokenizer(src, tmp)
+    return accounting(tmp, names, linear_params)
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import attention, chunked, losses
+from . import attention, chunked, cross_loss, losses
+from . import balance as balancing
+from .cross_tokenizer import to_device
 from .hidden import mapped_hidden_loss
 
 
@@ -42,13 +44,16 @@ class CachedTeacher:
     def __call__(self, batch: dict, ids: torch.Tensor, kd: bool = True) -> TeacherBatch:
         """kd: with the KD targets (else only what the hidden-state and attention losses read)."""
         return TeacherBatch(
-            targets=self.targets(batch, self.kd_top_k) if kd else {},
+            targets=self.targets(batch, self.kd_top_k) if kd or "cross" in batch else {},
             hidden={l: h.to(self.device) for l, h in batch.get("hidden_states", {}).items()},
             qkv={l: {x: a.to(self.device) for x, a in parts.items()} for l, parts in batch.get("qkv", {}).items()})
 
     def targets(self, batch: dict, kd_top_k: int | None = None) -> dict[str, torch.Tensor]:
         """chunked.Targets fields, flattened like the logits: the teacher's top-k ids, log-probs and tail mass
-        (its first kd_top_k), or the RS-KD samples' ids, weights and entropy."""
+        (its first kd_top_k), or the RS-KD samples' ids, weights and entropy. A cross-tokenizer batch carries its
+        aligned rows and the student's labels instead (cross_tokenizer.py), with or without KD."""
+        if "cross" in batch:
+            return {"cross": to_device(batch["cross"], self.device)}
         if self.kind == "sampled":
             m = batch["sample_ids"].shape[-1]
             return {"sample_ids": batch["sample_ids"].reshape(-1, m).to(self.device),
@@ -118,15 +123,24 @@ class Distiller(nn.Module):
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with autocast:
             out, student_hidden = self.student(input_ids=ids, output_hidden_states=hs)
-            targets = chunked.Targets(labels=ids[:, 1:].reshape(-1), **teacher.targets)
-            parts = self.head_losses(out[:, :-1].reshape(-1, out.shape[-1]), targets, spec)
+            if "cross" in teacher.targets:  # a student with another tokenizer: cross_loss.py
+                parts = cross_loss.head_losses(out[:, :-1].reshape(-1, out.shape[-1]), *self.student.head(), spec,
+                                               teacher.targets["cross"])
+            else:
+                targets = chunked.Targets(labels=ids[:, 1:].reshape(-1), **teacher.targets)
+                parts = self.head_losses(out[:, :-1].reshape(-1, out.shape[-1]), targets, spec)
+        self.terms = {"logit": parts["loss"]}  # the weighted terms whose sum is the loss (balance.py reads them)
         if hs:
             parts["hs"] = mapped_hidden_loss(self.hs_pairs, student_hidden, teacher.hidden, self.projectors,
                                              self.hs_loss, self.hs_norm)
-            parts["loss"] = parts["loss"] + self.hs_weight * parts["hs"]
+            self.terms["hs"] = self.hs_weight * parts["hs"]
+            parts["loss"] = parts["loss"] + self.terms["hs"]
         if self.attn.pairs and teacher.qkv:
             parts["attn"] = self.attention_loss(teacher.qkv)
-            parts["loss"] = parts["loss"] + self.attn_weight * parts["attn"]
+            self.terms["attn"] = self.attn_weight * parts["attn"]
+            parts["loss"] = parts["loss"] + self.terms["attn"]
+        if not self.terms["logit"].requires_grad:  # no KD or CE term in this run
+            del self.terms["logit"]
         return parts
 
     def head_losses(self, out, targets: chunked.Targets, spec: chunked.LossSpec) -> dict[str, torch.Tensor]:
@@ -162,26 +176,57 @@ class Distiller(nn.Module):
 
 
 def train_step(model, teacher, micro_batches: Iterable[dict], n: int, spec: chunked.LossSpec, optimizer, scheduler,
-               max_grad_norm: float, device: torch.device) -> dict:
+               max_grad_norm: float, device: torch.device, balance: str = "none") -> dict:
     """One optimizer step over the n `micro_batches` (gradient accumulation; an iterator, so only one micro-batch
     with its cached hidden states is held at a time): each micro-batch's loss / n is backpropagated (under DDP
-    the gradients are averaged over ranks on the last one only), then the global gradient norm is clipped and
-    the optimizer and scheduler step.
+    the gradients are averaged over ranks on the last one only; under FSDP reduce-scattered on the last one),
+    then the global gradient norm is clipped and the optimizer and scheduler step.
 
-    Returns {"losses": {name: mean over the micro-batches}, "grad_norm": before clipping, "lr": the step's}."""
-    sums: dict[str, float] = {}
+    Returns {"losses": {name: mean over the micro-batches, a 0-d tensor on the device}, "grad_norm": before
+    clipping (a tensor), "lr": the step's}. Nothing here waits for the device: the caller reads the values
+    once per logging window.
+
+    balance (--loss-balance, one process): each weighted term's gradient is taken alone and they are combined
+    by balance.combine (pcgrad | gradnorm) instead of one backward of their sum."""
+    sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
         ids = batch["input_ids"].to(device)
         last = i == n - 1
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP
+            model.set_requires_gradient_sync(last)
         with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             parts = model(ids, teacher(batch, ids, kd=spec.kd is not None), spec)
-            (parts["loss"] / n).backward()
+            if balance == "none":
+                (parts["loss"] / n).backward()
+            else:
+                balanced_backward(model, n, balance)
         for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v.item() / n
+            sums[k] = sums.get(k, 0.0) + v.detach().float() / n
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
-    lr = scheduler.get_last_lr()[0]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    lr = float(scheduler.get_last_lr()[0])  # torchao's optimizers hold lr as a (host) tensor
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {"losses": sums, "grad_norm": grad_norm, "lr": lr}
+
+
+def balanced_backward(model: Distiller, n: int, method: str) -> None:
+    """Add this micro-batch's balanced gradient / n to .grad: one autograd pass per weighted term, combined."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    ratios = {"hs": model.hs_weight, "attn": model.attn_weight}
+    grads = balancing.combine(balancing.term_gradients(model.terms, params), method, ratios)
+    for p, g in zip(params, grads):
+        g = (g / n).to(p.dtype)
+        p.grad = g if p.grad is None else p.grad + g
+
+
+def gradient_cosines(model: Distiller, teacher, batch: dict, spec: chunked.LossSpec, device: torch.device) -> dict:
+    """The measurement: on `batch`, each weighted term's gradient alone (nothing accumulated in .grad), their
+    norms and each auxiliary's cosine with the logit gradient (balance.cosines); {} with fewer than two terms."""
+    ids = batch["input_ids"].to(device)
+    model(ids, teacher(batch, ids, kd=spec.kd is not None), spec)
+    if len(model.terms) < 2:
+        return {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return balancing.cosines(balancing.term_gradients(model.terms, params))

@@ -19,10 +19,11 @@ import torch
 from pipeline.cache import CacheReader
 from pipeline.config import TrainConfig
 from pipeline.errors import DistilyError
+from pipeline.manifest import targets_vocab
 from pipeline.resolve import resolve_model, tokenizer_fingerprint
 
 from .bitnet import check_student_quant, to_bitnet
-from .select_layers import check_init_layers, chosen_layers, distributed, evenly_spaced, layer_list_name
+from .select_layers import check_init_layers, chosen_layers, distributed, evenly_spaced
 from .teacher_weights import TeacherCheckpoint, copy_plan
 
 INITS = ("random", "teacher-layers")
@@ -40,8 +41,24 @@ def check_tokenizer(tokenizer, manifest: dict, where: str) -> None:
         raise DistilyError(
             f"the tokenizer of {where} (vocab {got['vocab_size']}, sha256 {got['sha256'][:12]}) is not the "
             f"cache's (vocab {want['vocab_size']}, sha256 {want['sha256'][:12]}): its token ids would not "
-            "match the cached teacher distributions. Use a student with the teacher's tokenizer."
+            "match the cached teacher distributions. Use a student with the teacher's tokenizer, or distil into "
+            "this one with --cross-tokenizer bucket (docs/cross-tokenizer.md)."
         )
+
+
+def check_head_rows(rows: int, manifest: dict, where: str) -> None:
+    """A student (or online teacher) head of any width that covers the token ids of the cache's targets: the losses
+    use its first targets_vocab rows (chunked.real_tokens); rows beyond are padding. A narrower one is refused."""
+    vocab, tokens = targets_vocab(manifest), manifest["tokenizer"]["vocab_size"]
+    if rows >= vocab:
+        return
+    old = (f" This cache was captured before padded heads were cut: its targets range over the teacher's whole "
+           f"{vocab}-row head. Recapture it with this version to cover the tokenizer's {tokens} tokens only."
+           if vocab > tokens else "")
+    raise DistilyError(
+        f"{where} has an LM head of {rows} rows (vocab_size), fewer than the {vocab} token ids of the cache's targets: "
+        f"it cannot produce tokens {rows}..{vocab - 1}. Use a model whose vocab_size is at least {vocab} (e.g. "
+        f"model.resize_token_embeddings({vocab}) and save it); a wider head (padding rows) is fine.{old}")
 
 
 def student_depth(cfg: TrainConfig, reader: CacheReader) -> int:
@@ -60,17 +77,16 @@ def build_student(cfg: TrainConfig, reader: CacheReader):
 
     check_student_quant(cfg.student_quant)
     manifest = reader.manifest
-    vocab = manifest["teacher"]["vocab_size"]
     if cfg.init not in INITS:
         raise DistilyError(f"--init {cfg.init!r} is unknown; choose one of {', '.join(INITS)}")
     if cfg.student:
         path, _ = resolve_model(cfg.student)
         has_tokenizer = any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
         tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else load_tokenizer(reader)
-        check_tokenizer(tokenizer, manifest, f"--student {cfg.student}")
+        if cfg.cross_tokenizer == "none":  # else its own tokenizer and head (cross_tokenizer.py)
+            check_tokenizer(tokenizer, manifest, f"--student {cfg.student}")
+            check_head_rows(AutoConfig.from_pretrained(path).vocab_size, manifest, f"--student {cfg.student}")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        if model.config.vocab_size != vocab:
-            raise DistilyError(f"--student {cfg.student} has vocab_size {model.config.vocab_size}, the cache's teacher {vocab}")
         return model, tokenizer, quantize(model, cfg, {"student": cfg.student, "init": "pretrained"})
 
     tokenizer = load_tokenizer(reader)
@@ -100,6 +116,7 @@ def build_student(cfg: TrainConfig, reader: CacheReader):
     depth_key = type(AutoConfig.for_model(teacher_cfg["model_type"])).attribute_map.get("num_hidden_layers", "num_hidden_layers")
     student_cfg.update(overrides, **{depth_key: n_student})  # n_layer for GPT-2
     config = AutoConfig.for_model(**student_cfg)
+    check_head_rows(config.vocab_size, manifest, "the student recipe (--student-config)")
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if teacher is not None:
@@ -112,9 +129,14 @@ def build_student(cfg: TrainConfig, reader: CacheReader):
 
 
 def quantize(model, cfg: TrainConfig, info: dict) -> dict:
-    """--student-quant bitnet: the built (and teacher-initialised) student's decoder linears become ternary."""
+    """--student-quant bitnet: the built (and teacher-initialised) student's decoder linears become ternary;
+    --int8-training: they compute their matmuls in int8 instead."""
     if cfg.student_quant == "bitnet":
         info["quant"] = {"kind": "bitnet", "modules": len(to_bitnet(model))}
+    if cfg.int8_training:  # int8 matmuls, float weights (int8.py); imported here: torchao takes seconds to import
+        from .int8 import to_int8_training
+
+        info["int8_training"] = {"modules": len(to_int8_training(model))}
     return info
 
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import logging
 import math
 import os
 import random
 import resource
 import shutil
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -31,20 +33,22 @@ import torch.distributed as dist
 from pipeline.cache import CacheReader
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError, DistilyError
-from pipeline.manifest import atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree, identity
+from pipeline.manifest import atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree, identity, targets_vocab
 from pipeline.qkv import QKVRecorder, qkv_widths
 from pipeline.resolve import resolve_model
 
-from . import attention, chunked, losses
+from . import attention, chunked, cross_tokenizer, losses
 from .bitnet import check_student_quant
 from .data import CacheStream, auto_workers, make_loader, split_eval
 from .hidden import Projectors, check_hidden_options
 from .layer_map import MAPPERS, map_layers, required_teacher_layers
-from .parallel import state_digest, wrap
-from .step import AttnSpec, CachedTeacher, Distiller, OnlineTeacher, TeacherBatch, train_step
+from .parallel import (FSDP_OPTIMIZERS, PARALLEL, full_state_dict, global_value, is_sharded, mean_over_ranks,
+                       state_digest, wrap)
+from .balance import BALANCES
+from .step import AttnSpec, CachedTeacher, Distiller, OnlineTeacher, TeacherBatch, gradient_cosines, train_step
 from .student import StudentForward, build_student, describe, student_depth
 
-OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "lion8bit", "adamw")
+OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "lion8bit", "ao_adamw8bit", "adamw")
 DIGEST_ENV = "DISTILY_STATE_DIGEST"  # set (tests): digest-rank{r}.log gets a sha256 of params + optimizer state per step
 
 
@@ -54,8 +58,12 @@ DIGEST_ENV = "DISTILY_STATE_DIGEST"  # set (tests): digest-rank{r}.log gets a sh
 def make_optimizer(name: str, params, lr: float, weight_decay: float):
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    import logging
+    if name == "ao_adamw8bit":  # torchao's: its 8-bit state works on FSDP's DTensor shards
+        logging.getLogger("torchao").setLevel(logging.ERROR)  # on CPU: "Failed to load ... _C_mxfp8" (CUDA kernels)
+        warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching")  # its compiled step, harmless
+        from torchao.optim import AdamW8bit
 
+        return AdamW8bit(params, lr=lr, weight_decay=weight_decay)
     # Before the import, which is when it warns: on CPUs with AVX512-BF16 bitsandbytes tries to fetch a 4-bit
     # inference GEMM from the hub's `kernels` package ("Failed to load CPU gemm_4bit_forward ..."); its 8-bit
     # optimizers, all distily uses, never call that kernel.
@@ -81,7 +89,18 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def optimizer_state_bytes(optimizer) -> int:
-    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+    """Bytes of optimizer state this rank holds (its shard under FSDP; the packed bytes of 8-bit state)."""
+    return sum(tensor_bytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        t = t.to_local()
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):  # a tensor subclass (torchao's 8-bit state)
+        return sum(tensor_bytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+    return t.numel() * t.element_size()
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -122,16 +141,15 @@ def cache_fingerprint(manifest: dict) -> str:
 
 
 def load_online_teacher(path: str, manifest: dict):
-    """The --online-teacher reference model, after checking it speaks the cache's tokenizer."""
+    """The --online-teacher reference model, after checking it speaks the cache's tokenizer and its head covers the
+    cache's tokens (padding rows beyond them are cut from its logits in the loss, as the capture cut them)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .student import check_tokenizer
+    from .student import check_head_rows, check_tokenizer
 
     local, _ = resolve_model(path)
     check_tokenizer(AutoTokenizer.from_pretrained(local), manifest, f"--online-teacher {path}")
-    vocab = AutoConfig.from_pretrained(local).vocab_size
-    if vocab != manifest["teacher"]["vocab_size"]:
-        raise DistilyError(f"--online-teacher {path} has vocab_size {vocab}, the cache's teacher {manifest['teacher']['vocab_size']}")
+    check_head_rows(AutoConfig.from_pretrained(local).vocab_size, manifest, f"--online-teacher {path}")
     model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32).eval()
     model.requires_grad_(False)
     return model
@@ -146,11 +164,30 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{flag} {mapper!r} is unknown; choose one of {', '.join(MAPPERS)}")
     attention.check_attn_options(cfg.attn_loss, cfg.attn_relation_loss, cfg.relation_weights)
     check_student_quant(cfg.student_quant)
+    if cfg.int8_training and cfg.student_quant != "none":
+        raise ConfigError(f"--int8-training cannot run with --student-quant {cfg.student_quant}: those decoder linears "
+                          "already quantise their own forward (ternary weights, int8 activations). Drop one of the two.")
+    cross_tokenizer.check_cross_options(cfg)
     if cfg.attn_loss != "none" and cfg.gradient_checkpointing:
         raise ConfigError("--attn-loss reads the student's Q/K/V from its forward, which --gradient-checkpointing "
                           "recomputes without them: drop one of the two")
     if cfg.optimizer not in OPTIMIZERS:
         raise ConfigError(f"--optimizer {cfg.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+    if cfg.embedding_noise < 0:
+        raise ConfigError(f"--embedding-noise {cfg.embedding_noise} must be >= 0 (NEFTune's alpha; 0: off)")
+    if cfg.loss_balance not in BALANCES:
+        raise ConfigError(f"--loss-balance {cfg.loss_balance!r} is unknown; choose one of {', '.join(BALANCES)}")
+    if cfg.loss_balance != "none" and not ((cfg.hs_weight > 0 or cfg.attn_loss != "none")
+                                           and (cfg.kd_weight > 0 and cfg.loss != "ce" or cfg.ce_weight > 0 or cfg.loss == "ce")):
+        raise ConfigError(f"--loss-balance {cfg.loss_balance} balances an auxiliary loss (--hs-weight > 0 or --attn-loss) "
+                          "against the logit loss (KD or CE): this run lacks one of the two")
+    if cfg.parallel not in PARALLEL:
+        raise ConfigError(f"--parallel {cfg.parallel!r} is unknown; choose one of {', '.join(PARALLEL)}")
+    if cfg.parallel == "fsdp" and cfg.optimizer not in FSDP_OPTIMIZERS:
+        raise ConfigError(f"--optimizer {cfg.optimizer} cannot run with --parallel fsdp: bitsandbytes' optimizers do not "
+                          "accept FSDP's DTensor shards (they fail with 'mixed torch.Tensor and DTensor'). Use "
+                          f"--optimizer {' or '.join(FSDP_OPTIMIZERS)} (torchao's 8-bit AdamW, sharded like the weights), "
+                          "or --parallel ddp.")
     if cfg.lr_schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"--lr-schedule {cfg.lr_schedule!r} is unknown; choose cosine, linear or constant")
     if cfg.temperature <= 0:
@@ -211,6 +248,9 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if cfg.loss_balance != "none" and self.world > 1:
+            raise ConfigError(f"--loss-balance {cfg.loss_balance} runs on one process: its per-loss gradients bypass "
+                              "DDP/FSDP's gradient reduction. Use --loss-balance none under torchrun.")
         self.out = Path(cfg.output)
         self.reader = CacheReader(cfg.cache)
         manifest = self.reader.manifest
@@ -225,7 +265,7 @@ class Trainer:
                 raise DistilyError(f"--kd-top-k {cfg.kd_top_k} is more than the cache holds (top-{self.reader.top_k})")
             k = cfg.kd_top_k or self.reader.top_k
             if cfg.temperature != 1.0 and cfg.tail == "bucket" and not cfg.online_teacher and cfg.loss != "ce" \
-                    and k < manifest["teacher"]["vocab_size"]:
+                    and k < targets_vocab(manifest):
                 raise DistilyError(losses.TEMPERATURE_WITH_BUCKET)
         self.gamma = cfg.cakld_gamma if cfg.cakld_gamma is not None else manifest.get("stats", {}).get("mean_target_prob", 0.5)
 
@@ -243,6 +283,8 @@ class Trainer:
             self.check_cached_qkv()
         self.online = load_online_teacher(cfg.online_teacher, manifest) if cfg.online_teacher else None
         self.model, self.tokenizer, self.student_info = build_student(cfg, self.reader)
+        # another tokenizer than the cache's: the mapping and a pre-flight alignment, checked before training
+        self.cross = cross_tokenizer.for_run(cfg, self.reader, self.tokenizer) if cfg.cross_tokenizer != "none" else None
         n_student, n_teacher = self.model.config.num_hidden_layers, manifest["teacher"]["num_hidden_layers"]
         if copied:  # known once the layers are chosen
             self.pairs = map_layers("copied", n_student, n_teacher, copied_from=self.student_info.get("teacher_layers"))
@@ -257,22 +299,22 @@ class Trainer:
             )
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        if cfg.embedding_noise > 0:  # a forward hook on the input embeddings, active in train mode only
+            from transformers.integrations.neftune import activate_neftune
+
+            activate_neftune(self.model, cfg.embedding_noise)
         self.model.to(self.device)
         self.projectors.to(self.device)
         if self.online is not None:
             self.online.to(self.device)
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else self.device.type == "cuda"
         self.attn_maps.to(self.device)
-        params = [p for p in [*self.model.parameters(), *self.projectors.parameters(), *self.attn_maps.parameters()]
-                  if p.requires_grad]
-        self.optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.train_pairs, self.eval_pairs = split_eval(manifest["shards"], cfg.eval_sequences)
         self.step, self.tokens_seen = 0, 0
         self.window: dict | None = None  # sums over the current logging window
         self.loss_spec = chunked.LossSpec(
             kd=cfg.loss if self.kd else None, kd_weight=cfg.kd_weight, ce_weight=1.0 if cfg.loss == "ce" else cfg.ce_weight,
-            temperature=cfg.temperature, tail=cfg.tail, beta=cfg.beta, gamma=self.gamma)
+            temperature=cfg.temperature, tail=cfg.tail, beta=cfg.beta, gamma=self.gamma, vocab=targets_vocab(manifest))
         # the teacher: the cache, or the online reference model behind the same call
         self.cached = CachedTeacher(self.kd_targets, self.device, cfg.kd_top_k)
         self.teacher = self.cached if self.online is None else OnlineTeacher(
@@ -287,7 +329,16 @@ class Trainer:
                                    attn_weight=cfg.attn_weight, student_qkv=self.student_qkv,
                                    chunk_size=cfg.loss_chunk_size, bf16=self.bf16)
         self.train_module = wrap(self.distiller, self.world, self.device,
-                                 find_unused=not self.distiller.uses_every_parameter(self.loss_spec))
+                                 find_unused=not self.distiller.uses_every_parameter(self.loss_spec), kind=cfg.parallel,
+                                 bf16=self.bf16)
+        self.sharded = is_sharded(self.distiller)
+        # grad/cos_hs, grad/norm_logit, ...: each logging window, on rank 0 (not under FSDP: a forward there is collective)
+        self.measure_gradients = bool(self.pairs or self.attn_pairs) and self.rank == 0 and not self.sharded
+        # after the wrap: under FSDP the optimizer holds (and shards its state like) the DTensor parameters.
+        # Order: student, projectors, direct-MHA maps (the Distiller's), as checkpoints record them.
+        params = [p for p in self.distiller.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
 
     def check_cached_layers(self) -> None:
         cfg = self.cfg
@@ -346,8 +397,9 @@ class Trainer:
         if not self.eval_pairs:
             return {}
         self.model.eval()
-        stream = CacheStream(self.cfg.cache, self.eval_pairs, 1, 0, 1, epochs=1, qkv_layers=self.cached_qkv_layers())
-        spec = chunked.LossSpec(kd="forward_kl", ce_weight=1.0)
+        stream = CacheStream(self.cfg.cache, self.eval_pairs, 1, 0, 1, epochs=1, qkv_layers=self.cached_qkv_layers(),
+                             collate_fn=self.cross)
+        spec = chunked.LossSpec(kd="forward_kl", ce_weight=1.0, vocab=targets_vocab(self.manifest))
         totals: dict[str, float] = {}
         n = 0
         for batch in stream:
@@ -373,42 +425,60 @@ class Trainer:
         fields = ("student_quant", "batch_size", "grad_accum", "seed", "shuffle_buffer", "eval_sequences", "loss", "temperature", "tail",
                   "kd_top_k", "beta", "kd_weight", "ce_weight", "hs_weight", "hs_loss", "hs_norm", "layer_mapper",
                   "layer_mapper_k", "projector", "online_teacher", "attn_loss", "attn_weight", "attn_relation_loss",
-                  "relation_weights", "attn_layer_mapper")
+                  "relation_weights", "attn_layer_mapper", "cross_tokenizer", "parallel", "loss_balance",
+                  "embedding_noise")
         return {"world_size": self.world, **{f: getattr(cfg, f) for f in fields}, "kd_targets": self.kd_targets,
                 "cakld_gamma": self.gamma, **({"relation_heads": self.relation_heads} if self.attn_pairs else {}),
                 "cache_fingerprint": cache_fingerprint(self.manifest)}
 
     def save_checkpoint(self) -> None:
-        """checkpoints/step-N/: written under a temporary name, fsynced, then renamed; the last two are kept."""
-        if self.rank != 0:
-            return
+        """checkpoints/step-N/: written under a temporary name, fsynced, then renamed; the last two are kept.
+
+        DDP and one process: rank 0 writes state.pt (every rank holds the same). FSDP: every rank writes its shards
+        of the weights and optimizer state through torch.distributed.checkpoint (model/, optimizer/), rank 0 the
+        scheduler and RNG state (state.pt) and, last, trainer_state.json; then rank 0 renames the whole dir."""
         final = self.checkpoint_dir() / f"step-{self.step:06d}"
         tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(
-            {
-                "model": self.model.state_dict(),
-                "projectors": self.projectors.state_dict(),
-                "attn_maps": self.attn_maps.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            },
-            tmp / "state.pt",
-        )
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "loader_micro_batch": self.step * self.cfg.grad_accum,
-                 "log_window": self.window, **self.run_shape()}  # the open logging window: its means survive a resume
-        (tmp / CHECKPOINT_DONE).write_text(json.dumps(state, indent=2))  # written last: marks a whole checkpoint
-        fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync_dir(self.checkpoint_dir())
-        for old in complete_checkpoints(self.checkpoint_dir())[:-2]:  # keep the last two
-            trash = old.with_name(f".trash-{old.name}")
-            os.replace(old, trash)  # out of sight before deletion, so a half-deleted dir is never a candidate
-            shutil.rmtree(trash)
+        window = {**self.window, "losses": self.global_sums(self.window["losses"])}  # the open logging window
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        if self.sharded:
+            import torch.distributed.checkpoint as dcp
+
+            dist.barrier()  # tmp exists
+            model_state, optim_state = self.sharded_state()
+            dcp.save(model_state, checkpoint_id=str(tmp / "model"))
+            dcp.save(optim_state, checkpoint_id=str(tmp / "optimizer"))
+            blob = {"sharded": True, "scheduler": self.scheduler.state_dict(), "rng": rng}
+        else:
+            blob = {"model": self.model.state_dict(), "projectors": self.projectors.state_dict(),
+                    "attn_maps": self.attn_maps.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "rng": rng}
+        if self.rank == 0:
+            torch.save(blob, tmp / "state.pt")
+            state = {"step": self.step, "tokens_seen": self.tokens_seen, "loader_micro_batch": self.step * self.cfg.grad_accum,
+                     "log_window": window, **self.run_shape()}  # the open window: its means survive a resume
+            (tmp / CHECKPOINT_DONE).write_text(json.dumps(state, indent=2))  # written last: marks a whole checkpoint
+            fsync_tree(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            fsync_dir(self.checkpoint_dir())
+            for old in complete_checkpoints(self.checkpoint_dir())[:-2]:  # keep the last two
+                trash = old.with_name(f".trash-{old.name}")
+                os.replace(old, trash)  # out of sight before deletion, so a half-deleted dir is never a candidate
+                shutil.rmtree(trash)
+        if self.sharded:
+            dist.barrier()  # no rank runs ahead into the next checkpoint before this one is whole
+
+    def sharded_state(self) -> tuple[dict, dict]:
+        """{"model": ...}, {"optimizer": ...}: this rank's shards, keyed as torch.distributed.checkpoint expects."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.distiller, self.optimizer)
+        return {"model": model_state}, {"optimizer": optim_state}
 
     def load_checkpoint(self) -> bool:
         done = complete_checkpoints(self.checkpoint_dir())
@@ -424,10 +494,20 @@ class Trainer:
                     f"{value!r}. Resume with the same value, or start a new --output."
                 )
         blob = torch.load(path / "state.pt", map_location=self.device, weights_only=False)
-        self.model.load_state_dict(blob["model"])
-        self.projectors.load_state_dict(blob["projectors"])
-        self.attn_maps.load_state_dict(blob.get("attn_maps", {}))
-        self.optimizer.load_state_dict(blob["optimizer"])
+        if blob.get("sharded"):
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+
+            model_state, optim_state = self.sharded_state()
+            dcp.load(model_state, checkpoint_id=str(path / "model"))
+            dcp.load(optim_state, checkpoint_id=str(path / "optimizer"))
+            set_state_dict(self.distiller, self.optimizer, model_state_dict=model_state["model"],
+                           optim_state_dict=optim_state["optimizer"])
+        else:
+            self.model.load_state_dict(blob["model"])
+            self.projectors.load_state_dict(blob["projectors"])
+            self.attn_maps.load_state_dict(blob.get("attn_maps", {}))
+            self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         self.scheduler.lr_lambdas = [lr_lambda(self.cfg)]  # a later --max-steps extends the schedule
         torch.set_rng_state(blob["rng"]["torch"])
@@ -457,14 +537,17 @@ class Trainer:
 
     def save_final(self) -> Path:
         final = self.out / "final"
+        # under FSDP the shards are gathered (every rank takes part) and rank 0 saves one plain model dir
+        model, projectors, attn_maps = ((full_state_dict(m) for m in (self.model, self.projectors, self.attn_maps))
+                                        if self.sharded else (None, self.projectors.state_dict(), self.attn_maps.state_dict()))
         if self.rank == 0:
             tmp = final.with_name("final.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.model.save_pretrained(tmp, safe_serialization=True, state_dict=model)
             self.tokenizer.save_pretrained(tmp)
-            torch.save(self.projectors.state_dict(), tmp / "projectors.pt")
+            torch.save(projectors, tmp / "projectors.pt")
             if self.cfg.attn_loss == "direct_mha":
-                torch.save(self.attn_maps.state_dict(), tmp / "attn_maps.pt")
+                torch.save(attn_maps, tmp / "attn_maps.pt")
             fsync_tree(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -527,8 +610,12 @@ class Trainer:
             run_config = {"config": asdict(cfg), "student": {**self.student_info, **describe(self.model)},
                           "layer_pairs": self.pairs, "attn_layer_pairs": self.attn_pairs, "cakld_gamma": self.gamma,
                           "world_size": self.world,
-                          "cache_manifest": self.manifest}
+                          "cache_manifest": self.manifest, **({"cross_tokenizer": self.cross.info} if self.cross else {})}
             atomic_write_json(self.out / "run_config.json", json.loads(json.dumps(run_config, default=str)))
+            if self.cross is not None:  # the mapping, stored with the run; the pre-flight alignment statistics logged
+                self.cross.save(self.out)
+                if not resumed:
+                    self.log({"step": 0, **{f"cross/{k}": v for k, v in self.cross.info["preflight"].items()}})
             selection = self.student_info.get("layer_selection")
             if selection and not resumed:
                 self.log({"step": 0, "init/selection_kl": selection["kl"], "init/evenly_kl": selection["evenly_kl"],
@@ -543,7 +630,7 @@ class Trainer:
         cached_hidden = [] if self.online is not None else required_teacher_layers(self.pairs)  # online: from its forward
         return CacheStream(cfg.cache, self.train_pairs, cfg.batch_size, cfg.seed, cfg.shuffle_buffer, self.rank,
                            self.world, start=self.step * cfg.grad_accum, hidden_layers=cached_hidden,
-                           qkv_layers=self.cached_qkv_layers())
+                           qkv_layers=self.cached_qkv_layers(), collate_fn=self.cross)
 
     def account(self, stats: dict, step_tokens: int, seconds: float, wait: float, epoch: float) -> dict:
         """Add a finished step to the logging window; at a logging step, the window's means as a log record."""
@@ -553,7 +640,7 @@ class Trainer:
         w["data"] += wait
         w["tokens"] += step_tokens
         w["steps"] += 1
-        for k, v in stats["losses"].items():
+        for k, v in stats["losses"].items():  # device tensors: read once per window, below
             name = f"loss/{k}" if k != "loss" else "loss"
             w["losses"][name] = w["losses"].get(name, 0.0) + v
         if not (self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps or self.step == 1):
@@ -561,15 +648,25 @@ class Trainer:
         current, peak = memory_mb(self.device)
         steps = w["steps"]
         record = {
-            "step": self.step, **{k: v / steps for k, v in w["losses"].items()},  # window means
-            "lr": stats["lr"], "grad_norm": stats["grad_norm"], "tokens_seen": self.tokens_seen,
+            "step": self.step, **{k: v / steps for k, v in self.global_sums(w["losses"]).items()},  # window means
+            "lr": stats["lr"], "grad_norm": float(global_value(stats["grad_norm"])), "tokens_seen": self.tokens_seen,
             "tokens_per_s": w["tokens"] / w["time"], "step_time_s": w["time"] / steps,
             "data_wait_s": w["data"] / steps, "memory_mb": current, "peak_memory_mb": max(peak, w["peak"]),
             "epoch": epoch, "window_steps": steps,
         }
         if self.step == 1:
-            record["optimizer_state_bytes"] = optimizer_state_bytes(self.optimizer)
+            record["optimizer_state_bytes"] = optimizer_state_bytes(self.optimizer)  # this rank's (its shards)
+            record["parameter_bytes"] = sum(tensor_bytes(p) for p in self.distiller.parameters())
         return record
+
+    def global_sums(self, sums: dict) -> dict[str, float]:
+        """Per-rank sums (device tensors or floats) -> their means over the ranks, as floats: the whole global batch's,
+        in one all-reduce and one read from the device."""
+        if not sums:
+            return {}
+        names = sorted(sums)
+        values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=self.device) for k in names])
+        return dict(zip(names, mean_over_ranks(values, self.world).tolist()))
 
     def run(self) -> dict:
         """The loop: fetch grad_accum micro-batches, train_step, log, evaluate, checkpoint; then final/."""
@@ -577,7 +674,8 @@ class Trainer:
         self.begin()
         stream = self.train_stream()
         workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(self.device.type)
-        batches = iter(make_loader(stream, workers))
+        with torch.random.fork_rng(devices=[]):  # the loader's seed draw leaves the training RNG stream (noise) as it was,
+            batches = iter(make_loader(stream, workers))  # so a resumed run draws what the uninterrupted one drew
         data_log = open(self.out / f"data-rank{self.rank}.log", "a")
         # test hook: each rank writes a digest of its parameters and optimizer state after every step
         digest = open(self.out / f"digest-rank{self.rank}.log", "a") if os.environ.get(DIGEST_ENV) else None
@@ -594,10 +692,11 @@ class Trainer:
                     fetched["wait"] += time.perf_counter() - t
                     fetched["seqs"] += batch["seq_index"].tolist()
                     fetched["seq_len"] = batch["input_ids"].shape[1]
+                    fetched["last"] = batch
                     yield batch
 
             stats = train_step(self.train_module, self.teacher, micro_batches(), cfg.grad_accum, self.loss_spec,
-                               self.optimizer, self.scheduler, cfg.max_grad_norm, self.device)
+                               self.optimizer, self.scheduler, cfg.max_grad_norm, self.device, cfg.loss_balance)
             wait = fetched["wait"]
             self.step += 1
             if digest:
@@ -609,6 +708,8 @@ class Trainer:
             record = self.account(stats, step_tokens, time.perf_counter() - t0, wait,
                                   epoch=self.step * cfg.grad_accum / stream.per_epoch)
             last = {"step": self.step, **{f"loss/{k}" if k != "loss" else "loss": v for k, v in stats["losses"].items()}}
+            if record and self.measure_gradients:  # the logit vs auxiliary gradients, on the step's last micro-batch
+                record.update(gradient_cosines(self.distiller, self.teacher, fetched["last"], self.loss_spec, self.device))
             if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step != cfg.max_steps:  # the end evaluates below
                 record = {"step": self.step, **record, **self.timed_evaluate(self.window)}
             if record:
@@ -633,6 +734,8 @@ class Trainer:
         """After the loop: the final eval, final/ and result.json when max_steps is reached; close the group."""
         if self.world > 1:
             dist.barrier()
+        last = {**{k: v for k, v in last.items() if k == "step"},
+                **self.global_sums({k: v for k, v in last.items() if k != "step"})}  # the last step's, over all ranks
         result = {**last, "tokens_seen": self.tokens_seen, "finished": self.step >= self.cfg.max_steps}
         if result["finished"]:
             result.update(self.timed_evaluate())

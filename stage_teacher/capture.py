@@ -101,8 +101,9 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
         )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     vocab = teacher_cfg.vocab_size
-    if not 1 <= cfg.top_k <= vocab:
-        raise ConfigError(f"--top-k {cfg.top_k} must be between 1 and the vocab size {vocab}")
+    real = check_vocab(vocab, len(tokenizer), targets_from)
+    if not 1 <= cfg.top_k <= real:
+        raise ConfigError(f"--top-k {cfg.top_k} must be between 1 and the vocab size {real}")
     if targets_from == "engine" and cfg.top_k > cfg.vllm_max_logprobs:
         raise ConfigError(
             f"--top-k {cfg.top_k} is larger than vLLM's max_logprobs {cfg.vllm_max_logprobs}, which vLLM refuses. "
@@ -116,7 +117,7 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
     print(f"dataset {spec.path}: {source['note']}")
     weights_sha256, weights_source = weights_fingerprint(model_dir, cfg.output.removeprefix("file://"))
     manifest = {
-        "format_version": schema.FORMAT_VERSION,
+        "format_version": schema.format_version(cfg.hidden_layers, cfg.qkv_layers),  # 2 without a hidden-state file
         "distily_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "software": software_versions(),
@@ -136,6 +137,7 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
             "targets_from": targets_from,
             "dtype": resolve_dtype(cfg.dtype),  # auto: what it resolved to on this machine
             "targets": cfg.targets,
+            **({"targets_vocab": real} if real < vocab else {}),  # none: over the whole head (older caches keep their identity)
             "top_k": cfg.top_k,
             "logprob_dtype": cfg.logprob_dtype,
             "samples": cfg.samples,
@@ -162,6 +164,24 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
         "complete": False,
     }
     return manifest, sequences, model_dir, tokenizer
+
+
+def check_vocab(head_rows: int, tokenizer_len: int, targets_from: str) -> int:
+    """The token ids the targets range over: the tokenizer's, [0, len(tokenizer)). A head with more rows than the
+    tokenizer has tokens is padded (Qwen2.5-7B: 152,064 rows for 151,665 tokens); the padding rows are cut from
+    the logits before the targets are made (targets.py). vLLM's prompt log-probs come normalised over the whole
+    head, so the engine path cannot cut them."""
+    if tokenizer_len > head_rows:
+        raise ConfigError(
+            f"the teacher's LM head has {head_rows} rows (vocab_size) but its tokenizer {tokenizer_len} tokens: the "
+            f"teacher cannot predict tokens {head_rows}..{tokenizer_len - 1}. Use the tokenizer the model was trained "
+            "with, or resize the model's embeddings (model.resize_token_embeddings(len(tokenizer))) and save it")
+    if tokenizer_len < head_rows and targets_from == "engine":
+        raise ConfigError(
+            f"the teacher's LM head has {head_rows} rows for {tokenizer_len} tokens (padding rows), and vLLM's prompt "
+            "log-probs (--targets-from engine) are normalised over the whole head, padding included: use "
+            "--targets-from hooks (or auto), or --backend hf, which cut the logits to the real tokens")
+    return tokenizer_len
 
 
 def qkv_fields(cfg: CaptureConfig, teacher_cfg) -> dict:
@@ -324,11 +344,11 @@ def run(cfg: CaptureConfig, teacher=None) -> dict:
         owned_engine = teacher is None
         if owned_engine:
             teacher = make_backend(cfg, model_dir, manifest["teacher"]["num_hidden_layers"],
-                                   manifest["capture"]["targets_from"])
+                                   manifest["capture"]["targets_from"], manifest["capture"].get("targets_vocab"))
         elif sorted(teacher.hidden_layers) != sorted(cfg.hidden_layers):
             raise CacheError("the given teacher engine was built with other hidden layers")
         else:  # the targets are made from the pass's outputs: one engine serves any target settings
-            teacher.configure(target_spec(cfg), manifest["capture"]["targets_from"], sorted(set(cfg.qkv_layers)))
+            teacher.configure(target_spec(cfg, manifest["capture"].get("targets_vocab")), manifest["capture"]["targets_from"], sorted(set(cfg.qkv_layers)))
         try:
             capture_shards(cfg, teacher, sequences, todo, out, manifest, job.manifest_file)
         finally:
@@ -385,21 +405,23 @@ def capture_shards(cfg, teacher, sequences, todo, out, manifest, mfile) -> None:
                       units=lambda j: rows(j)[0].size, desc="capture", unit="tok")
 
 
-def target_spec(cfg: CaptureConfig) -> TargetSpec:
+def target_spec(cfg: CaptureConfig, vocab: int | None = None) -> TargetSpec:
+    """vocab: the manifest's targets_vocab (the logits are cut to those tokens), None for the whole head."""
     return TargetSpec(top_k=cfg.top_k, targets=cfg.targets, samples=cfg.samples,
-                      sample_temperature=cfg.sample_temperature, seed=cfg.seed)
+                      sample_temperature=cfg.sample_temperature, seed=cfg.seed,
+                      vocab=vocab)
 
 
-def make_backend(cfg: CaptureConfig, model_dir: str, num_layers: int, targets_from: str):
+def make_backend(cfg: CaptureConfig, model_dir: str, num_layers: int, targets_from: str, vocab: int | None = None):
     if cfg.backend == "hf":
         from .hf_backend import HFTeacher
 
-        return HFTeacher(model_dir, target_spec(cfg), cfg.hidden_layers, resolve_dtype(cfg.dtype), cfg.hf_batch_size,
+        return HFTeacher(model_dir, target_spec(cfg, vocab), cfg.hidden_layers, resolve_dtype(cfg.dtype), cfg.hf_batch_size,
                          qkv_layers=sorted(set(cfg.qkv_layers)))
     from .vllm_backend import VLLMTeacher
 
     return VLLMTeacher(
-        model_dir, target_spec(cfg), cfg.hidden_layers, num_layers, cfg.max_seq_len, cfg.dtype,
+        model_dir, target_spec(cfg, vocab), cfg.hidden_layers, num_layers, cfg.max_seq_len, cfg.dtype,
         cfg.vllm_max_logprobs, cfg.enforce_eager, cfg.seed, targets_from, qkv_layers=sorted(set(cfg.qkv_layers)),
         tensor_parallel_size=cfg.tensor_parallel_size, pipeline_parallel_size=cfg.pipeline_parallel_size,
     )

@@ -141,7 +141,7 @@ def generate_rows(engine, ctx: Context, indices: np.ndarray) -> list[dict]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    cfg, eos, limit = ctx.cfg, ctx.tokenizer.eos_token_id, ctx.cfg.max_seq_len
+    cfg, limit = ctx.cfg, ctx.cfg.max_seq_len
     reqs = requests(ctx, indices)
     ids = [list(r.prompt[: limit - 1]) for r in reqs]
     finish = ["length"] * len(reqs)

@@ -8,6 +8,11 @@ entropy H(p) (exact, from the full distribution: the loss's value becomes a KL e
 (times p / q when t != 1) those ids give an unbiased estimate of the full teacher distribution p:
 E[sum_i w_i f(x_i)] = sum_v p_v f(v) for any f, so a loss that is linear in p (forward KL, CE) is unbiased.
 
+Padded vocabularies: a teacher's LM head may have more rows than its tokenizer has tokens (Qwen2.5-7B: 152,064
+rows, 151,665 tokens). Rows at or beyond `vocab` (len(tokenizer)) are padding: no text holds them, so they cannot
+be the next token. Their mass is an artefact, and the logits are cut to [0, vocab) before anything is made: the
+targets are the teacher's distribution conditioned on a real token (renormalised), never a padding id.
+
 The draws of sequence s come from a generator seeded with (seed, s): a cache is the same whatever the batch
 order, the array-job split or a resume. No [positions, V] float32 tensor larger than one chunk is made.
 """
@@ -27,6 +32,7 @@ class TargetSpec:
     sample_temperature: float = 1.0
     seed: int = 0
     chunk_positions: int = 512
+    vocab: int | None = None  # the real tokens, len(tokenizer): logits beyond are cut (None: the whole head)
 
     @property
     def topk(self) -> bool:
@@ -52,11 +58,19 @@ def sequence_targets(logits_fn, next_ids: torch.Tensor, spec: TargetSpec, seq_in
     gen = None
     for start in range(0, p, spec.chunk_positions):
         stop = min(p, start + spec.chunk_positions)
-        z = logits_fn(start, stop).float()
+        z = real_tokens(logits_fn(start, stop).float(), spec.vocab)
         if gen is None and spec.sampled:
             gen = sequence_generator(spec.seed, seq_index, z.device)
         parts.append(chunk_targets(z, next_ids[start:stop].to(z.device), spec, gen))
     return concat_padded(parts)
+
+
+def real_tokens(z: torch.Tensor, vocab: int | None) -> torch.Tensor:
+    """Logits [C, V] cut to the first `vocab` columns (the tokenizer's tokens; the rest are padding rows of the
+    head): a contiguous copy when there is padding, z itself otherwise."""
+    if vocab is None or vocab >= z.shape[-1]:
+        return z
+    return z[:, :vocab].contiguous()
 
 
 def chunk_targets(z: torch.Tensor, next_ids: torch.Tensor, spec: TargetSpec, gen: torch.Generator | None) -> dict:

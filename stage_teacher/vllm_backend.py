@@ -5,12 +5,13 @@ Targets, two ways (``--targets-from``):
       state (in host memory, step by step); after the pass each sequence's logits are made by the model's own
       ``compute_logits`` (its LM head, vocab padding, soft-capping and scale; split over the tensor-parallel
       ranks) a chunk of positions at a time and turned into targets by targets.py, the code the HF backend uses
-      too. The engine itself runs bare prefill (max_tokens=1, no prompt log-probs), so the cost is prefill plus
-      the LM head at every position.
+      too (it cuts a padded head's logits to the tokenizer's tokens). The engine itself runs bare prefill
+      (max_tokens=1, no prompt log-probs), so the cost is prefill plus the LM head at every position.
   engine: vLLM's prompt log-probs, ``max_tokens=1, prompt_logprobs=k, flat_logprobs=True``. In the flat form
       every position p >= 1 holds k+1 entries: the actual token at p first, then the top-1..top-k (the actual
       token may appear twice). Row t of the cache is vLLM position t+1. Top-k only; it makes a full-vocabulary
-      log-softmax, rank counts and Python objects for every position (measured slower: tests/bench).
+      log-softmax, rank counts and Python objects for every position (measured slower: tests/bench). Over the
+      whole head: refused for a head with padding rows beyond the tokenizer (capture.check_vocab).
 
 Hidden states and Q/K/V: forward hooks in the same pass, installed where the model lives (vllm_hooks.py: this
 process on one device, every worker process under --tensor-parallel-size / --pipeline-parallel-size) through
@@ -166,6 +167,9 @@ class VLLMTeacher:
         if bad:
             raise CacheError(f"--qkv-layers {bad} out of range: the teacher has layers 1..{self.num_layers}")
         self.qkv_layers = sorted(qkv_layers)
+        if targets_from == "engine" and spec.vocab is not None:
+            raise CacheError("--targets-from engine: vLLM's prompt log-probs are normalised over the whole LM head, "
+                             "padding rows included; a padded head needs --targets-from hooks (they cut the logits)")
         if targets_from == "engine" and spec.top_k > self.max_logprobs:
             raise CacheError(
                 f"--top-k {spec.top_k} is larger than the engine's max_logprobs {self.max_logprobs}: vLLM refuses it. "

@@ -17,7 +17,7 @@ on the device for the whole shard.
 * Targets: the final norm's output goes to a host buffer step by step; after the pass every rank of the last
   stage runs the model's own ``compute_logits`` (the vocab-parallel LM head is a collective: all ranks call it
   in the same order) a chunk of positions at a time, and tensor rank 0 turns the logits into targets
-  (targets.py, the code the HF backend uses).
+  (targets.py, the code the HF backend uses; it cuts a padded head's logits to the tokenizer's tokens).
 * Q/K/V: each rank hooks its partition of the fused ``qkv_proj`` and splits it at the attention's per-rank
   ``q_size`` / ``kv_size``; the driver concatenates the partitions in tensor-rank order (key/value heads that
   are replicated across ranks are taken once).

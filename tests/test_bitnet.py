@@ -162,7 +162,7 @@ def test_bad_input_is_refused_before_work(tmp_path):
     r = CliRunner().invoke(app, ["export", str(tmp_path / "nothing"), str(tmp_path / "x")])
     assert r.exit_code == 2 and "holds a model" in r.output
     with pytest.raises(DistilyError, match="--format"):
-        export(ExportConfig(run_dir=str(plain), output=str(tmp_path / "x"), format="gguf"))
+        export(ExportConfig(run_dir=str(plain), output=str(tmp_path / "x"), format="onnx"))
     with pytest.raises(ConfigError, match="--student-quant 'foo' is unknown; choose one of none, bitnet"):
         check_student_quant("foo")
 

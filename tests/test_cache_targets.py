@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_HIDDEN_LAYERS, TINY_K, capture_cfg, read_all
-from pipeline import schema
+from conftest import ROOT, TINY_HIDDEN_LAYERS, capture_cfg, read_all
 from pipeline.cache import CacheReader
 from pipeline.errors import ConfigError, DistilyError
 from pipeline.manifest import CacheError

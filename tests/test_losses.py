@@ -50,7 +50,7 @@ def cache_view(teacher_logits, k):
     return top.indices, top.values.float(), tail.float()
 
 
-@pytest.mark.parametrize("name", losses.KD_LOSSES)
+@pytest.mark.parametrize("name", [n for n in losses.KD_LOSSES if n != "sinkhorn"])  # its reference: test_new_losses.py
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_full_vocab_loss_equals_reference(name, temperature):
     t, s = random_logits(seed=1), random_logits(seed=2)
@@ -58,7 +58,7 @@ def test_full_vocab_loss_equals_reference(name, temperature):
     got = losses.kd_loss(name, s.float(), ids, lp, tail, temperature=temperature, beta=0.5, gamma=0.3)
     p = torch.softmax(t / temperature, -1).numpy()
     q = torch.softmax(s / temperature, -1).numpy()
-    scale = temperature**2 if name != "tvd" else 1.0
+    scale = temperature**2 if name not in losses.UNSCALED else 1.0
     assert got.item() == pytest.approx(scale * ref_divergence(name, p, q, 0.5, 0.3), rel=1e-4, abs=1e-6)
 
 

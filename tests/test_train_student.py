@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import torch
 from conftest import ROOT, build_llama, build_tokenizer
 from pipeline.cache import CacheReader
 from pipeline.config import TrainConfig
-from pipeline.errors import CacheError, DistilyError
+from pipeline.errors import CacheError, ConfigError, DistilyError
 from stage_student.data import CacheStream, rank_batches, split_eval
 from stage_student.train import Trainer, train
 
@@ -63,7 +64,8 @@ def test_kd_training_lowers_the_loss_with_8bit_state(tmp_path, hf_cache):
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, hf_cache):
-    kw = dict(ce_weight=0.3, hs_weight=0.2, layer_mapper="last", loss="jsd", save_steps=2)
+    kw = dict(ce_weight=0.3, hs_weight=0.2, layer_mapper="last", loss="jsd", save_steps=2,
+              embedding_noise=5.0)  # NEFTune draws from the training RNG: a resume must continue its stream
     train(cfg_for(hf_cache, tmp_path / "a", **kw))
     result = train(cfg_for(hf_cache, tmp_path / "b", stop_after_steps=3, **kw))
     assert not result["finished"] and result["step"] == 3
@@ -211,3 +213,24 @@ def test_bitsandbytes_import_is_quiet_on_cpu():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "gemm_4bit_forward" not in r.stderr + r.stdout
+
+
+def test_embedding_noise_is_neftune_in_training_only(tmp_path, hf_cache):
+    """--embedding-noise alpha: the student's input embeddings get uniform noise within +-alpha/sqrt(T x H) in
+    train mode (NEFTune), none in eval mode; the trained run differs from the noiseless one."""
+    trainer = Trainer(cfg_for(hf_cache, tmp_path / "n", embedding_noise=5.0, init="random"))
+    emb = trainer.model.get_input_embeddings()
+    ids = torch.randint(0, emb.num_embeddings, (2, 16))
+    clean = torch.nn.functional.embedding(ids, emb.weight)
+    emb.train()
+    noisy = emb(ids)
+    bound = 5.0 / (16 * emb.embedding_dim) ** 0.5
+    assert 0.5 * bound < float((noisy - clean).detach().abs().max()) <= bound * (1 + 1e-6)
+    emb.eval()
+    assert torch.equal(emb(ids).detach(), clean.detach())
+    train(cfg_for(hf_cache, tmp_path / "a", max_steps=3, init="random", lr=1e-2))
+    train(cfg_for(hf_cache, tmp_path / "b", max_steps=3, init="random", lr=1e-2, embedding_noise=5.0))
+    a, b = log(tmp_path / "a"), log(tmp_path / "b")
+    assert a[0]["loss"] != b[0]["loss"] and all(math.isfinite(r["loss"]) for r in b)
+    with pytest.raises(ConfigError, match="--embedding-noise -1"):
+        Trainer(cfg_for(hf_cache, tmp_path / "bad", embedding_noise=-1.0))

@@ -64,6 +64,41 @@ ROWS += [
     ("bitnet-15", "1.58-bit 15-layer student, top-64 KD, auto init, lr 1e-3",
      ["--student-quant", "bitnet", "--lr", "1e-3"]),
 ]
+ROWS += [
+    # the losses of issue 22 section 3, each against its row above: sinkhorn vs kd-auto-k64-lr1e-3, the two hidden
+    # losses vs kd-auto-k64-hs (the same run with --hs-loss mse); sinkhorn first, as the hidden rows need an auto row
+    ("sinkhorn", "top-64 Sinkhorn divergence (discrete cost, eps 0.1) instead of the forward KL, auto init, lr 1e-3",
+     ["--loss", "sinkhorn", "--lr", "1e-3"]),
+    ("kd-auto-k64-hs-mi", "top-64 KD + hidden -InfoNCE (layernormed, t 0.1) on the copied layers, auto init",
+     ["--cache", "{hs_cache}", "--hs-weight", "1", "--layer-mapper", "copied", "--hs-norm", "layernorm",
+      "--hs-loss", "mutual_information", "--lr", DEMO_LR]),
+    ("kd-auto-k64-hs-logsum", "top-64 KD + hidden logsum (Distily's, alpha 4; layernormed) on the copied layers, auto init",
+     ["--cache", "{hs_cache}", "--hs-weight", "1", "--layer-mapper", "copied", "--hs-norm", "layernorm",
+      "--hs-loss", "logsum", "--lr", DEMO_LR]),
+]
+ROWS += [
+    # issue 22 section 4: int8 forward and backward matmuls (float latent weights), against kd-auto-k64-lr1e-3
+    ("int8-backward", "top-64 KD, auto init, lr 1e-3, decoder matmuls in int8 (--int8-training)",
+     ["--lr", "1e-3", "--int8-training"]),
+]
+ROWS += [
+    # issue 22 section 1: the logit and hidden-state gradients combined by PCGrad / fixed-ratio GradNorm, against
+    # kd-auto-k64-hs (their plain sum); each row's mean logged cosine between the two is in study.json
+    ("kd-auto-k64-hs-pcgrad", "top-64 KD + hidden MSE (layernormed) on the copied layers, PCGrad, auto init",
+     ["--cache", "{hs_cache}", "--hs-weight", "1", "--layer-mapper", "copied", "--hs-norm", "layernorm",
+      "--loss-balance", "pcgrad", "--lr", DEMO_LR]),
+    ("kd-auto-k64-hs-gradnorm", "top-64 KD + hidden MSE (layernormed), hidden gradient at 0.3x the logit one's norm",
+     ["--cache", "{hs_cache}", "--hs-weight", "0.3", "--layer-mapper", "copied", "--hs-norm", "layernorm",
+      "--loss-balance", "gradnorm", "--lr", DEMO_LR]),
+]
+ROWS += [
+    # issue 22 section 2: embedding noise (NEFTune) against kd-auto-k64-lr1e-3; a second seed of that row (data
+    # order) to read differences against
+    ("kd-auto-k64-neftune5", "top-64 KD, auto init, lr 1e-3, NEFTune embedding noise alpha 5",
+     ["--lr", "1e-3", "--embedding-noise", "5"]),
+    ("kd-auto-k64-lr1e-3-seed1", "top-64 KD, auto init, lr 1e-3, --seed 1 (the seed-to-seed noise of the row above)",
+     ["--lr", "1e-3", "--seed", "1"]),
+]
 ATTN_LAYER = "27"  # upper-middle of the teacher's 30: the layer 2310.08797 and MiniLMv2 transfer from
 
 
@@ -154,6 +189,14 @@ def main() -> None:
             "selection": {k: student["layer_selection"][k] for k in ("layers", "kl", "evenly_kl", "method", "seconds", "scored")}
             if student.get("layer_selection") and "reused" not in student["layer_selection"] else None,
         }
+        logged = [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines() if '"step_time_s"' in l]
+        if logged:  # step time (median over the logging windows) and the training's peak memory
+            times = sorted(r["step_time_s"] for r in logged)
+            study["rows"][name].update(step_time_s=times[len(times) // 2],
+                                       peak_memory_mb=max(r["peak_memory_mb"] for r in logged))
+            cosines = [r["grad/cos_hs"] for r in logged if "grad/cos_hs" in r]
+            if cosines:  # the logit vs hidden-state gradient cosine, logged every window (stage_student/balance.py)
+                study["rows"][name].update(grad_cos_hs_mean=sum(cosines) / len(cosines), grad_cos_hs_min=min(cosines))
         if "--student-quant" in extra:  # the packed export's size on disk
             distily("export", str(run_dir), str(run_dir / "export"))
             study["rows"][name]["export"] = json.loads((run_dir / "export" / "export.json").read_text())
@@ -190,6 +233,14 @@ def report(study: dict, out: Path) -> None:
             if name in rows:
                 summary[f"{name}_over_kd_ppl"] = rows[name]["perplexity"] / rows["attn-kd"]["perplexity"]
         summary["qkv_bytes_per_token_layer"] = study.get("qkv_bytes_per_token_layer")
+    for name, base in (("sinkhorn", "kd-auto-k64-lr1e-3"), ("kd-auto-k64-hs-mi", "kd-auto-k64-hs"),
+                       ("kd-auto-k64-hs-logsum", "kd-auto-k64-hs"), ("kd-auto-k64-hs-pcgrad", "kd-auto-k64-hs"),
+                       ("kd-auto-k64-hs-gradnorm", "kd-auto-k64-hs")):
+        if name in rows and base in rows:
+            summary[f"{name}_over_{base}_ppl"] = rows[name]["perplexity"] / rows[base]["perplexity"]
+    if "int8-backward" in rows and "kd-auto-k64-lr1e-3" in rows:
+        i8, f = rows["int8-backward"], rows["kd-auto-k64-lr1e-3"]
+        summary["int8_over_float"] = {k: i8[k] / f[k] for k in ("perplexity", "step_time_s", "peak_memory_mb") if k in i8 and k in f}
     for name in ("bitnet-30", "bitnet-15"):
         if name in rows and rows[name].get("export"):
             e = rows[name]["export"]
