@@ -83,9 +83,10 @@ demo: setup
 	echo "  CE student:   $(RUNS)/student-ce/final" && \
 	echo "  report:       $(RUNS)/eval/eval.md, eval.json, training_loss.png, eval_comparison.png"
 
-# The gguf extra builds llama.cpp (llama-cpp-python, CPU only, minutes, once) for tests/test_gguf_export.py.
+# The gguf extra builds llama.cpp (llama-cpp-python, CPU only, text only: no llava/mtmd; minutes, once, then pip
+# reuses the built wheel) for tests/test_gguf_export.py.
 test: setup
-	$(BIN)/python -c "import llama_cpp, gguf" 2>/dev/null || CMAKE_ARGS="-DGGML_CUDA=OFF -DGGML_BLAS=OFF -DLLAMA_CURL=OFF" \
+	$(BIN)/python -c "import llama_cpp, gguf" 2>/dev/null || CMAKE_ARGS="-DGGML_CUDA=OFF -DGGML_BLAS=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF" \
 		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q $(PIP_ARGS) -e '.[gguf]'
 	$(BIN)/python -m pytest -q $(TEST_ARGS)
 

@@ -215,6 +215,20 @@ def test_bitsandbytes_import_is_quiet_on_cpu():
     assert "gemm_4bit_forward" not in r.stderr + r.stdout
 
 
+
+def test_loading_a_model_is_quiet_with_torchao_installed(tmp_path):
+    """transformers imports torchao on every model load; its CPU kernel-load lines and torch's enum deprecation
+    warnings are not shown (they said nothing about the run)."""
+    build_llama(tmp_path / "m", 64, layers=1)
+    code = ("import pipeline, transformers; "
+            f"transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r})")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    import importlib.util
+    assert importlib.util.find_spec("torchao") is not None  # the test means something only where torchao is installed
+    out = r.stderr + r.stdout
+    assert "Failed to load" not in out and "register_constant" not in out, out
+
 def test_embedding_noise_is_neftune_in_training_only(tmp_path, hf_cache):
     """--embedding-noise alpha: the student's input embeddings get uniform noise within +-alpha/sqrt(T x H) in
     train mode (NEFTune), none in eval mode; the trained run differs from the noiseless one."""

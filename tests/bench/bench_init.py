@@ -86,6 +86,10 @@ dist.destroy_process_group()
 
 
 def ensure_cache(path: Path) -> Path:
+    """A small top-64 cache of the embedded teacher (and TEACHER itself: converted from its wheel on a fresh machine)."""
+    from pipeline.resolve import resolve_model
+
+    assert Path(resolve_model(None)[0]) == TEACHER, "the embedded teacher lives elsewhere: update TEACHER"
     if (path / "manifest.json").exists():
         return path
     subprocess.run([sys.executable, "-m", "pipeline.cli", "teacher-cache", "--teacher", str(TEACHER), "--backend", "hf",

@@ -5,7 +5,8 @@
 3. The embedded teacher captured under vLLM with --dtype auto (bfloat16 on a GPU) against a float32 capture on the
    CPU (HF backend, CUDA hidden): mean KL per position (teacher's top-64 plus the tail bucket) and top-1 agreement.
 4. Tokens/s of every capture path (tests/bench/bench_capture.py, one round).
-5. A short training run of the demo student on the bf16 cache: step time, tokens/s, peak memory.
+5. The demo student on the bf16 cache for a few steps: one device, with --compile, DDP and FSDP over every GPU
+   present, and the CPU's float32 run: step time, tokens/s, peak memory.
 
 --smoke runs every part at a tiny size on any machine (CPU too), to check this script itself.
 Exits non-zero when a part fails or the bf16 capture drifts from float32 past --max-kl.
@@ -135,21 +136,36 @@ def main() -> int:
         failed = True
         rows.append(("capture paths", "FAILED: " + r.stderr[-500:], ""))
 
+    # 5. The demo student for a few steps: one device, one device with --compile, DDP and FSDP on every GPU
+    # present (NCCL; 2 gloo ranks on a CPU), all in bf16 where the device has it; the CPU's float32 run beside.
     steps = 3 if args.smoke else 20
-    run_dir = out / "student"
-    subprocess.run(["rm", "-rf", str(run_dir)])
-    secs, r = sh([*cli, "train-student", "--cache", gpu, "-o", run_dir, "--student-layers", 15, "--init",
-                  "teacher-layers", "--init-layers", "evenly", "--max-steps", steps, "--batch-size", 4,
-                  "--logging-steps", steps, "--save-steps", steps, "--eval-sequences", 4])
-    if r.returncode == 0:
-        records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-        res = next(r for r in reversed(records) if "step_time_s" in r)  # the last logging window's timings
-        result["train"] = {k: res.get(k) for k in ("step_time_s", "tokens_per_s", "peak_memory_mb", "loss")}
-        rows.append((f"train {steps} steps (demo student)", f"{res.get('tokens_per_s', 0):,.0f} tok/s, "
-                     f"{res.get('step_time_s', 0):.2f} s/step", f"peak {res.get('peak_memory_mb', 0):,.0f} MB"))
-    else:
-        failed = True
-        rows.append(("train", "FAILED: " + r.stderr[-500:], ""))
+    gpus = result["machine"].get("gpus", 0)
+    ranks = gpus or 2
+    train_rows = [("one device", [], 1, {}), ("one device, --compile", ["--compile"], 1, {}),
+                  (f"DDP x{ranks}", [], ranks, {}),
+                  (f"FSDP x{ranks}, ao_adamw8bit", ["--parallel", "fsdp", "--optimizer", "ao_adamw8bit"], ranks, {})]
+    if gpus:
+        train_rows.append(("CPU float32, for comparison", [], 1, {"CUDA_VISIBLE_DEVICES": ""}))
+    result["train"] = {}
+    for port, (name, extra, nproc, env) in enumerate(train_rows, start=29650):
+        run_dir = out / ("student-" + "".join(c if c.isalnum() else "-" for c in name))
+        subprocess.run(["rm", "-rf", str(run_dir)])
+        launch = cli if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", nproc,
+                                         "--master-port", port, "-m", "pipeline.cli"]
+        secs, r = sh([*launch, "train-student", "--cache", gpu, "-o", run_dir, "--student-layers", 15, "--init",
+                      "teacher-layers", "--init-layers", "evenly", "--max-steps", steps, "--batch-size", 4 * nproc,
+                      "--logging-steps", steps, "--save-steps", steps, "--eval-sequences", 4, *extra],
+                     env={"OMP_NUM_THREADS": "1"} | env if nproc > 1 else env)
+        if r.returncode == 0:
+            records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+            res = next(r for r in reversed(records) if "step_time_s" in r)  # the last logging window's timings
+            result["train"][name] = {k: res.get(k) for k in ("step_time_s", "tokens_per_s", "peak_memory_mb", "loss")}
+            rows.append((f"train {steps} steps: {name}", f"{res.get('tokens_per_s', 0):,.0f} tok/s, "
+                         f"{res.get('step_time_s', 0):.2f} s/step, loss {res.get('loss', 0):.3f}",
+                         f"peak {res.get('peak_memory_mb', 0):,.0f} MB"))
+        else:
+            failed = True
+            rows.append((f"train: {name}", "FAILED: " + r.stderr[-500:], ""))
 
     print("\ngpu-check on " + ", ".join(f"{k}={v}" for k, v in result["machine"].items()))
     width = max(len(r[0]) for r in rows)

@@ -99,6 +99,13 @@ ROWS += [
     ("kd-auto-k64-lr1e-3-seed1", "top-64 KD, auto init, lr 1e-3, --seed 1 (the seed-to-seed noise of the row above)",
      ["--lr", "1e-3", "--seed", "1"]),
 ]
+ROWS += [
+    # issue 22 section 2: "smaller batch performs so much better"? Equal tokens (steps x batch = the base row's,
+    # warm-up scaled alike), lr scaled with the square root of the batch (Adam's usual rule) from the base row's
+    # 1e-3 at batch 4; against kd-auto-k64-lr1e-3 and its second seed
+    *[(f"kd-auto-k64-b{b}", f"top-64 KD, auto init, batch {b}, lr {lr} (sqrt-scaled), {4 // b if b < 4 else '1/2'}x the steps",
+       ["--batch-size", str(b), "--lr", lr]) for b, lr in ((1, "5e-4"), (2, "7e-4"), (8, "1.4e-3"))],
+]
 ATTN_LAYER = "27"  # upper-middle of the teacher's 30: the layer 2310.08797 and MiniLMv2 transfer from
 
 
@@ -172,8 +179,11 @@ def main() -> None:
         extra = [a.replace("{attn_cache}", str(attn_cache)).replace("{attn_last_cache}", str(attn_last_cache)).replace("{teacher}", teacher).replace("{hs_cache}", str(hs_cache)).replace("{both_cache}", str(both_cache))
                  for a in extra]
         run_dir = runs / name
-        steps = str(args.steps)
-        args_ = ["train-student", "--cache", str(cache), "-o", str(run_dir), *BASE, "--max-steps", steps, "--save-steps", steps, *extra]
+        # a row with its own --batch-size sees the same tokens: steps and warm-up scale inversely with the batch
+        batch = int(extra[extra.index("--batch-size") + 1]) if "--batch-size" in extra else 4
+        steps = str(args.steps * 4 // batch)
+        args_ = ["train-student", "--cache", str(cache), "-o", str(run_dir), *BASE, "--max-steps", steps, "--save-steps", steps,
+                 "--warmup-steps", str(max(1, 5 * 4 // batch)), *extra]
         print(f"== {name}: {what}\n   distily {' '.join(args_)}", flush=True)
         if (run_dir / "checkpoints").exists():
             args_.append("--resume")
@@ -208,7 +218,7 @@ def report(study: dict, out: Path) -> None:
     t = study["teacher"]["perplexity"]
     rows = study["rows"]
     ce = rows.get("ce", {}).get("perplexity")
-    lines = [f"{study['steps']} steps of 4 x 256 tokens per row. Teacher held-out perplexity {t:.2f} "
+    lines = [f"{study['steps']} steps of 4 x 256 tokens per row (rows with another batch: the same tokens). Teacher held-out perplexity {t:.2f} "
              f"(bits/byte {study['teacher']['bits_per_byte']:.3f}).", "",
              "| row | what | held-out ppl | / teacher | / CE only | bits/byte | cache eval KL | train wall (s) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -238,6 +248,11 @@ def report(study: dict, out: Path) -> None:
                        ("kd-auto-k64-hs-gradnorm", "kd-auto-k64-hs")):
         if name in rows and base in rows:
             summary[f"{name}_over_{base}_ppl"] = rows[name]["perplexity"] / rows[base]["perplexity"]
+    base = rows.get("kd-auto-k64-lr1e-3")
+    if base:  # noise: a second seed; then each batch size and the embedding noise against the batch-4 row
+        for name in ("kd-auto-k64-lr1e-3-seed1", "kd-auto-k64-neftune5", "kd-auto-k64-b1", "kd-auto-k64-b2", "kd-auto-k64-b8"):
+            if name in rows:
+                summary[f"{name}_over_kd-auto-k64-lr1e-3_ppl"] = rows[name]["perplexity"] / base["perplexity"]
     if "int8-backward" in rows and "kd-auto-k64-lr1e-3" in rows:
         i8, f = rows["int8-backward"], rows["kd-auto-k64-lr1e-3"]
         summary["int8_over_float"] = {k: i8[k] / f[k] for k in ("perplexity", "step_time_s", "peak_memory_mb") if k in i8 and k in f}
