@@ -138,6 +138,7 @@ def main() -> int:
 
     # 5. The demo student for a few steps: one device, one device with --compile, DDP and FSDP on every GPU
     # present (NCCL; 2 gloo ranks on a CPU), all in bf16 where the device has it; the CPU's float32 run beside.
+    # 4 sequences per rank (2 with --smoke, whose cache holds only a few).
     steps = 3 if args.smoke else 20
     gpus = result["machine"].get("gpus", 0)
     ranks = gpus or 2
@@ -152,8 +153,9 @@ def main() -> int:
         subprocess.run(["rm", "-rf", str(run_dir)])
         launch = cli if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", nproc,
                                          "--master-port", port, "-m", "pipeline.cli"]
+        per_rank = 2 if args.smoke and nproc > 1 else 4
         secs, r = sh([*launch, "train-student", "--cache", gpu, "-o", run_dir, "--student-layers", 15, "--init",
-                      "teacher-layers", "--init-layers", "evenly", "--max-steps", steps, "--batch-size", 4 * nproc,
+                      "teacher-layers", "--init-layers", "evenly", "--max-steps", steps, "--batch-size", per_rank,
                       "--logging-steps", steps, "--save-steps", steps, "--eval-sequences", 4, *extra],
                      env={"OMP_NUM_THREADS": "1"} | env if nproc > 1 else env)
         if r.returncode == 0:
@@ -165,7 +167,8 @@ def main() -> int:
                          f"peak {res.get('peak_memory_mb', 0):,.0f} MB"))
         else:
             failed = True
-            rows.append((f"train: {name}", "FAILED: " + r.stderr[-500:], ""))
+            said = [line for line in r.stderr.splitlines() if line.startswith("error:")]  # distily's own message
+            rows.append((f"train: {name}", "FAILED: " + (said[0] if said else r.stderr[-500:]), ""))
 
     print("\ngpu-check on " + ", ".join(f"{k}={v}" for k, v in result["machine"].items()))
     width = max(len(r[0]) for r in rows)
