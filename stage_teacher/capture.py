@@ -115,6 +115,7 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
     sequences, source = packed_sequences(tokenizer, spec, cfg.max_seq_len, cfg.max_tokens, cfg.token_store,
                                          cfg.tokenize_processes)  # a read-only memory map of the token store
     print(f"dataset {spec.path}: {source['note']}")
+    check_ids(sequences, vocab, len(tokenizer))
     weights_sha256, weights_source = weights_fingerprint(model_dir, cfg.output.removeprefix("file://"))
     manifest = {
         "format_version": schema.format_version(cfg.hidden_layers, cfg.qkv_layers),  # 2 without a hidden-state file
@@ -172,16 +173,25 @@ def check_vocab(head_rows: int, tokenizer_len: int, targets_from: str) -> int:
     the logits before the targets are made (targets.py). vLLM's prompt log-probs come normalised over the whole
     head, so the engine path cannot cut them."""
     if tokenizer_len > head_rows:
-        raise ConfigError(
-            f"the teacher's LM head has {head_rows} rows (vocab_size) but its tokenizer {tokenizer_len} tokens: the "
-            f"teacher cannot predict tokens {head_rows}..{tokenizer_len - 1}. Use the tokenizer the model was trained "
-            "with, or resize the model's embeddings (model.resize_token_embeddings(len(tokenizer))) and save it")
+        # ids the head has no row for: tokens the tokenizer class adds on loading (transformers' Qwen2 tokenizer adds
+        # <|endoftext|> to one that lacks it) are harmless while the text never holds them: check_ids, after tokenising
+        return head_rows
     if tokenizer_len < head_rows and targets_from == "engine":
         raise ConfigError(
             f"the teacher's LM head has {head_rows} rows for {tokenizer_len} tokens (padding rows), and vLLM's prompt "
             "log-probs (--targets-from engine) are normalised over the whole head, padding included: use "
             "--targets-from hooks (or auto), or --backend hf, which cut the logits to the real tokens")
     return tokenizer_len
+
+
+def check_ids(sequences: np.ndarray, head_rows: int, tokenizer_len: int) -> None:
+    """Refuse, before the teacher loads, text that holds token ids the teacher's head has no row for. Only a
+    tokenizer larger than the head can produce them, so only then is the token stream read (one pass)."""
+    if tokenizer_len > head_rows and len(sequences) and int(sequences.max()) >= head_rows:
+        raise ConfigError(
+            f"the text holds token ids >= {head_rows}, but the teacher's LM head has {head_rows} rows (vocab_size) and its "
+            f"tokenizer {tokenizer_len} tokens: the teacher cannot embed or predict them. Use the tokenizer the model was "
+            "trained with, or resize the model's embeddings (model.resize_token_embeddings(len(tokenizer))) and save it")
 
 
 def qkv_fields(cfg: CaptureConfig, teacher_cfg) -> dict:

@@ -83,11 +83,20 @@ def test_fsdp_losses_equal_ddp_and_one_process(tmp_path, full_cache):
     # final/: one plain save_pretrained dir, the same weights
     from transformers import AutoModelForCausalLM
 
-    a = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "final").state_dict()
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "final").state_dict()
+    finals = {n: AutoModelForCausalLM.from_pretrained(tmp_path / n / "final").eval() for n in ("one", "ddp", "fsdp")}
+    a, b = finals["fsdp"].state_dict(), finals["ddp"].state_dict()
     assert a.keys() == b.keys()
+    # Adam divides each gradient by its own running size, so an element whose gradient is near rounding noise moves
+    # by up to lr a step whatever that noise is, and the three reduction orders round differently: weights may
+    # differ by up to STEPS x lr (measured: 4e-3 at most, in the embeddings and layer 0) while the models agree:
+    # their log-probs on the same ids within 2e-3 (measured 4e-4), where 5 steps at lr 1e-2 move them far more
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        assert (a[k] - b[k]).abs().max() <= STEPS * 1e-2, k
+    ids = torch.randint(0, finals["one"].config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logp = {n: m(ids).logits.log_softmax(-1) for n, m in finals.items()}
+    for n in ("ddp", "fsdp"):
+        torch.testing.assert_close(logp[n], logp["one"], rtol=0, atol=2e-3)
     assert (tmp_path / "fsdp" / "final" / "projectors.pt").exists() and (tmp_path / "fsdp" / "final" / "attn_maps.pt").exists()
     ckpt = tmp_path / "fsdp" / "checkpoints" / f"step-{STEPS:06d}"
     assert (ckpt / "model" / ".metadata").exists() and (ckpt / "optimizer" / ".metadata").exists()  # sharded

@@ -134,11 +134,13 @@ def test_padded_head_refusals_before_the_engine(tmp_path, padded_teacher, tiny_t
     n = tokenizer_len(padded_teacher)
     with pytest.raises(ConfigError, match=f"--top-k {n + 1} must be between 1 and the vocab size {n}"):
         prepare(capture_cfg(padded_teacher, text_file, tmp_path / "b", top_k=n + 1))
-    narrow = tmp_path / "narrow-teacher"  # a head narrower than its tokenizer cannot predict every token
+    narrow = tmp_path / "narrow-teacher"  # a head narrower than its tokenizer cannot embed or predict the text's last ids
     build_llama(narrow, n - 2, layers=1, hidden=32)
     copy_tokenizer(tiny_teacher, narrow)
-    with pytest.raises(ConfigError, match=f"cannot predict tokens {n - 2}..{n - 1}"):
+    with pytest.raises(ConfigError, match=f"the text holds token ids >= {n - 2}"):
         prepare(capture_cfg(narrow, text_file, tmp_path / "c", hidden_layers=[]))
+    # ids the head lacks but the text never holds (an added special token) are accepted: targets over the head
+    # (tests/test_families.py: transformers' Qwen2 tokenizer adds <|endoftext|> to the tiny tokenizer)
     # an unpadded teacher's manifest is as before (older caches keep their identity)
     assert "targets_vocab" not in prepare(capture_cfg(tiny_teacher, text_file, tmp_path / "d"))[0]["capture"]
 
