@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_init import ROOT, TEACHER, ensure_cache  # noqa: E402
+from bench_init import ROOT, TEACHER, ensure_cache, report_targets  # noqa: E402
 
 RUNS = (("ddp", "adamw8bit"), ("fsdp", "ao_adamw8bit"), ("fsdp", "adamw"))
 
@@ -64,11 +64,7 @@ def main() -> int:
     fsdp8 = rows[1]
     targets = {"FSDP parameter bytes per rank <= 0.55x DDP's": fsdp8["vs_ddp"][0] <= 0.55,
                "FSDP + ao_adamw8bit optimizer bytes per rank <= 0.55x DDP + adamw8bit's": fsdp8["vs_ddp"][1] <= 0.55}
-    for what, ok in targets.items():
-        print(f"{'met   ' if ok else 'MISSED'} {what}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": rows, "targets": targets}, indent=1))
-    return 0 if all(targets.values()) else 1
+    return report_targets(targets, rows, Path(args.json))
 
 
 if __name__ == "__main__":

@@ -85,6 +85,15 @@ dist.destroy_process_group()
 '''
 
 
+def report_targets(targets: dict[str, bool], rows, json_path: Path) -> int:
+    """Print each target met or MISSED, write the rows and targets as JSON; the exit code: 1 when one is missed."""
+    for what, ok in targets.items():
+        print(f"{'met   ' if ok else 'MISSED'} {what}")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"rows": rows, "targets": targets}, indent=1))
+    return 0 if all(targets.values()) else 1
+
+
 def ensure_cache(path: Path) -> Path:
     """A small top-64 cache of the embedded teacher (and TEACHER itself: converted from its wheel on a fresh machine)."""
     from pipeline.resolve import resolve_model
@@ -142,11 +151,7 @@ def main() -> int:
         "rank 0 copies only the kept layers' bytes": r0["copy_bytes"] == r0["kept_bytes"],
         "both ranks keep the same layers": r0["layers"] == r1["layers"],
     }
-    for what, ok in targets.items():
-        print(f"{'met   ' if ok else 'MISSED'} {what}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": rows, "targets": targets}, indent=1))
-    return 0 if all(targets.values()) else 1
+    return report_targets(targets, rows, Path(args.json))
 
 
 if __name__ == "__main__":

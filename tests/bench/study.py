@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 # The demo's budget (Makefile: TOKENS, SEQ_LEN, TOP_K, STUDENT_LAYERS, STEPS, BATCH).
 CACHE_ARGS = ["--max-tokens", "65536", "--max-seq-len", "256", "--top-k", "64"]
 BASE = ["--student-layers", "15", "--init", "teacher-layers", "--optimizer", "adamw8bit", "--batch-size", "4",
-        "--warmup-steps", "5", "--logging-steps", "5", "--eval-sequences", "16"]
+        "--logging-steps", "5", "--eval-sequences", "16"]  # --warmup-steps: per row, scaled with its batch
 DEMO_LR = "3e-4"  # the demo's learning rate before this study
 
 # name, what it tests, extra arguments ({teacher} and {hs_cache} are filled in)
