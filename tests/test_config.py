@@ -65,12 +65,17 @@ def test_cli_reads_yaml_numbers_and_reports_bad_types(tmp_path):
     assert r.returncode == 2 and "train_student.max_steps: expected an integer, got 'lots'" in r.stderr
 
 
-# flags of other tools the README and docs show (torchrun, sbatch, pip, benchmark scripts)
-FOREIGN = {"--extra-index-url", "--no-deps", "--nproc-per-node", "--array", "--gres", "--ntasks", "--help", "--nnodes", "--node-rank", "--rdzv-endpoint", "--depth", "--smoke"}
+# flags of other tools the README and docs show (torchrun, sbatch, pip, git)
+FOREIGN = {"--extra-index-url", "--no-deps", "--nproc-per-node", "--array", "--gres", "--ntasks", "--help", "--nnodes", "--node-rank", "--rdzv-endpoint", "--depth"}
+
+
+def flags_of_the_benchmark_scripts():
+    return {f for p in (ROOT / "tests" / "bench").glob("*.py") for f in re.findall(r'add_argument\(\s*"(--[a-z][a-z0-9-]*)"', p.read_text())}
 
 
 def test_every_flag_the_docs_show_exists():
-    flags = set().union(*flags_of_every_command().values())
+    flags = set().union(*flags_of_every_command().values(), flags_of_the_benchmark_scripts())
+    assert {"--rows", "--smoke", "--json"} <= flags_of_the_benchmark_scripts()
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         shown = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", page.read_text()))
         missing = sorted(shown - flags - FOREIGN)
