@@ -175,6 +175,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--optimizer {cfg.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
     if cfg.embedding_noise < 0:
         raise ConfigError(f"--embedding-noise {cfg.embedding_noise} must be >= 0 (NEFTune's alpha; 0: off)")
+    if cfg.gradient_noise < 0:
+        raise ConfigError(f"--gradient-noise {cfg.gradient_noise} must be >= 0 (the noise's norm over the gradient's; 0: off)")
+    if cfg.gradient_noise > 0 and cfg.parallel == "fsdp":
+        raise ConfigError("--gradient-noise is not implemented for --parallel fsdp (each rank holds a shard of the gradient, "
+                          "and the noise would have to be drawn per shard to equal one process's): use --parallel ddp")
     if cfg.loss_balance not in BALANCES:
         raise ConfigError(f"--loss-balance {cfg.loss_balance!r} is unknown; choose one of {', '.join(BALANCES)}")
     if cfg.loss_balance != "none" and not ((cfg.hs_weight > 0 or cfg.attn_loss != "none")
@@ -426,7 +431,7 @@ class Trainer:
                   "kd_top_k", "beta", "kd_weight", "ce_weight", "hs_weight", "hs_loss", "hs_norm", "layer_mapper",
                   "layer_mapper_k", "projector", "online_teacher", "attn_loss", "attn_weight", "attn_relation_loss",
                   "relation_weights", "attn_layer_mapper", "cross_tokenizer", "parallel", "loss_balance",
-                  "embedding_noise")
+                  "embedding_noise", "gradient_noise")
         return {"world_size": self.world, **{f: getattr(cfg, f) for f in fields}, "kd_targets": self.kd_targets,
                 "cakld_gamma": self.gamma, **({"relation_heads": self.relation_heads} if self.attn_pairs else {}),
                 "cache_fingerprint": cache_fingerprint(self.manifest)}
@@ -696,7 +701,8 @@ class Trainer:
                     yield batch
 
             stats = train_step(self.train_module, self.teacher, micro_batches(), cfg.grad_accum, self.loss_spec,
-                               self.optimizer, self.scheduler, cfg.max_grad_norm, self.device, cfg.loss_balance)
+                               self.optimizer, self.scheduler, cfg.max_grad_norm, self.device, cfg.loss_balance,
+                               noise=(cfg.gradient_noise, cfg.seed, self.step))
             wait = fetched["wait"]
             self.step += 1
             if digest:

@@ -43,13 +43,14 @@ def log(out) -> list[dict]:
 
 def test_ranks_hold_identical_weights_and_optimizer_state_every_step(tmp_path, full_cache):
     """A narrower student (hidden-state projectors 64 -> 128), direct-MHA maps, BitNet latent weights, 8-bit
-    AdamW, gradient accumulation: ranks train on disjoint data, yet agree bit for bit after each step."""
+    AdamW, gradient accumulation, gradient noise: ranks train on disjoint data, yet agree bit for bit after each step."""
     out = tmp_path / "ddp"
     rank0, rank1 = torchrun(
         full_cache, out, 29531, "--max-steps", "4", "--grad-accum", "2", "--init", "random", "--lr", "1e-2",
         "--student-config", '{"hidden_size": 64, "head_dim": 32, "intermediate_size": 128}',
         "--hs-weight", "0.5", "--layer-mapper", "uniform", "--attn-loss", "direct_mha", "--attn-weight", "0.5",
-        "--attn-layer-mapper", "last", "--student-quant", "bitnet", "--optimizer", "adamw8bit")
+        "--attn-layer-mapper", "last", "--student-quant", "bitnet", "--optimizer", "adamw8bit",
+        "--gradient-noise", "0.5")
     assert [l.split()[0] for l in rank0] == ["1", "2", "3", "4"]
     assert rank0 == rank1  # parameters and optimizer state, every step
     assert len({l.split()[1] for l in rank0}) == 4  # and they do change: each step trained something

@@ -65,7 +65,8 @@ def test_kd_training_lowers_the_loss_with_8bit_state(tmp_path, hf_cache):
 
 def test_resume_equals_uninterrupted_run(tmp_path, hf_cache):
     kw = dict(ce_weight=0.3, hs_weight=0.2, layer_mapper="last", loss="jsd", save_steps=2,
-              embedding_noise=5.0)  # NEFTune draws from the training RNG: a resume must continue its stream
+              embedding_noise=5.0, gradient_noise=0.5)  # NEFTune draws from the training RNG: a resume must
+    # continue its stream; the gradient noise is drawn from (seed, step)
     train(cfg_for(hf_cache, tmp_path / "a", **kw))
     result = train(cfg_for(hf_cache, tmp_path / "b", stop_after_steps=3, **kw))
     assert not result["finished"] and result["step"] == 3
@@ -248,3 +249,37 @@ def test_embedding_noise_is_neftune_in_training_only(tmp_path, hf_cache):
     assert a[0]["loss"] != b[0]["loss"] and all(math.isfinite(r["loss"]) for r in b)
     with pytest.raises(ConfigError, match="--embedding-noise -1"):
         Trainer(cfg_for(hf_cache, tmp_path / "bad", embedding_noise=-1.0))
+
+
+def test_gradient_noise_has_the_stated_norm_decay_and_seed():
+    """add_gradient_noise: zero-mean Gaussian noise whose norm is ratio x the given norm at step 0, decaying as
+    (1 + step)^-0.275 (variance (1 + t)^-0.55), the same draw for the same (seed, step) whatever ran before."""
+    from stage_student.step import add_gradient_noise
+
+    def noise(step, seed=3, ratio=0.5):
+        torch.manual_seed(step)  # the global RNG must not matter
+        grads = [torch.zeros(300, 100), torch.zeros(5000, dtype=torch.float64)]
+        add_gradient_noise(grads, ratio, torch.tensor(2.0), seed, step)
+        return torch.cat([g.reshape(-1).double() for g in grads])
+
+    n0, n99 = noise(0), noise(99)
+    assert float(n0.norm()) == pytest.approx(0.5 * 2.0, rel=0.01)  # 35,000 elements: the norm's spread is 0.4%
+    assert float(n99.norm()) == pytest.approx(1.0 * 100 ** -0.275, rel=0.01)
+    assert abs(float(n0.mean())) < 4 * float(n0.std()) / len(n0) ** 0.5
+    assert torch.equal(noise(0), n0) and not torch.equal(noise(0, seed=4), n0)
+    assert not torch.allclose(n99 / n99.norm(), n0 / n0.norm())  # each step its own draw
+    grads = [torch.ones(10)]
+    add_gradient_noise(grads, 0.0, torch.tensor(1.0), 0, 0)
+    assert torch.equal(grads[0], torch.ones(10))
+
+
+def test_gradient_noise_changes_training_and_bad_values_are_refused(tmp_path, hf_cache):
+    train(cfg_for(hf_cache, tmp_path / "a", max_steps=3, init="random", lr=1e-2))
+    train(cfg_for(hf_cache, tmp_path / "b", max_steps=3, init="random", lr=1e-2, gradient_noise=1.0))
+    a, b = log(tmp_path / "a"), log(tmp_path / "b")
+    assert a[0]["loss"] == b[0]["loss"]  # the first step's loss comes before any noise
+    assert a[-1]["loss"] != b[-1]["loss"] and all(math.isfinite(r["loss"]) for r in b)
+    with pytest.raises(ConfigError, match="--gradient-noise -1"):
+        Trainer(cfg_for(hf_cache, tmp_path / "bad", gradient_noise=-1.0))
+    with pytest.raises(ConfigError, match="--gradient-noise is not implemented for --parallel fsdp"):
+        Trainer(cfg_for(hf_cache, tmp_path / "bad", gradient_noise=0.5, parallel="fsdp", optimizer="adamw"))

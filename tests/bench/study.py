@@ -92,10 +92,12 @@ ROWS += [
       "--loss-balance", "gradnorm", "--lr", DEMO_LR]),
 ]
 ROWS += [
-    # issue 22 section 2: embedding noise (NEFTune) against kd-auto-k64-lr1e-3; a second seed of that row (data
-    # order) to read differences against
+    # issue 22 section 2: embedding noise (NEFTune) and gradient noise against kd-auto-k64-lr1e-3; a second seed of
+    # that row (data order) to read differences against
     ("kd-auto-k64-neftune5", "top-64 KD, auto init, lr 1e-3, NEFTune embedding noise alpha 5",
      ["--lr", "1e-3", "--embedding-noise", "5"]),
+    ("kd-auto-k64-gradnoise0.5", "top-64 KD, auto init, lr 1e-3, gradient noise of 0.5x the gradient's norm (annealed)",
+     ["--lr", "1e-3", "--gradient-noise", "0.5"]),
     ("kd-auto-k64-lr1e-3-seed1", "top-64 KD, auto init, lr 1e-3, --seed 1 (the seed-to-seed noise of the row above)",
      ["--lr", "1e-3", "--seed", "1"]),
 ]
