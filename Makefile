@@ -118,16 +118,17 @@ faults: setup
 	$(BIN)/python tests/bench/faults.py --json bench-results/faults.json
 
 # Which recipe gives the best student at the demo's budget (about 70 min here); resumable, row by row.
-# STUDY_STEPS=200: a second budget in its own dirs (bench-results/study-200); rows already done are skipped, so it
-# can run in parts (STUDY_ROWS=ce,kd-auto-k64 runs only those).
+# STUDY_STEPS=200: a second budget in its own dirs (bench-results/study-200), the rows study.py's LONG_ROWS names;
+# rows already done are skipped, so it can run in parts (STUDY_ROWS=ce,bitnet-30 runs only those, in that order,
+# and skips the temperature and cross-tokenizer parts).
 STUDY_STEPS ?= $(STEPS)
 STUDY_ROWS ?=
 STUDY_DIR = study$(if $(filter-out 30,$(STUDY_STEPS)),-$(STUDY_STEPS))
 study: setup
-	$(BIN)/python tests/bench/bench_temperature.py --json bench-results/temperature.json
+	$(if $(STUDY_ROWS),,$(BIN)/python tests/bench/bench_temperature.py --json bench-results/temperature.json)
 	$(BIN)/python tests/bench/study.py --out bench-results/$(STUDY_DIR) --runs runs/$(STUDY_DIR) --steps $(STUDY_STEPS) \
 		$(call opt,--rows,$(STUDY_ROWS))
-	$(BIN)/python tests/bench/study_cross_tokenizer.py --out bench-results/cross-tokenizer --runs runs/study-cross --steps 300
+	$(if $(STUDY_ROWS),,$(BIN)/python tests/bench/study_cross_tokenizer.py --out bench-results/cross-tokenizer --runs runs/study-cross --steps 300)
 
 # Students trained on data the teacher wrote (distily generate) against the corpus, at equal tokens and steps.
 study-generate: setup

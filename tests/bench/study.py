@@ -108,6 +108,11 @@ ROWS += [
     *[(f"kd-auto-k64-b{b}", f"top-64 KD, auto init, batch {b}, lr {lr} (sqrt-scaled), {4 // b if b < 4 else '1/2'}x the steps",
        ["--batch-size", str(b), "--lr", lr]) for b, lr in ((1, "5e-4"), (2, "7e-4"), (8, "1.4e-3"))],
 ]
+# The rows a longer budget (--steps other than 30) runs unless --rows says otherwise (issue 22 section 6): KD vs CE
+# and a second seed, top-64 vs RS-KD vs online, the balancing and noise rows, the 1.58-bit same-shape student
+LONG_ROWS = ["kd-auto-k64-lr1e-3", "ce", "bitnet-30", "kd-auto-k64-lr1e-3-seed1", "kd-auto-sampled64", "online-auto",
+             "kd-auto-k64-hs", "kd-auto-k64-hs-pcgrad", "kd-auto-k64-hs-gradnorm", "kd-auto-k64-neftune5",
+             "kd-auto-k64-gradnoise0.5"]
 ATTN_LAYER = "27"  # upper-middle of the teacher's 30: the layer 2310.08797 and MiniLMv2 transfer from
 
 
@@ -132,9 +137,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench-results/study")
     ap.add_argument("--runs", default="runs/study")
-    ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
+    ap.add_argument("--rows", default="", help="comma-separated row names, run in this order (default: all; at "
+                    "--steps other than 30, LONG_ROWS)")
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per row [30, the demo's]")
     args = ap.parse_args()
+    names = args.rows.split(",") if args.rows else LONG_ROWS if args.steps != 30 else [r[0] for r in ROWS]
+    unknown = sorted(set(names) - {r[0] for r in ROWS})
+    if unknown:
+        raise SystemExit(f"--rows: unknown row(s) {unknown}; the rows are {', '.join(r[0] for r in ROWS)}")
     from pipeline.resolve import DatasetSpec, load_texts, resolve_model
 
     out, runs = Path(args.out), Path(args.runs)
@@ -154,7 +164,7 @@ def main() -> None:
     if "teacher" not in study:
         study["teacher"] = perplexity(teacher, texts)
         save()
-    wanted = [r for r in ROWS if not args.rows or r[0] in args.rows.split(",")]
+    wanted = sorted((r for r in ROWS if r[0] in names), key=lambda r: names.index(r[0]))  # in the order asked
     for name, what, extra in wanted:
         if name in study["rows"]:
             continue
