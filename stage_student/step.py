@@ -176,7 +176,8 @@ class Distiller(nn.Module):
 
 
 def train_step(model, teacher, micro_batches: Iterable[dict], n: int, spec: chunked.LossSpec, optimizer, scheduler,
-               max_grad_norm: float, device: torch.device, balance: str = "none", noise: tuple = (0.0, 0, 0)) -> dict:
+               max_grad_norm: float, device: torch.device, balance: str = "none", gradient_noise: float = 0.0, seed: int = 0,
+               step: int = 0) -> dict:
     """One optimizer step over the n `micro_batches` (gradient accumulation; an iterator, so only one micro-batch
     with its cached hidden states is held at a time): each micro-batch's loss / n is backpropagated (under DDP
     the gradients are averaged over ranks on the last one only; under FSDP reduce-scattered on the last one),
@@ -189,7 +190,7 @@ def train_step(model, teacher, micro_batches: Iterable[dict], n: int, spec: chun
     balance (--loss-balance, one process): each weighted term's gradient is taken alone and they are combined
     by balance.combine (pcgrad | gradnorm) instead of one backward of their sum.
 
-    noise (--gradient-noise ratio, seed, step): add_gradient_noise to the clipped gradient, when ratio > 0."""
+    gradient_noise (--gradient-noise, > 0): add_gradient_noise to the clipped gradient, drawn from (seed, step)."""
     sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
         ids = batch["input_ids"].to(device)
@@ -206,9 +207,9 @@ def train_step(model, teacher, micro_batches: Iterable[dict], n: int, spec: chun
             sums[k] = sums.get(k, 0.0) + v.detach().float() / n
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    if noise[0] > 0:
-        add_gradient_noise([p.grad for p in params if p.grad is not None], noise[0], torch.clamp(grad_norm, max=max_grad_norm),
-                           *noise[1:])
+    if gradient_noise > 0:
+        add_gradient_noise([p.grad for p in params if p.grad is not None], gradient_noise,
+                           torch.clamp(grad_norm, max=max_grad_norm), seed, step)
     lr = float(scheduler.get_last_lr()[0])  # torchao's optimizers hold lr as a (host) tensor
     optimizer.step()
     scheduler.step()

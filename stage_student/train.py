@@ -702,7 +702,7 @@ class Trainer:
 
             stats = train_step(self.train_module, self.teacher, micro_batches(), cfg.grad_accum, self.loss_spec,
                                self.optimizer, self.scheduler, cfg.max_grad_norm, self.device, cfg.loss_balance,
-                               noise=(cfg.gradient_noise, cfg.seed, self.step))
+                               gradient_noise=cfg.gradient_noise, seed=cfg.seed, step=self.step)
             wait = fetched["wait"]
             self.step += 1
             if digest:
