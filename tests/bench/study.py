@@ -100,6 +100,9 @@ ROWS += [
      ["--lr", "1e-3", "--gradient-noise", "0.5"]),
     ("kd-auto-k64-lr1e-3-seed1", "top-64 KD, auto init, lr 1e-3, --seed 1 (the seed-to-seed noise of the row above)",
      ["--lr", "1e-3", "--seed", "1"]),
+    # issue 22 section 6: the online reference at the lr of the top-64 and RS-KD rows it is read against
+    ("online-auto-lr1e-3", "online full-vocabulary KD (reference), auto init, lr 1e-3",
+     ["--online-teacher", "{teacher}", "--lr", "1e-3"]),
 ]
 ROWS += [
     # issue 22 section 2: "smaller batch performs so much better"? Equal tokens (steps x batch = the base row's,
@@ -110,7 +113,7 @@ ROWS += [
 ]
 # The rows a longer budget (--steps other than 30) runs unless --rows says otherwise (issue 22 section 6): KD vs CE
 # and a second seed, top-64 vs RS-KD vs online, the balancing and noise rows, the 1.58-bit same-shape student
-LONG_ROWS = ["kd-auto-k64-lr1e-3", "ce", "bitnet-30", "kd-auto-k64-lr1e-3-seed1", "kd-auto-sampled64", "online-auto",
+LONG_ROWS = ["kd-auto-k64-lr1e-3", "ce", "bitnet-30", "kd-auto-k64-lr1e-3-seed1", "kd-auto-sampled64", "online-auto-lr1e-3",
              "kd-auto-k64-hs", "kd-auto-k64-hs-pcgrad", "kd-auto-k64-hs-gradnorm", "kd-auto-k64-neftune5",
              "kd-auto-k64-gradnoise0.5"]
 ATTN_LAYER = "27"  # upper-middle of the teacher's 30: the layer 2310.08797 and MiniLMv2 transfer from
@@ -261,8 +264,9 @@ def report(study: dict, out: Path) -> None:
         if name in rows and base in rows:
             summary[f"{name}_over_{base}_ppl"] = rows[name]["perplexity"] / rows[base]["perplexity"]
     base = rows.get("kd-auto-k64-lr1e-3")
-    if base:  # noise: a second seed; then each batch size and the embedding noise against the batch-4 row
-        for name in ("kd-auto-k64-lr1e-3-seed1", "kd-auto-k64-neftune5", "kd-auto-k64-b1", "kd-auto-k64-b2", "kd-auto-k64-b8"):
+    if base:  # a second seed; each batch size, noise and the other targets against the batch-4 top-64 row
+        for name in ("kd-auto-k64-lr1e-3-seed1", "kd-auto-k64-neftune5", "kd-auto-k64-gradnoise0.5", "kd-auto-k64-b1",
+                     "kd-auto-k64-b2", "kd-auto-k64-b8", "kd-auto-sampled64", "online-auto-lr1e-3", "ce"):
             if name in rows:
                 summary[f"{name}_over_kd-auto-k64-lr1e-3_ppl"] = rows[name]["perplexity"] / base["perplexity"]
     if "int8-backward" in rows and "kd-auto-k64-lr1e-3" in rows:
