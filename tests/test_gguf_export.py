@@ -19,7 +19,7 @@ from pipeline.config import ExportConfig
 from pipeline.errors import ConfigError
 from stage_student.bitnet import ternary_codes, to_bitnet
 from stage_student.export import export
-from stage_student.gguf_export import q4_0_codes, rope_permute
+from stage_student.gguf_export import load_llama_cpp, q4_0_codes, rope_permute
 
 gguf = pytest.importorskip("gguf")
 
@@ -146,8 +146,8 @@ def test_the_gguf_holds_the_trained_codes_scales_and_types(student, exported, te
 def llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[gguf]' "
                                     "(make test installs it)")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=True, n_threads=2, verbose=False,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    llm = load_llama_cpp(path, n_ctx=256, n_batch=256, logits_all=True, n_threads=2, verbose=False,
+                         type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     llm.eval(ids)
     logits = np.array(llm.scores[: len(ids)], dtype=np.float64)
     llm.close()

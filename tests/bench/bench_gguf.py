@@ -32,6 +32,7 @@ from pipeline.config import ExportConfig  # noqa: E402
 from pipeline.resolve import DatasetSpec, load_texts, resolve_model  # noqa: E402
 from stage_student.bitnet import ternary_codes, to_bitnet  # noqa: E402
 from stage_student.export import export, load_latent, model_dir  # noqa: E402
+from stage_student.gguf_export import load_llama_cpp  # noqa: E402
 
 WORK = ROOT / ".cache" / "bench-gguf"
 
@@ -94,10 +95,8 @@ def torch_speed(model, ids: list[int], decode: int) -> dict:
 
 
 def llama_logits(path: Path, ids: list[int], threads: int) -> np.ndarray:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids) + 8, n_batch=len(ids), logits_all=True,
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = load_llama_cpp(path, n_ctx=len(ids) + 8, n_batch=len(ids), logits_all=True,
+                         n_threads=threads, n_threads_batch=threads, verbose=False)
     llm.eval(ids)
     logits = np.array(llm.scores[: len(ids)], dtype=np.float64)
     llm.close()
@@ -105,9 +104,7 @@ def llama_logits(path: Path, ids: list[int], threads: int) -> np.ndarray:
 
 
 def llama_speed(path: Path, ids: list[int], decode: int, threads: int) -> dict:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids) + decode + 8, n_batch=len(ids), n_threads=threads,
+    llm = load_llama_cpp(path, n_ctx=len(ids) + decode + 8, n_batch=len(ids), n_threads=threads,
                           n_threads_batch=threads, verbose=False)
     llm.eval(ids[:8])  # warm-up
     llm.reset()
