@@ -66,7 +66,8 @@ def test_cli_reads_yaml_numbers_and_reports_bad_types(tmp_path):
 
 
 # flags of other tools the README and docs show (torchrun, sbatch, pip, git)
-FOREIGN = {"--extra-index-url", "--no-deps", "--nproc-per-node", "--array", "--gres", "--ntasks", "--help", "--nnodes", "--node-rank", "--rdzv-endpoint", "--depth"}
+FOREIGN = {"--extra-index-url", "--no-deps", "--nproc-per-node", "--array", "--gres", "--ntasks", "--help", "--nnodes", "--node-rank", "--rdzv-endpoint", "--depth",
+           "--no-repack"}  # pip, torchrun, Slurm, git and llama.cpp flags the docs show
 
 
 def flags_of_the_benchmark_scripts():
