@@ -65,9 +65,9 @@ def test_cli_reads_yaml_numbers_and_reports_bad_types(tmp_path):
     assert r.returncode == 2 and "train_student.max_steps: expected an integer, got 'lots'" in r.stderr
 
 
-# flags of other tools the README and docs show (torchrun, sbatch, pip, git)
+# flags of other tools the README and docs show (torchrun, sbatch, pip, git, llama.cpp)
 FOREIGN = {"--extra-index-url", "--no-deps", "--nproc-per-node", "--array", "--gres", "--ntasks", "--help", "--nnodes", "--node-rank", "--rdzv-endpoint", "--depth",
-           "--no-repack"}  # pip, torchrun, Slurm, git and llama.cpp flags the docs show
+           "--no-repack"}
 
 
 def flags_of_the_benchmark_scripts():

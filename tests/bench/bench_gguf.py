@@ -105,7 +105,7 @@ def llama_logits(path: Path, ids: list[int], threads: int) -> np.ndarray:
 
 def llama_speed(path: Path, ids: list[int], decode: int, threads: int) -> dict:
     llm = load_llama_cpp(path, n_ctx=len(ids) + decode + 8, n_batch=len(ids), n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+                         n_threads_batch=threads, verbose=False)
     llm.eval(ids[:8])  # warm-up
     llm.reset()
     t = time.perf_counter()
