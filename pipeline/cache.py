@@ -11,6 +11,8 @@ Public API (used by the trainer, by users and by our checks)::
         seq["qkv"]                             # {layer: {"q": [T, d_q], "k": [T, d_kv], "v": [T, d_kv]}}, --qkv-layers
         seq["sample_ids"], seq["sample_counts"]  # RS-KD caches: [T-1, m], padding id -1 with count 0; also
         seq["sample_weights"], seq["teacher_entropy"]  # count / N (x p/q at t != 1); H(p) per position [T-1]
+        seq["sample_logprobs"]                 # sampled-exact caches: exact log p of each id, weights p / pi,
+                                               # teacher_entropy the matching estimate -sum w log p
 
     reader.read_hidden(shard, layers=[16], rows=slice(3, 4))  # {16: [1, T, H]}: reads and decodes only that
                                                                # (format 3; older files are decompressed whole)
@@ -42,7 +44,8 @@ from .manifest import (CacheError, atomic_write_bytes, atomic_write_json, merge,
 if TYPE_CHECKING:
     import torch
 
-SAMPLE_KEYS = ("sample_ids", "sample_counts", "sample_weights")
+SAMPLE_KEYS = ("sample_ids", "sample_counts", "sample_weights", "sample_logprobs")  # [.., m] per-sample arrays
+RAGGED = ("sample_ids", "sample_counts", "sample_iw", "sample_logprobs")  # columns of sum(m_t) entries per row
 
 # ----------------------------------------------------------------------------------------------- write
 
@@ -71,7 +74,7 @@ def write_shard(
         columns.update(encode_logprobs(lp, cap["logprob_dtype"]))
         columns["tail_mass"] = tail
     columns["target_logprob"] = targets["target_logprob"].astype(np.float32)
-    if "sample_ids" in file_schema.names:
+    if "sample_counts" in file_schema.names:
         ids = targets["sample_ids"]
         valid = ids >= 0
         columns["sample_lengths"] = valid.sum(-1).astype(np.uint16)
@@ -80,10 +83,23 @@ def write_shard(
         if "sample_iw" in file_schema.names:
             columns["sample_iw"] = targets["sample_iw"][valid].astype(np.float32)
         columns["teacher_entropy"] = targets["teacher_entropy"].astype(np.float32)
-    table = pa.table({name: _column(columns[name], n, file_schema.field(name).type, ids_valid=columns.get("sample_lengths"))
+    if "sample_logprobs" in file_schema.names:
+        ids = targets["sample_ids"]
+        valid = ids >= 0
+        columns["sample_lengths"] = valid.sum(-1).astype(np.uint16)
+        columns["sample_ids"] = delta_ids(ids[valid], columns["sample_lengths"]).astype(id_dtype)
+        columns["sample_logprobs"] = encode_sample_logprobs(targets["sample_logprobs"][valid])
+        if "sample_logq_norm" in file_schema.names:
+            columns["sample_logq_norm"] = targets["sample_logq_norm"].astype(np.float32)
+    table = pa.table({name: _column(columns[name], n, file_schema.field(name).type,
+                                    ids_valid=columns.get("sample_lengths") if name in RAGGED else None)
                       for name in file_schema.names}, schema=file_schema)
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression=schema.PARQUET_COMPRESSION, compression_level=schema.ZSTD_LEVEL)
+    # Parquet names a list column's values by their path, "NAME.list.element"
+    split = [f"{n}.list.element" for n in schema.BYTE_STREAM_SPLIT if n in file_schema.names and cap.get("targets") == "sampled-exact"]
+    pq.write_table(table, buf, compression=schema.PARQUET_COMPRESSION, compression_level=schema.ZSTD_LEVEL,
+                   use_dictionary=not split,  # (with the split ids, plain values were smaller for every column)
+                   column_encoding={n: "BYTE_STREAM_SPLIT" for n in split} or None)
     cache_dir = Path(cache_dir)
     parquet_bytes = buf.getvalue()
     target = columns["target_logprob"].astype(np.float64)
@@ -136,6 +152,34 @@ def encode_logprobs(lp: np.ndarray, dtype: str) -> dict:
     step = np.where(hi > lo, (hi - lo) / 255.0, 1.0).astype(np.float32)
     codes = np.clip(np.rint((hi[..., None] - lp) / step[..., None]), 0, 255).astype(np.uint8)
     return {"topk_logprobs": codes, "topk_lp_max": hi.astype(np.float32), "topk_lp_step": step}
+
+
+def delta_ids(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """sampled-exact: each position's ascending ids as its first id, then the differences (small numbers, which
+    with BYTE_STREAM_SPLIT compress to about 1.5 bytes an id instead of 2)."""
+    out = ids.astype(np.int64).copy()
+    out[1:] -= ids[:-1]
+    starts = np.cumsum(lengths.reshape(-1).astype(np.int64)) - lengths.reshape(-1)
+    starts = starts[lengths.reshape(-1) > 0]
+    out[starts] = ids[starts]
+    return out
+
+
+def undelta_ids(deltas: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The inverse of delta_ids: a running sum restarted at each position."""
+    lengths = lengths.reshape(-1).astype(np.int64)
+    total = np.cumsum(deltas.astype(np.int64))
+    before = np.concatenate([[0], total])[np.cumsum(lengths) - lengths]
+    return total - np.repeat(before, lengths)
+
+
+def encode_sample_logprobs(lp: np.ndarray) -> np.ndarray:
+    """sampled-exact log-probs -> uint8 codes c = round(-SAMPLE_LOGPROB_STEPS log p), clipped to 255 (schema.py)."""
+    return np.clip(np.rint(-lp.astype(np.float64) * schema.SAMPLE_LOGPROB_STEPS), 0, 255).astype(np.uint8)
+
+
+def decode_sample_logprobs(codes: np.ndarray) -> np.ndarray:
+    return -codes.astype(np.float64) / schema.SAMPLE_LOGPROB_STEPS
 
 
 def decode_logprobs(cols: dict) -> np.ndarray:
@@ -278,6 +322,30 @@ def _column(values: np.ndarray, n: int, list_type, ids_valid=None):
 # ------------------------------------------------------------------------------------------------ read
 
 
+def ragged_to_padded(lengths: np.ndarray, n: int, t: int):
+    """A function turning a ragged sample_* column (lengths[i] entries for position i) into [N, T-1, m] arrays."""
+    lengths = lengths.astype(np.int64)
+    m = max(int(lengths.max(initial=0)), 1)
+    positions = np.repeat(np.arange(lengths.size), lengths)
+    slot = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+    def padded(values, fill, dtype):
+        out = np.full((lengths.size, m), fill, dtype=dtype)
+        out[positions, slot] = values
+        return out.reshape(n, t - 1, m)
+
+    return padded
+
+
+def inclusion_weights(logp: np.ndarray, logq: np.ndarray, draws: int, certain: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Horvitz-Thompson weights p / pi of ids seen in `draws` draws from q, pi = 1 - (1 - q)^draws their chance to
+    be drawn at least once; p itself where `certain` (the true next token, always kept), 0 where not `valid`."""
+    q = np.exp(np.minimum(logq, 0.0))
+    pi = -np.expm1(draws * np.log1p(-np.minimum(q, 1 - 1e-16)))
+    pi = np.where(certain, 1.0, np.maximum(pi, 1e-300))
+    return np.where(valid, np.exp(logp) / pi, 0.0)
+
+
 class CacheReader:
     """A read-only view of a finished cache, local or behind any fsspec URL."""
 
@@ -332,7 +400,7 @@ class CacheReader:
     @property
     def targets(self) -> str:
         """topk | sampled | both (version-1 caches: topk)."""
-        return self.manifest["capture"].get("targets", "topk")
+        return self.manifest["capture"].get("targets", schema.DEFAULT_TARGETS)
 
     def read_shard(self, shard: dict, hidden: bool = True) -> dict:
         """One shard as batched, decoded arrays: input_ids [N,T] int64, target_logprob [N,T-1]; top-k caches
@@ -364,7 +432,9 @@ class CacheReader:
                   for name in ("topk_logprobs", "topk_lp_max", "topk_lp_step") if name in cols}
             out["topk_logprobs"] = decode_logprobs(lp)
             out["tail_mass"] = per_position(cols["tail_mass"]).astype(np.float32)
-        if "sample_ids" in cols:
+        if "sample_logprobs" in cols:
+            out.update(self._decode_exact_samples(cols, n, t, input_ids[:, 1:]))
+        elif "sample_ids" in cols:
             out.update(self._decode_samples(cols, n, t))
         if hidden and shard.get("hidden_file"):
             out["hidden_states"], qkv = self.read_extras(shard, self.hidden_layers, self.qkv_layers)
@@ -374,17 +444,8 @@ class CacheReader:
 
     def _decode_samples(self, cols: dict, n: int, t: int) -> dict:
         """Ragged sample_* columns -> padded [N, T-1, m] arrays, and the estimator's weights count / N * p / q."""
-        lengths = cols["sample_lengths"].astype(np.int64)
-        m = max(int(lengths.max(initial=0)), 1)
-        positions = np.repeat(np.arange(lengths.size), lengths)
-        slot = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        padded = ragged_to_padded(cols["sample_lengths"], n, t)
         draws = int(self.manifest["capture"]["samples"])
-
-        def padded(values, fill, dtype):
-            out = np.full((lengths.size, m), fill, dtype=dtype)
-            out[positions, slot] = values
-            return out.reshape(n, t - 1, m)
-
         counts = padded(cols["sample_counts"], 0, np.int64)
         weights = counts / draws
         if "sample_iw" in cols:
@@ -395,6 +456,22 @@ class CacheReader:
             "sample_weights": weights.astype(np.float32),
             "teacher_entropy": cols["teacher_entropy"].astype(np.float32).reshape(n, t - 1),
         }
+
+    def _decode_exact_samples(self, cols: dict, n: int, t: int, next_ids: np.ndarray) -> dict:
+        """sampled-exact columns -> padded [N, T-1, m] ids, exact log-probs and Horvitz-Thompson weights p / pi
+        (pi = 1 - (1 - q)^N, 1 for the true next token), and teacher_entropy = -sum_i w_i log p_i, the matching
+        estimate of H(p), so that the loss's value estimates the KL (stage_student/chunked.py sampled_chunk)."""
+        padded = ragged_to_padded(cols["sample_lengths"], n, t)
+        cap = self.manifest["capture"]
+        ids = padded(undelta_ids(cols["sample_ids"], cols["sample_lengths"]), -1, np.int64)
+        logp = padded(decode_sample_logprobs(cols["sample_logprobs"]), 0.0, np.float64)
+        temperature = float(cap["sample_temperature"])
+        logq = logp / temperature
+        if "sample_logq_norm" in cols:
+            logq = logq + cols["sample_logq_norm"].astype(np.float64).reshape(n, t - 1, 1)
+        weights = inclusion_weights(logp, logq, int(cap["samples"]), ids == next_ids[..., None], ids >= 0)
+        return {"sample_ids": ids, "sample_logprobs": logp.astype(np.float32), "sample_weights": weights.astype(np.float32),
+                "teacher_entropy": -(weights * logp).sum(-1).astype(np.float32)}
 
     @property
     def qkv_layers(self) -> list[int]:
@@ -448,7 +525,7 @@ class CacheReader:
                 seq = {k: v[i] for k, v in batch.items() if k not in ("hidden_states", "qkv")}
                 if "sample_ids" in seq:  # this sequence's own m: the most unique ids at any of its positions
                     m = max(int((seq["sample_ids"] >= 0).sum(-1).max(initial=0)), 1)
-                    seq.update({k: seq[k][:, :m] for k in SAMPLE_KEYS})
+                    seq.update({k: seq[k][:, :m] for k in SAMPLE_KEYS if k in seq})
                 if "hidden_states" in batch:
                     seq["hidden_states"] = {l: h[i] for l, h in batch["hidden_states"].items()}
                 if "qkv" in batch:

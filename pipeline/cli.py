@@ -21,7 +21,9 @@ import typer
 from . import config as C
 from .errors import DistilyError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Offline two-stage knowledge distillation.")
+# Plain click help (rich_markup_mode=None): rich's option table cuts flag names at 80 columns (--tensor-parallel-s...).
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Offline two-stage knowledge distillation.")
 
 
 @dataclass
@@ -139,9 +141,10 @@ def inspect(cache: str = typer.Argument(..., help="Cache dir or fsspec URL.")):
     ]
     if targets in ("topk", "both"):
         rows.append(("top-k", f"{cap['top_k']} as {cap.get('logprob_dtype', 'float32')} log-probs"))
-    if targets in ("sampled", "both"):
-        rows.append(("samples", f"{cap['samples']} draws/position at t={cap['sample_temperature']}, seed {cap['sample_seed']}; "
-                                f"{stats.get('mean_unique_samples', float('nan')):.1f} unique ids/position"))
+    if targets in ("sampled", "both", "sampled-exact"):
+        exact = " with exact log-probs, + the true next token" if targets == "sampled-exact" else ""
+        rows.append(("samples", f"{cap['samples']} draws/position at t={cap['sample_temperature']}, seed {cap['sample_seed']}"
+                                f"{exact}; {stats.get('mean_unique_samples', float('nan')):.1f} unique ids/position"))
     rows += [
         ("hidden layers", f"{layers} as {cap['hidden_dtype']}" if layers else "none"),
         *([("qkv layers", "{} as {} (widths q {}, k {}, v {}; before RoPE)".format(

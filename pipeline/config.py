@@ -52,14 +52,17 @@ class CaptureConfig:
                                   "for array jobs on many nodes.", shown="$DISTILY_HOME/tokens")
     tokenize_processes: int | None = opt(None, "Processes that tokenise text into --token-store (datasets map num_proc).",
                                          shown="all cores")
-    targets: str = opt("topk", "Teacher targets to store: topk (top-k log-probs + tail mass) | sampled (RS-KD: --samples "
-                       "draws per position, unique ids with counts; unbiased) | both.")
+    targets: str = opt("sampled-exact", "Teacher targets to store: sampled-exact (--samples draws per position from the teacher, "
+                       "the unique ids and the true next token with their exact log-probs; an unbiased estimate of the "
+                       "full distribution, exact where it matters) | topk (top-k log-probs + tail mass) | sampled (RS-KD: "
+                       "unique ids with counts; unbiased) | both (topk and sampled). docs/teacher-cache.md.")
     top_k: int = opt(64, "Teacher top-k log-probs per position.")
     logprob_dtype: str = opt("uint8", "Stored form of the top-k log-probs: uint8 (8 bits in log space with a per-position "
                              "scale, KL(stored||exact) ~1e-5) | float16 | float32.")
-    samples: int = opt(64, "--targets sampled/both: draws per position (with replacement).")
-    sample_temperature: float = opt(1.0, "--targets sampled/both: draw from softmax(z / t); t != 1 stores importance "
-                                    "weights p/q so the estimate stays unbiased.")
+    samples: int | None = opt(None, "--targets sampled-exact/sampled/both: draws per position (with replacement).",
+                              shown="56 for sampled-exact, 64 for sampled and both")
+    sample_temperature: float = opt(1.0, "--targets sampled-exact/sampled/both: draw from softmax(z / t); t != 1 stores "
+                                    "what keeps the estimate unbiased (importance weights p/q, or q's normaliser).")
     hidden_layers: list[int] = opt(help="Hidden-state layers to store, comma-separated, HF numbering (0 = embeddings).",
                                    factory=list, shown="none")
     hidden_dtype: str = opt("bfloat16", "Storage dtype of hidden states (and Q/K/V): float32 | float16 | bfloat16 | int8 "

@@ -50,6 +50,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -60,6 +61,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (Linux: read from /proc, which leaves it untouched; elsewhere set and restored)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(l for l in f if l.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str, suffix: str = ".tmp") -> Path:
+    """tempfile.mkdtemp, but with the mode mkdir would give (0755 under umask 022, not mkdtemp's 0700): a dir
+    renamed into a shared cache must be readable by the group's other users."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=suffix))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

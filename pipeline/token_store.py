@@ -31,13 +31,13 @@ import math
 import mmap
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .errors import CacheError, ConfigError
+from .manifest import make_temp_dir
 
 TOKEN_DTYPE = np.dtype("<i4")
 FIRST_ROWS = 256  # the fewest rows of a chunk, and the first chunk for --max-tokens (the old 256-document batch)
@@ -157,7 +157,7 @@ def check_writable(store: Path) -> Path:
     """A fresh work dir inside the store, or a ConfigError saying the store cannot be written."""
     try:
         store.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=store, prefix=".work.", suffix=".tmp"))
+        return make_temp_dir(store, prefix=".work.")
     except OSError as e:
         raise unwritable(store, e) from e
 

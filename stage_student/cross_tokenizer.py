@@ -357,9 +357,9 @@ def for_run(cfg, reader, student_tokenizer) -> CrossTokenizer:
     spell the cached text byte for byte, and the mapping must cover a useful share of the teacher's mass."""
     from transformers import AutoTokenizer
 
-    if reader.targets == "sampled":
-        raise ConfigError("--cross-tokenizer reads the cached top-k, and this cache holds sampled targets only: capture "
-                          "with `distily teacher-cache --targets topk` (or both)")
+    if reader.targets in ("sampled", "sampled-exact"):
+        raise ConfigError(f"--cross-tokenizer reads the cached top-k, and this cache holds {reader.targets} targets only: "
+                          "capture with `distily teacher-cache --targets topk` (or both)")
     teacher = AutoTokenizer.from_pretrained(reader.tokenizer_dir())
     cross = CrossTokenizer(cfg.cross_tokenizer, teacher, student_tokenizer)
     rows = []

@@ -122,7 +122,7 @@ def collate(rows: list[dict]) -> dict:
         batch.update(topk_ids=stack("topk_ids", np.int64), topk_logprobs=stack("topk_logprobs"), tail_mass=stack("tail_mass"))
     if "sample_ids" in rows[0]:
         m = max(r["sample_ids"].shape[-1] for r in rows)
-        for key in SAMPLE_KEYS:
+        for key in (k for k in SAMPLE_KEYS if k in rows[0]):
             fill = -1 if key == "sample_ids" else 0
             batch[key] = torch.from_numpy(np.stack([
                 np.pad(r[key], ((0, 0), (0, m - r[key].shape[-1])), constant_values=fill) for r in rows]))

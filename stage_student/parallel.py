@@ -66,11 +66,12 @@ def is_sharded(module: torch.nn.Module) -> bool:
 
 
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The module's state dict with every DTensor shard gathered into a whole tensor on the CPU (a collective
-    under FSDP: every rank calls it; rank 0 then saves)."""
-    from torch.distributed.tensor import DTensor
+    """The module's state dict with every DTensor shard gathered into a whole tensor on rank 0's CPU (a collective
+    under FSDP: every rank calls it). Only rank 0 holds the result: the others get an empty dict, so the host
+    memory of a save is one model, not one per rank (torch.distributed.checkpoint's full_state_dict + cpu_offload)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in module.state_dict().items()}
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def global_value(x: torch.Tensor) -> torch.Tensor:

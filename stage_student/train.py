@@ -213,12 +213,14 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def resolve_kd_targets(cfg: TrainConfig, cached: str, kd: bool) -> str:
-    """topk or sampled: what the KD loss reads from a cache holding `cached` (topk | sampled | both)."""
+    """topk or sampled: what the KD loss reads from a cache holding `cached` (schema.TARGETS). Samples with exact
+    probabilities (sampled-exact) are read as samples: the reader has turned them into weights."""
     want = cfg.kd_targets
+    has = {"topk": ("topk",), "sampled": ("sampled",), "both": ("topk", "sampled"), "sampled-exact": ("sampled",)}[cached]
     if want == "auto":
-        want = "sampled" if cached == "sampled" else "topk"
-    if want == "sampled" and cached == "topk" or want == "topk" and cached == "sampled":
-        raise DistilyError(f"--kd-targets {want}: the cache holds {cached} targets only. Use --kd-targets {cached}, or "
+        want = "sampled" if "topk" not in has else "topk"
+    if want not in has:
+        raise DistilyError(f"--kd-targets {want}: the cache holds {cached} targets only. Use --kd-targets {has[0]}, or "
                            f"capture with `distily teacher-cache --targets {want}` (or both).")
     if want == "sampled" and kd and not cfg.online_teacher:
         if cfg.loss not in losses.SAMPLED_LOSSES:
@@ -450,6 +452,10 @@ class Trainer:
             tmp.mkdir(parents=True)
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        if self.world > 1:  # every rank's own stream (NEFTune's draws differ by rank): rank r resumes from its own
+            per_rank = [None] * self.world
+            dist.all_gather_object(per_rank, rng)
+            rng = {**rng, "per_rank": per_rank}
         if self.sharded:
             import torch.distributed.checkpoint as dcp
 
@@ -515,11 +521,14 @@ class Trainer:
             self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         self.scheduler.lr_lambdas = [lr_lambda(self.cfg)]  # a later --max-steps extends the schedule
-        torch.set_rng_state(blob["rng"]["torch"])
-        np.random.set_state(blob["rng"]["numpy"])
-        random.setstate(blob["rng"]["python"])
-        if blob["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+        rng = blob["rng"]
+        if len(rng.get("per_rank") or []) == self.world:  # older checkpoints hold rank 0's alone
+            rng = rng["per_rank"][self.rank]
+        torch.set_rng_state(rng["torch"].cpu())  # RNG states are CPU byte tensors, whatever map_location moved
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.window = state.get("log_window")
         return True
@@ -542,7 +551,10 @@ class Trainer:
 
     def save_final(self) -> Path:
         final = self.out / "final"
-        # under FSDP the shards are gathered (every rank takes part) and rank 0 saves one plain model dir
+        cpu = torch.device("cpu")
+        reset_peak_memory(cpu)
+        rss_before = memory_mb(cpu)[0]
+        # under FSDP the shards are gathered onto rank 0 (every rank takes part) and rank 0 saves one plain model dir
         model, projectors, attn_maps = ((full_state_dict(m) for m in (self.model, self.projectors, self.attn_maps))
                                         if self.sharded else (None, self.projectors.state_dict(), self.attn_maps.state_dict()))
         if self.rank == 0:
@@ -556,6 +568,9 @@ class Trainer:
             fsync_tree(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
+        del model, projectors, attn_maps
+        # the host memory the save took on this rank (result.json lists every rank's: bench_fsdp.py reads it)
+        self.save_memory = {"rank": self.rank, "rss_before_mb": rss_before, "peak_rss_mb": memory_mb(cpu)[1]}
         return final
 
     # ------------------------------------------------------------------------------------------ run
@@ -714,8 +729,10 @@ class Trainer:
             record = self.account(stats, step_tokens, time.perf_counter() - t0, wait,
                                   epoch=self.step * cfg.grad_accum / stream.per_epoch)
             last = {"step": self.step, **{f"loss/{k}" if k != "loss" else "loss": v for k, v in stats["losses"].items()}}
-            if record and self.measure_gradients:  # the logit vs auxiliary gradients, on the step's last micro-batch
-                record.update(gradient_cosines(self.distiller, self.teacher, fetched["last"], self.loss_spec, self.device))
+            if record and self.measure_gradients:  # the logit vs auxiliary gradients, on the step's last micro-batch;
+                # its forward (train mode: NEFTune draws noise) must not move this rank's RNG stream
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                    record.update(gradient_cosines(self.distiller, self.teacher, fetched["last"], self.loss_spec, self.device))
             if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step != cfg.max_steps:  # the end evaluates below
                 record = {"step": self.step, **record, **self.timed_evaluate(self.window)}
             if record:
@@ -746,6 +763,10 @@ class Trainer:
         if result["finished"]:
             result.update(self.timed_evaluate())
             result["final"] = str(self.save_final())
+            saves = [None] * self.world
+            if self.world > 1:
+                dist.all_gather_object(saves, self.save_memory)
+            result["final_save_memory"] = saves if self.world > 1 else [self.save_memory]
             if self.rank == 0:
                 atomic_write_json(self.out / "result.json", result)
                 self.log({"step": self.step, **{k: v for k, v in result.items() if k.startswith("eval/")}})

@@ -8,9 +8,10 @@ sharded, resumable loop is stage_teacher/runner.py's (generate.py runs the same 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from pipeline.manifest import (
     check_same_cache,
     fsync_dir,
     fsync_tree,
+    make_temp_dir,
     read_json,
     stats_from_shards,
 )
@@ -271,6 +273,18 @@ def _available_memory() -> int | None:
     return None
 
 
+DEFAULT_DRAWS = {"sampled-exact": 56, "sampled": 64, "both": 64, "topk": 64}
+
+
+def with_draws(cfg: CaptureConfig) -> CaptureConfig:
+    """cfg with --samples resolved: DEFAULT_DRAWS of its --targets when not given. sampled-exact's 56 is the most
+    draws whose cache stays within 64 bytes per token on the embedded teacher (docs/benchmarks.md, make bench-fidelity);
+    RS-KD keeps the paper's 64."""
+    if cfg.samples is not None:
+        return cfg
+    return dataclasses.replace(cfg, samples=DEFAULT_DRAWS.get(cfg.targets, 64))
+
+
 def check_targets(cfg: CaptureConfig) -> None:
     """The target options, checked before anything is loaded."""
     from .vllm_backend import TARGETS_FROM
@@ -281,6 +295,7 @@ def check_targets(cfg: CaptureConfig) -> None:
         raise ConfigError(f"--logprob-dtype {cfg.logprob_dtype!r} is unknown; use one of {', '.join(schema.LOGPROB_DTYPES)}")
     if cfg.targets_from not in (*TARGETS_FROM, "auto"):
         raise ConfigError(f"--targets-from {cfg.targets_from!r} is unknown; use auto, {' or '.join(TARGETS_FROM)}")
+    cfg = with_draws(cfg)
     if not 1 <= cfg.samples <= 65535:
         raise ConfigError(f"--samples {cfg.samples} must be between 1 and 65535 draws per position (RS-KD uses ~64)")
     if not cfg.sample_temperature > 0:
@@ -341,6 +356,7 @@ def run(cfg: CaptureConfig, teacher=None) -> dict:
     """Capture (or resume) the cache described by cfg. `teacher`: an already started backend to reuse
     (it must have been built with the same top-k and hidden layers); it is left open."""
     out = Path(cfg.output.removeprefix("file://"))
+    cfg = with_draws(cfg)
     manifest, sequences, model_dir, tokenizer = prepare(cfg)
     out.mkdir(parents=True, exist_ok=True)
     check_other_jobs(out, manifest)
@@ -380,7 +396,7 @@ def write_shared_files(out: Path, tokenizer, model_dir: str) -> None:
         if time.time() - stale.stat().st_mtime > 3600:
             shutil.rmtree(stale, ignore_errors=True)
     if not target.exists():
-        tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{schema.TOKENIZER_DIR}.", suffix=".tmp"))
+        tmp = make_temp_dir(out, prefix=f".{schema.TOKENIZER_DIR}.")
         try:
             tokenizer.save_pretrained(tmp)
             fsync_tree(tmp)

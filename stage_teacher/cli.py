@@ -41,6 +41,7 @@ def leave() -> None:
 
 
 COMMAND = Command("teacher-cache", CaptureConfig, "teacher_cache", run,
-                  "Run the teacher once over the dataset and write top-k log-probs and hidden states to a cache.")
+                  "Run the teacher once over the dataset and write its targets (sampled ids with exact log-probs by default, or "
+                  "top-k), hidden states and Q/K/V to a cache.")
 GENERATE = Command("generate", GenerateConfig, "generate", generate,
                    "The teacher writes a dataset under vLLM (synthetic / data-free KD); teacher-cache --dataset reads it.")

@@ -27,7 +27,7 @@ import torch
 @dataclass
 class TargetSpec:
     top_k: int = 64
-    targets: str = "topk"  # topk | sampled | both
+    targets: str = "topk"  # topk | sampled | both | sampled-exact
     samples: int = 64
     sample_temperature: float = 1.0
     seed: int = 0
@@ -40,7 +40,12 @@ class TargetSpec:
 
     @property
     def sampled(self) -> bool:
-        return self.targets in ("sampled", "both")
+        return self.targets in ("sampled", "both", "sampled-exact")
+
+    @property
+    def exact(self) -> bool:
+        """sampled-exact: the drawn ids (and the true next token) with their exact log-probs, no counts."""
+        return self.targets == "sampled-exact"
 
 
 def sequence_generator(seed: int, seq_index: int, device) -> torch.Generator:
@@ -86,7 +91,10 @@ def chunk_targets(z: torch.Tensor, next_ids: torch.Tensor, spec: TargetSpec, gen
     mx = z.amax(-1, keepdim=True)
     z.sub_(mx)  # z - max: every entry <= 0
     t = spec.sample_temperature
-    if spec.sampled:
+    if spec.sampled and spec.exact:
+        out.update(exact_samples(z, next_ids, spec, gen))
+        total = z.exp_().sum(-1)
+    elif spec.sampled:
         e = z.exp()
         total = e.sum(-1)
         # H(p) = log S - sum e (z - max) / S: with it the loss's value is the KL estimate, not just its gradient
@@ -112,6 +120,24 @@ def chunk_targets(z: torch.Tensor, next_ids: torch.Tensor, spec: TargetSpec, gen
     return {k: v.cpu() for k, v in out.items()}
 
 
+def exact_samples(z: torch.Tensor, next_ids: torch.Tensor, spec: TargetSpec, gen: torch.Generator) -> dict:
+    """--targets sampled-exact: N draws from q = softmax(z / t), reduced to their unique ids, joined with the true
+    next token, each with its exact teacher log-prob log p (z holds z - max, read only). The reader weights id i by
+    p_i / pi_i, pi_i = 1 - (1 - q_i)^N its chance to be drawn at least once (1 for the true token, which is always
+    there): the Horvitz-Thompson estimate of p, unbiased, and exact for every token likely to be drawn (pi ~ 1).
+    t != 1 also stores sample_logq_norm, c with log q_i = log p_i / t + c."""
+    t = spec.sample_temperature
+    log_total = torch.logsumexp(z, dim=-1)
+    e = (z / t).exp() if t != 1.0 else z.exp()
+    draws = torch.multinomial(e, spec.samples, replacement=True, generator=gen)
+    ids, _ = unique_counts(torch.cat([draws, next_ids[:, None].long()], dim=-1))
+    logp = z.gather(-1, ids.clamp_min(0)) - log_total[:, None]
+    out = {"sample_ids": ids, "sample_logprobs": torch.where(ids >= 0, logp, 0.0)}
+    if t != 1.0:
+        out["sample_logq_norm"] = log_total / t - torch.logsumexp(z / t, dim=-1)
+    return out
+
+
 def unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[C, N] draws -> unique ids [C, m] (ascending, padded with -1) and their counts [C, m] (padded 0)."""
     s, _ = draws.sort(dim=-1)
@@ -125,6 +151,7 @@ def unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 SAMPLE_FILL = {"sample_ids": -1}
+PER_POSITION = ("sample_logq_norm",)  # sample_* keys with one value per position, not per sample
 
 
 def concat_padded(parts: list[dict], dim: int = 0) -> dict:
@@ -132,7 +159,7 @@ def concat_padded(parts: list[dict], dim: int = 0) -> dict:
     out = {}
     for key in parts[0]:
         values = [part[key] for part in parts]
-        if key.startswith("sample_"):
+        if key.startswith("sample_") and key not in PER_POSITION:
             m = max(v.shape[-1] for v in values)
             values = [torch.nn.functional.pad(v, (0, m - v.shape[-1]), value=SAMPLE_FILL.get(key, 0)) for v in values]
         out[key] = torch.cat(values) if dim == 0 else torch.stack(values)

@@ -133,6 +133,7 @@ def capture_cfg(tiny_teacher, text_file, out, **kw):
         output=str(out), teacher=str(tiny_teacher), dataset=str(text_file), max_seq_len=64, max_tokens=64 * 20,
         top_k=TINY_K, hidden_layers=TINY_HIDDEN_LAYERS, hidden_dtype="float32", sequences_per_shard=4,
         logprob_dtype="float32",  # the reference fixture stores exact values; uint8 has tests of its own
+        targets="topk",  # the top-k fixture most tests read; sampled-exact (the default) has tests of its own
         backend="hf", vllm_max_logprobs=TINY_K,
     )
     base.update(kw)

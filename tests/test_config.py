@@ -85,6 +85,41 @@ def test_every_flag_the_docs_show_exists():
     assert {"--tensor-parallel-size", "--token-store", "--num-shards"} <= shown
 
 
+def command_lines(text: str):
+    """(command, flags) of every `distily COMMAND ...` the text shows, continuation lines joined, up to a pipe,
+    `;`, `&&`, a comment or the end of the line or inline code span."""
+    text = re.sub(r"\\\n\s*", " ", text)
+    for m in re.finditer(r"(?<![\w/-])distily ([a-z][a-z-]*)([^\n`|;#&]*)", text):
+        yield m.group(1), set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", m.group(2)))
+
+
+def test_every_flag_is_shown_with_a_command_that_has_it():
+    """A flag the docs show on a `distily COMMAND` line belongs to that command (not just to some command)."""
+    flags = flags_of_every_command()
+    checked = 0
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for command, shown in command_lines(page.read_text()):
+            if command not in flags:
+                continue  # prose such as "distily exists", or a command's name in a sentence
+            wrong = sorted(shown - flags[command] - FOREIGN)
+            assert not wrong, f"{page.name}: `distily {command}` is shown with {wrong}, which it does not have"
+            checked += len(shown)
+    assert checked > 50
+    assert list(command_lines("distily eval --model m \\\n   --limit 5 | tee x --nope")) == [("eval", {"--model", "--limit"})]
+
+
+def test_help_prints_every_flag_name_whole_at_80_columns():
+    """At 80 columns (a default terminal, a CI log) `--help` shows each flag's full name."""
+    env = {**__import__("os").environ, "COLUMNS": "80"}
+    for name, expected in flags_of_every_command().items():
+        r = subprocess.run([sys.executable, "-m", "pipeline.cli", name, "--help"], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+        shown = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", r.stdout))
+        long_flags = {f for f in expected if f.startswith("--")}
+        assert long_flags <= shown, (name, sorted(long_flags - shown))
+        assert max(len(line) for line in r.stdout.splitlines()) <= 80
+
+
 def test_pipeline_imports_no_stage():
     for path in (ROOT / "pipeline").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -143,9 +143,20 @@ def test_the_gguf_holds_the_trained_codes_scales_and_types(student, exported, te
     print(f"\n{ternary_type}: {saved['total_bytes']} bytes, {saved['bits_per_linear_param']:.3f} bits per ternary weight")
 
 
+def need_llama_cpp():
+    """llama_cpp, or a skip where it is not installed; under CI (CI=true) its absence fails: `make test` installs it."""
+    import os
+
+    if os.environ.get("CI"):
+        import llama_cpp  # an ImportError here fails the test: CI must run these checks
+
+        return llama_cpp
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[gguf]' "
+                               "(make test installs it)")
+
+
 def llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[gguf]' "
-                                    "(make test installs it)")
+    llama_cpp = need_llama_cpp()
     llm = load_llama_cpp(path, n_ctx=256, n_batch=256, logits_all=True, n_threads=2, verbose=False,
                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     llm.eval(ids)
@@ -215,15 +226,30 @@ def test_llama_cpp_computes_the_students_logits(student, exported, texts, ternar
           f"rounding {vs_emulated:.4f} / {vs_emulated_mean:.2e}; the trained model (int8 activations per token) "
           f"{vs_trained:.4f} / {vs_trained_mean:.2e}, top-1 agreement {top1:.3f}")
     # llama.cpp holds exactly the ternary weights: what separates it from float activations is its own 8-bit
-    # rounding of them; with that rounding emulated, only rare flipped roundings (float32 sums) remain
-    assert vs_ref < 0.15 and vs_ref_mean < 0.03
-    assert vs_emulated_mean < 1e-3 and vs_emulated_mean < 0.05 * vs_ref_mean
+    # rounding of them; with that rounding emulated, only rare flipped roundings (float32 sums) remain. The bounds
+    # are docs/bitnet.md's measured values (0.058 / 0.011 / 7.0e-5 / 0.075 / 0.013 / 97.9%) with a margin of 1.3x.
+    assert vs_ref < GGUF_TOL["ref_max"] and vs_ref_mean < GGUF_TOL["ref_mean"]
+    assert vs_emulated_mean < GGUF_TOL["emulated_mean"]
     # the trained model rounds activations per token instead: as far from llama.cpp as from the float reference
-    assert vs_trained < 0.2 and vs_trained_mean < 0.05 and top1 >= 0.95
+    assert vs_trained < GGUF_TOL["trained_max"] and vs_trained_mean < GGUF_TOL["trained_mean"]
+    assert top1 >= GGUF_TOL["top1"]
+
+
+def test_tq1_0_and_tq2_0_give_identical_logits(student, exported, texts):
+    from transformers import AutoTokenizer
+
+    run, _, _ = student
+    ids = AutoTokenizer.from_pretrained(run / "final")(texts[-1])["input_ids"][:96]
+    a, b = (llama_cpp_logits(f"{exported[t]['output']}/model.gguf", ids) for t in ("tq1_0", "tq2_0"))
+    np.testing.assert_array_equal(a, b)
+
+
+GGUF_TOL = {"ref_max": 0.075, "ref_mean": 0.0145, "emulated_mean": 9e-5, "trained_max": 0.1, "trained_mean": 0.017,
+            "top1": 0.965}
 
 
 def test_llama_cpp_tokenizes_text_as_the_student_does(student, exported, texts):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[gguf]'")
+    llama_cpp = need_llama_cpp()
     from transformers import AutoTokenizer
 
     run, _, _ = student

@@ -7,7 +7,9 @@ gloo ranks (torchrun --nproc-per-node 2) from a small top-64 cache (made once un
 one bench_init.py uses), under: DDP + bitsandbytes AdamW8bit (the default), FSDP + torchao AdamW8bit, FSDP +
 torch AdamW. Per rank 0, from the run's first log record: parameter bytes it holds (its shards under FSDP; its
 gradients take as many), optimizer-state bytes, peak RSS, and the mean step time. Prints a table, writes JSON.
-Target (exits 1 when missed): FSDP's parameter and optimizer bytes per rank are at most 0.55x DDP's.
+Also the final save's host memory on each rank (peak RSS over the RSS before it, from result.json's
+final_save_memory). Targets (exits 1 when missed): FSDP's parameter and optimizer bytes per rank are at most
+0.55x DDP's; under FSDP rank 1's save adds at most 0.25x what rank 0's does (only rank 0 gathers the model).
 """
 from __future__ import annotations
 
@@ -37,11 +39,15 @@ def run(cache: Path, parallel: str, optimizer: str, layers: int, steps: int, por
         if r.returncode:
             raise SystemExit(r.stderr[-3000:])
         rows = [json.loads(l) for l in (Path(tmp) / "log.jsonl").read_text().splitlines() if '"loss"' in l]
+        saves = json.loads((Path(tmp) / "result.json").read_text())["final_save_memory"]
     first = rows[0]
     return {"parallel": parallel, "optimizer": optimizer, "parameter_bytes": first["parameter_bytes"],
             "optimizer_state_bytes": first["optimizer_state_bytes"], "peak_memory_mb": max(r["peak_memory_mb"] for r in rows),
             "step_time_s": sum(r["step_time_s"] for r in rows[1:]) / max(1, len(rows) - 1),
-            "losses": [r["loss"] for r in rows]}
+            "losses": [r["loss"] for r in rows],
+            # host memory of the final save per rank: its peak RSS and what it added over the RSS before it
+            "save_peak_rss_mb": [m["peak_rss_mb"] for m in saves],
+            "save_added_rss_mb": [m["peak_rss_mb"] - m["rss_before_mb"] for m in saves]}
 
 
 def main() -> int:
@@ -61,9 +67,14 @@ def main() -> int:
         print(f"{r['parallel']:<9}{r['optimizer']:<14}{r['parameter_bytes'] / 2**20:14.1f}"
               f"{r['optimizer_state_bytes'] / 2**20:14.1f}{r['peak_memory_mb']:12.0f}{r['step_time_s']:8.2f}"
               f"{ratio[0]:>14.2f}, {ratio[1]:.2f}")
+    print("final save, added host RSS per rank (MB): " + "; ".join(
+        f"{r['parallel']}+{r['optimizer']} " + ", ".join(f"{m:.0f}" for m in r["save_added_rss_mb"]) for r in rows))
     fsdp8 = rows[1]
     targets = {"FSDP parameter bytes per rank <= 0.55x DDP's": fsdp8["vs_ddp"][0] <= 0.55,
-               "FSDP + ao_adamw8bit optimizer bytes per rank <= 0.55x DDP + adamw8bit's": fsdp8["vs_ddp"][1] <= 0.55}
+               "FSDP + ao_adamw8bit optimizer bytes per rank <= 0.55x DDP + adamw8bit's": fsdp8["vs_ddp"][1] <= 0.55,
+               # the gathered model lives on rank 0 alone: rank 1's save adds at most a quarter of rank 0's
+               "FSDP's final save: rank 1 adds <= 0.25x rank 0's host RSS":
+                   fsdp8["save_added_rss_mb"][1] <= 0.25 * max(fsdp8["save_added_rss_mb"][0], 1.0)}
     return report_targets(targets, rows, Path(args.json))
 
 

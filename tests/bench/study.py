@@ -23,7 +23,16 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 # The demo's budget (Makefile: TOKENS, SEQ_LEN, TOP_K, STUDENT_LAYERS, STEPS, BATCH).
-CACHE_ARGS = ["--max-tokens", "65536", "--max-seq-len", "256", "--top-k", "64"]
+CACHE_ARGS = ["--max-tokens", "65536", "--max-seq-len", "256", "--targets", "topk", "--top-k", "64"]
+
+
+def cache_args(targets: str) -> list[str]:
+    """CACHE_ARGS with another --targets."""
+    return [targets if a == "topk" else a for a in CACHE_ARGS]
+
+# Regime (i) of issue 27: one pass over fresh tokens, 200 steps x 4 x 256 (+ 16 held-out sequences), from Wikipedia
+# articles (the gensim wheel's shortened enwiki dump) instead of the Lee corpus; held-out ppl stays on Lee's 50.
+FRESH_TOKENS = str((200 * 4 + 16) * 256)
 BASE = ["--student-layers", "15", "--init", "teacher-layers", "--optimizer", "adamw8bit", "--batch-size", "4",
         "--logging-steps", "5", "--eval-sequences", "16"]  # --warmup-steps: per row, scaled with its batch
 DEMO_LR = "3e-4"  # the demo's learning rate before this study
@@ -43,6 +52,19 @@ ROWS = [
      ["--cache", "{both_cache}", "--kd-targets", "topk", "--lr", "1e-3"]),
     ("kd-auto-sampled64", "RS-KD: 64 sampled draws per position (same cache), auto init, lr 1e-3",
      ["--cache", "{both_cache}", "--kd-targets", "sampled", "--lr", "1e-3"]),
+    # issue 27: samples with exact probabilities (Horvitz-Thompson weights, the true token always in), the default
+    ("kd-auto-exact", "sampled-exact (the default): 56 draws with exact log-probs + the true token, auto init, lr 1e-3",
+     ["--cache", "{exact_cache}", "--lr", "1e-3"]),
+    ("kd-auto-exact-seed1", "sampled-exact, 56 draws, auto init, lr 1e-3, --seed 1",
+     ["--cache", "{exact_cache}", "--lr", "1e-3", "--seed", "1"]),
+    ("online-auto-lr1e-3-seed1", "online full-vocabulary KD (reference), auto init, lr 1e-3, --seed 1",
+     ["--online-teacher", "{teacher}", "--lr", "1e-3", "--seed", "1"]),
+    ("fresh-online", "regime (i), one pass over fresh Wikipedia tokens: online full-vocabulary KD, lr 1e-3",
+     ["--cache", "{fresh_cache}", "--online-teacher", "{teacher}", "--lr", "1e-3"]),
+    ("fresh-exact", "regime (i), one pass over fresh Wikipedia tokens: sampled-exact, 56 draws, lr 1e-3",
+     ["--cache", "{fresh_cache}", "--lr", "1e-3"]),
+    ("fresh-k64", "regime (i), one pass over fresh Wikipedia tokens: top-64 + rest bucket, lr 1e-3",
+     ["--cache", "{fresh_topk_cache}", "--lr", "1e-3"]),
     ("kd-auto-k64-hs", "top-64 KD + hidden MSE (layernormed) on the copied layers, auto init",
      ["--cache", "{hs_cache}", "--hs-weight", "1", "--layer-mapper", "copied", "--hs-norm", "layernorm", "--lr", DEMO_LR]),
     # 2310.08797's losses at equal tokens, side by side on one cache holding teacher layer 27's hidden state and Q/K/V
@@ -125,6 +147,37 @@ def distily(*args: str) -> float:
     return time.perf_counter() - t0
 
 
+def fresh_text(runs: Path) -> Path:
+    """runs/fresh.jsonl: the prose of the articles in the gensim wheel's shortened English Wikipedia dump (markup,
+    templates, tables and references stripped; paragraphs of at least 200 characters), made once."""
+    import bz2
+    import re
+
+    out = runs / "fresh.jsonl"
+    if out.exists():
+        return out
+    from pipeline.resolve import _package_dir
+
+    dump = _package_dir("gensim", "pip install --no-deps gensim") / "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+    xml = bz2.decompress(dump.read_bytes()).decode("utf-8")
+    docs = []
+    for text in re.findall(r"<text[^>]*>(.*?)</text>", xml, flags=re.S):
+        text = re.sub(r"&lt;", "<", re.sub(r"&gt;", ">", re.sub(r"&amp;", "&", re.sub(r"&quot;", '"', text))))
+        for _ in range(3):  # nested templates and tables
+            text = re.sub(r"\{\{[^{}]*\}\}|\{\|.*?\|\}", "", text, flags=re.S)
+        text = re.sub(r"<ref[^>]*/>|<ref.*?</ref>|<!--.*?-->|<[^>]+>", "", text, flags=re.S)
+        text = re.sub(r"\[\[(?:File|Image|Category):[^\]]*\]\]", "", text)
+        text = re.sub(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]", r"\1", text)
+        text = re.sub(r"\[https?://\S+ ?([^\]]*)\]", r"\1", text)
+        text = re.sub(r"'{2,}", "", text)
+        paragraphs = [p.strip() for p in text.split("\n") if len(p.strip()) >= 200 and not p.lstrip().startswith(("=", "*", "|", "!", "#"))]
+        if paragraphs:
+            docs.append("\n".join(paragraphs))
+    runs.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return out
+
+
 def perplexity(model_dir: str, texts: list[str]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -179,7 +232,16 @@ def main() -> None:
             study["hs_capture_s"] = distily("teacher-cache", "-o", str(hs_cache), *CACHE_ARGS, "--hidden-layers", layers)
         both_cache = runs / "cache-both"
         if "{both_cache}" in extra and not (both_cache / "manifest.json").exists():
-            study["both_capture_s"] = distily("teacher-cache", "-o", str(both_cache), *CACHE_ARGS, "--targets", "both")
+            study["both_capture_s"] = distily("teacher-cache", "-o", str(both_cache), *cache_args("both"))
+        exact_cache = runs / "cache-exact"
+        if "{exact_cache}" in extra and not (exact_cache / "manifest.json").exists():
+            study["exact_capture_s"] = distily("teacher-cache", "-o", str(exact_cache), *cache_args("sampled-exact"))
+        fresh = {"{fresh_cache}": (runs / "cache-fresh", "sampled-exact"), "{fresh_topk_cache}": (runs / "cache-fresh-topk", "topk")}
+        for key, (path, kind) in fresh.items():
+            if key in extra and not (path / "manifest.json").exists():
+                study[f"{path.name}_capture_s"] = distily(
+                    "teacher-cache", "-o", str(path), "--dataset", str(fresh_text(runs)), "--max-tokens", FRESH_TOKENS,
+                    "--max-seq-len", "256", "--targets", kind)
         attn_cache = runs / "cache-attn"
         if "{attn_cache}" in extra and not (attn_cache / "manifest.json").exists():
             study["attn_capture_s"] = distily("teacher-cache", "-o", str(attn_cache), *CACHE_ARGS, "--hidden-layers",
@@ -192,6 +254,8 @@ def main() -> None:
             tokens = sum(s["tokens"] for s in shards)
             study["qkv_bytes_per_token_layer"] = sum(s["hidden_bytes"] * s["qkv_share"] for s in shards) / tokens
         extra = [a.replace("{attn_cache}", str(attn_cache)).replace("{attn_last_cache}", str(attn_last_cache)).replace("{teacher}", teacher).replace("{hs_cache}", str(hs_cache)).replace("{both_cache}", str(both_cache))
+                 .replace("{exact_cache}", str(exact_cache)).replace("{fresh_cache}", str(fresh["{fresh_cache}"][0]))
+                 .replace("{fresh_topk_cache}", str(fresh["{fresh_topk_cache}"][0]))
                  for a in extra]
         run_dir = runs / name
         # a row with its own --batch-size sees the same tokens: steps and warm-up scale inversely with the batch
