@@ -34,6 +34,7 @@ METHODS = ("none", "bucket", "gold", "uld")
 MIN_COVERAGE = 0.05  # below this share of the teacher's mass on mapped tokens the KD signal is mostly noise
 MAX_UNSPELLED = 0.01  # above this share of the text re-tokenised inexactly (normalisers) the student is refused
 PREFLIGHT_SEQUENCES = 64
+PREFLIGHT_SHARDS = 8
 ROLES = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
@@ -169,6 +170,7 @@ class Aligned:
     span_logprob: np.ndarray  # [P] sum of the cached log-probs of those teacher tokens (the chain rule)
     text_bytes: int = 0  # bytes of text in the sequence
     unspelled: int = 0  # of them, in parts the student's tokens do not spell exactly (CE only there, no KD)
+    dropped_specials: int = 0  # teacher special tokens with no student counterpart (left out of the student's ids)
 
 
 class AlignError(ValueError):
@@ -201,13 +203,15 @@ def align(teacher_ids, target_logprob, t_bytes, s_bytes, t2s_special: dict[int, 
     the student's tokens do not spell byte for byte (a normaliser, e.g. NFC, changed it) raises AlignError when
     strict, else keeps its student tokens for CE with none of their ends compared."""
     t_keys, pieces, text = [], [], bytearray()
-    n_special = 0
+    n_special = dropped = 0
     for tid in teacher_ids.tolist():
         b = t_bytes[tid] if tid < len(t_bytes) else None
         if b is None:
             if tid in t2s_special:
                 pieces.append(("special", t2s_special[tid], len(text)))
                 n_special += 1
+            else:
+                dropped += 1
         else:
             if not pieces or pieces[-1][0] != "text":
                 pieces.append(("text", len(text), None))
@@ -267,7 +271,7 @@ def align(teacher_ids, target_logprob, t_bytes, s_bytes, t2s_special: dict[int, 
     return Aligned(np.asarray(s_ids, dtype=np.int64), np.asarray(cols[0], dtype=np.int64),
                    np.asarray(cols[1], dtype=np.int64), np.asarray(cols[2], dtype=bool),
                    np.asarray(cols[3], dtype=np.int64), np.asarray(cols[4], dtype=np.int64),
-                   np.asarray(cols[5], dtype=np.float32), len(text), unspelled)
+                   np.asarray(cols[5], dtype=np.float32), len(text), unspelled, dropped)
 
 
 # ----------------------------------------------------------------------------------------- batches and runs
@@ -276,8 +280,8 @@ def align(teacher_ids, target_logprob, t_bytes, s_bytes, t2s_special: dict[int, 
 class CrossTokenizer:
     """The tables of one (teacher, student) pair, and the loader's collate for cross-tokenizer batches."""
 
-    def __init__(self, method: str, teacher, student):
-        self.method = method
+    def __init__(self, method: str, teacher, student, max_positions: int | None = None):
+        self.method, self.max_positions = method, max_positions
         self.student = student
         self.t_bytes, self.s_bytes = token_bytes(teacher), token_bytes(student)
         self.specials = special_map(teacher, student)
@@ -304,6 +308,7 @@ class CrossTokenizer:
         aligned rows, the teacher's top-k in student ids (-1: unmapped), log-probs, tail and span buckets."""
         aligned = [self.align(r) for r in rows]
         width = max(len(a.student_ids) for a in aligned)
+        self.check_length(rows, aligned)
         ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
         labels = np.full((len(rows), width - 1), -100, dtype=np.int64)
         for b, a in enumerate(aligned):
@@ -322,9 +327,23 @@ class CrossTokenizer:
             "tail_mass": cat(lambda r, a: r["tail_mass"][a.teacher_rows]),
             "span_ids": cat(lambda r, a: a.span_ids), "span_slot": torch.from_numpy(slot),
             "span_logprob": cat(lambda r, a: a.span_logprob), "exact": cat(lambda r, a: a.exact),
+            # [text bytes, bytes re-tokenised inexactly (CE only there), teacher special tokens the student lacks]:
+            # the trainer logs them per window and stops a run whose text the student cannot spell
+            "counts": torch.tensor([sum(a.text_bytes for a in aligned), sum(a.unspelled for a in aligned),
+                                    sum(a.dropped_specials for a in aligned)], dtype=torch.float64),
         }
         return {"seq_index": torch.tensor([int(r["seq_index"]) for r in rows]), "input_ids": torch.from_numpy(ids),
                 "cross": cross}
+
+    def check_length(self, rows: list[dict], aligned: list[Aligned]) -> None:
+        """A re-tokenised sequence longer than the student's max_position_embeddings cannot train: refuse it."""
+        if self.max_positions is None:
+            return
+        for r, a in zip(rows, aligned):
+            if len(a.student_ids) > self.max_positions:
+                raise ConfigError(f"--cross-tokenizer: cached sequence {int(r['seq_index'])} is {len(a.student_ids)} student "
+                                  f"tokens, more than the student's max_position_embeddings {self.max_positions}. Capture "
+                                  "with a smaller --max-seq-len, or use a student with more positions")
 
     def statistics(self, rows: list[dict]) -> dict:
         """What the alignment and the mapping give on these cached sequences (logged, and in the model card)."""
@@ -343,7 +362,8 @@ class CrossTokenizer:
                 "span_share": float(np.mean(np.concatenate([a.span_ids >= 0 for a in aligned]))) if pairs else 0.0,
                 "exact_coverage": coverage(self.t2s_exact), "mapped_coverage": coverage(self.t2s),
                 "student_tokens_per_teacher_token": (student_rows + len(rows)) / sum(len(r["input_ids"]) for r in rows),
-                "unspelled_share": unspelled}
+                "unspelled_share": unspelled, "dropped_special_tokens": sum(a.dropped_specials for a in aligned),
+                "longest_student_sequence": max(len(a.student_ids) for a in aligned)}
 
     def save(self, out: Path) -> None:
         """cross_tokenizer.json in the run dir: the statistics and every mapped (teacher id, student id) pair."""
@@ -352,26 +372,40 @@ class CrossTokenizer:
         atomic_write_json(Path(out) / "cross_tokenizer.json", {**self.info, "teacher_to_student": pairs, "exact": exact})
 
 
-def for_run(cfg, reader, student_tokenizer) -> CrossTokenizer:
-    """The run's tables, checked on the first cached sequences before any training: the student's tokenizer must
-    spell the cached text byte for byte, and the mapping must cover a useful share of the teacher's mass."""
+def preflight_rows(reader) -> list[dict]:
+    """PREFLIGHT_SEQUENCES cached sequences spread over the whole cache (from up to PREFLIGHT_SHARDS shards evenly
+    spaced), not only its first: text that changes along the cache is seen before training."""
+    shards = reader.shards
+    count = min(PREFLIGHT_SHARDS, len(shards))
+    picks = sorted({round(i * (len(shards) - 1) / max(1, count - 1)) for i in range(count)})
+    per_shard = -(-PREFLIGHT_SEQUENCES // len(picks))
+    rows = []
+    for i in picks:
+        data = reader.read_shard(shards[i], hidden=False)
+        n = len(data["input_ids"])
+        for j in np.linspace(0, n - 1, min(per_shard, n)).round().astype(int):
+            rows.append({k: v[j] for k, v in data.items()})
+    return rows[:PREFLIGHT_SEQUENCES]
+
+
+def for_run(cfg, reader, student_tokenizer, max_positions: int | None = None) -> CrossTokenizer:
+    """The run's tables, checked before any training on sequences spread over the cache: the student's tokenizer
+    must spell the cached text byte for byte, the re-tokenised sequences must fit the student's positions, and the
+    mapping must cover a useful share of the teacher's mass. During training every batch is counted (logged as
+    cross/unspelled_share, cross/dropped_special_tokens) and a window whose text the student cannot spell stops it."""
     from transformers import AutoTokenizer
 
     if reader.targets in ("sampled", "sampled-exact"):
         raise ConfigError(f"--cross-tokenizer reads the cached top-k, and this cache holds {reader.targets} targets only: "
                           "capture with `distily teacher-cache --targets topk` (or both)")
     teacher = AutoTokenizer.from_pretrained(reader.tokenizer_dir())
-    cross = CrossTokenizer(cfg.cross_tokenizer, teacher, student_tokenizer)
-    rows = []
-    for shard in reader.shards:
-        data = reader.read_shard(shard, hidden=False)
-        rows += [{k: v[i] for k, v in data.items()} for i in range(len(data["input_ids"]))]
-        if len(rows) >= PREFLIGHT_SEQUENCES:
-            break
-    stats = cross.statistics(rows[:PREFLIGHT_SEQUENCES])
+    cross = CrossTokenizer(cfg.cross_tokenizer, teacher, student_tokenizer, max_positions)
+    rows = preflight_rows(reader)
+    stats = cross.statistics(rows)
+    cross.check_length(rows, [cross.align(r) for r in rows])
     try:
         if stats["unspelled_share"] > MAX_UNSPELLED:
-            for row in rows[:PREFLIGHT_SEQUENCES]:  # the first part it misspells, for the message
+            for row in rows:  # the first part it misspells, for the message
                 cross.align(row, strict=True)
     except AlignError as e:
         raise ConfigError(f"--cross-tokenizer: the student's tokenizer cannot re-tokenise the cached text exactly "

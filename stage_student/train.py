@@ -291,7 +291,9 @@ class Trainer:
         self.online = load_online_teacher(cfg.online_teacher, manifest) if cfg.online_teacher else None
         self.model, self.tokenizer, self.student_info = build_student(cfg, self.reader)
         # another tokenizer than the cache's: the mapping and a pre-flight alignment, checked before training
-        self.cross = cross_tokenizer.for_run(cfg, self.reader, self.tokenizer) if cfg.cross_tokenizer != "none" else None
+        self.cross = (cross_tokenizer.for_run(cfg, self.reader, self.tokenizer,
+                                              getattr(self.model.config, "max_position_embeddings", None))
+                      if cfg.cross_tokenizer != "none" else None)
         n_student, n_teacher = self.model.config.num_hidden_layers, manifest["teacher"]["num_hidden_layers"]
         if copied:  # known once the layers are chosen
             self.pairs = map_layers("copied", n_student, n_teacher, copied_from=self.student_info.get("teacher_layers"))
@@ -578,7 +580,7 @@ class Trainer:
     def new_window(self) -> dict:
         """Sums over one logging window; the memory peak restarts with it."""
         reset_peak_memory(self.device)
-        return {"time": 0.0, "data": 0.0, "tokens": 0, "steps": 0, "losses": {}, "peak": 0.0}
+        return {"time": 0.0, "data": 0.0, "tokens": 0, "steps": 0, "losses": {}, "peak": 0.0, "cross": [0.0, 0.0, 0.0]}
 
     def timed_evaluate(self, window: dict | None = None) -> dict:
         """evaluate() between garbage collections, with its own time and memory peak (kept out of the window's)."""
@@ -674,6 +676,14 @@ class Trainer:
             "data_wait_s": w["data"] / steps, "memory_mb": current, "peak_memory_mb": max(peak, w["peak"]),
             "epoch": epoch, "window_steps": steps,
         }
+        if w.get("cross", [0.0])[0] > 0:  # --cross-tokenizer: what the window's text cost (this rank's batches)
+            text, unspelled, dropped = w["cross"]
+            record.update({"cross/unspelled_share": unspelled / text, "cross/dropped_special_tokens": int(dropped)})
+            if unspelled / text > cross_tokenizer.MAX_UNSPELLED:
+                raise DistilyError(f"--cross-tokenizer: the student's tokenizer re-tokenised {unspelled / text:.1%} of the "
+                                   f"text of steps {self.step - steps + 1}-{self.step} inexactly (more than "
+                                   f"{cross_tokenizer.MAX_UNSPELLED:.0%}; those parts get CE only). The last checkpoint "
+                                   "is kept; use a student tokenizer that encodes this text losslessly")
         if self.step == 1:
             record["optimizer_state_bytes"] = optimizer_state_bytes(self.optimizer)  # this rank's (its shards)
             record["parameter_bytes"] = sum(tensor_bytes(p) for p in self.distiller.parameters())
@@ -713,6 +723,9 @@ class Trainer:
                     fetched["seqs"] += batch["seq_index"].tolist()
                     fetched["seq_len"] = batch["input_ids"].shape[1]
                     fetched["last"] = batch
+                    if "cross" in batch:  # text bytes, inexactly re-tokenised bytes, dropped special tokens
+                        self.window.setdefault("cross", [0.0, 0.0, 0.0])
+                        self.window["cross"] = [a + float(b) for a, b in zip(self.window["cross"], batch["cross"]["counts"])]
                     yield batch
 
             stats = train_step(self.train_module, self.teacher, micro_batches(), cfg.grad_accum, self.loss_spec,

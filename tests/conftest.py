@@ -50,14 +50,15 @@ def build_tokenizer(texts: list[str], out: Path, vocab_size: int = 384):
 
 
 def build_llama(out: Path, vocab_size: int, layers: int = TINY_LAYERS, hidden: int = 128, seed: int = 0,
-                tie: bool = False, pretrain_on: np.ndarray | None = None, steps: int = 150) -> Path:
+                tie: bool = False, pretrain_on: np.ndarray | None = None, steps: int = 150, heads: int = 2,
+                kv_heads: int = 1) -> Path:
     """A tiny Llama; with `pretrain_on` ([N, T] token ids) a few CE steps give it real structure to distil."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2, max_position_embeddings=1024,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads, max_position_embeddings=1024,
         tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, torch_dtype="float32",
     )
     model = LlamaForCausalLM(cfg)

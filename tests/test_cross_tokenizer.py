@@ -311,3 +311,49 @@ def test_bad_input_is_refused_before_training(hf_cache, other_student, tmp_path,
     monkeypatch.setattr(cross_tokenizer, "prefix_map", lambda exact, *_: exact)
     with pytest.raises(ConfigError, match="uld"):
         Trainer(cfg_for(hf_cache, tmp_path / "e", student=str(other_student), cross_tokenizer="bucket"))
+
+
+def test_what_cannot_train_is_counted_logged_and_refused(hf_cache, other_student, other_tok, tmp_path, monkeypatch):
+    """Teacher special tokens the student lacks are counted; a re-tokenised sequence longer than the student's
+    positions is refused before training; the pre-flight sees sequences from the whole cache, not its first 64;
+    a training window whose text the student cannot spell stops the run; the counts are in the log."""
+    from test_train_student import cfg_for
+    from transformers import AutoTokenizer
+
+    from pipeline.cache import CacheReader
+    from stage_student import cross_tokenizer
+    from stage_student.train import Trainer
+
+    teacher = AutoTokenizer.from_pretrained(hf_cache / "tokenizer")
+    teacher.add_special_tokens({"additional_special_tokens": ["<|tool_call|>"]})  # a special the student lacks
+    row = dict(read_all(hf_cache)[0])
+    cross = CrossTokenizer("bucket", teacher, other_tok)
+    unmapped = teacher.convert_tokens_to_ids("<|tool_call|>")
+    assert unmapped not in cross.specials
+    row["input_ids"] = row["input_ids"].copy()
+    row["input_ids"][[5, 9]] = unmapped
+    assert cross.align(row).dropped_specials == 2
+    assert float(cross([row])["cross"]["counts"][2]) == 2
+    # too long for the student: refused before training, naming the sequence
+    short = tmp_path / "short-student"
+    other_tok.save_pretrained(short)
+    build_llama(short, len(other_tok), layers=1, hidden=32)
+    cfg = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 16}))
+    with pytest.raises(ConfigError, match="more than the student's max_position_embeddings 16"):
+        Trainer(cfg_for(hf_cache, tmp_path / "long", student=str(short), cross_tokenizer="bucket"))
+    # the pre-flight reads sequences from the cache's last shard too
+    reader = CacheReader(hf_cache)
+    last = reader.shards[-1]["first_seq"]
+    assert any(int(r["seq_index"]) >= last for r in cross_tokenizer.preflight_rows(reader))
+    # a window whose text the student misspells stops the run; the counts are logged
+    trainer = Trainer(cfg_for(hf_cache, tmp_path / "run", student=str(other_student), cross_tokenizer="bucket",
+                              max_steps=2, logging_steps=1))
+    result = trainer.run()
+    first = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert first["cross/unspelled_share"] == 0 and first["cross/dropped_special_tokens"] == 0 and result["finished"]
+    monkeypatch.setattr(cross_tokenizer, "MAX_UNSPELLED", -1.0)  # any share is now too much
+    trainer = Trainer(cfg_for(hf_cache, tmp_path / "run2", student=str(other_student), cross_tokenizer="bucket",
+                              max_steps=2, logging_steps=1))
+    with pytest.raises(DistilyError, match="re-tokenised 0.0% of the text of steps 1-1 inexactly"):
+        trainer.run()

@@ -106,3 +106,34 @@ def test_extra_trainable_parts_start_from_the_seed(tmp_path, hf_cache):
     assert a.shape == (128, 64)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.equal(a, c)
+
+
+def test_ddp_with_neftune_and_a_hidden_loss_resumes_after_kill_9_as_the_uninterrupted_run(tmp_path, full_cache):
+    """Every rank's RNG is checkpointed and restored (NEFTune draws differ by rank), and rank 0's gradient-cosine
+    measurement (a train-mode forward, so NEFTune draws) does not move its stream: a torchrun job SIGKILLed after
+    its step-2 checkpoint and resumed trains steps 3-4 as the uninterrupted job did, on both ranks."""
+    import signal
+    import time
+
+    args = ("--max-steps", "4", "--save-steps", "2", "--embedding-noise", "5", "--hs-weight", "0.5",
+            "--layer-mapper", "uniform", "--lr", "1e-2", "--optimizer", "adamw")
+    whole = torchrun(full_cache, tmp_path / "whole", 29541, *args)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29542",
+           "-m", "pipeline.cli", "train-student", "--cache", str(full_cache), "-o", str(out), "--student-layers", "2",
+           "--batch-size", "2", "--logging-steps", "1", "--eval-sequences", "4", "--num-workers", "0", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), DIGEST_ENV: "1"}
+    job = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-000002" / "trainer_state.json").exists():
+        assert job.poll() is None and time.time() < deadline, "the job ended before its step-2 checkpoint"
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)  # torchrun and both ranks, wherever they are
+    job.wait()
+    assert not (out / "result.json").exists()  # killed mid-run, not after the end
+    resumed = torchrun(full_cache, out, 29543, *args, "--resume")
+    assert [l.split()[0] for l in resumed[0]][-2:] == ["3", "4"]
+    for rank in (0, 1):
+        steps = {l.split()[0]: l for l in resumed[rank]}
+        assert [steps["3"], steps["4"]] == whole[rank][2:4], f"rank {rank} diverged after the resume"
+    assert any("grad/cos_hs" in r for r in log(tmp_path / "whole"))  # the measurement ran

@@ -82,6 +82,57 @@ def test_tensor_parallel_capture_equals_one_device(tmp_path, tiny_teacher, text_
     assert same_samples >= 0.98 * total, (same_samples, total)  # same logits to ~1e-6, same seeded draws
 
 
+@pytest.fixture(scope="module")
+def gqa_teacher(tmp_path_factory, tiny_teacher, texts):
+    """The tiny teacher's tokenizer with 4 attention heads and 2 key/value heads: at TP=2 each rank holds 2 query
+    heads and its own key/value head, so the full-width K and V join two partitions (not one replicated head)."""
+    import shutil
+
+    from conftest import build_llama
+    from pipeline.resolve import pack
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("gqa-teacher")
+    for f in tiny_teacher.iterdir():
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            shutil.copy(f, out / f.name)
+    tok = AutoTokenizer.from_pretrained(out)
+    build_llama(out, len(tok), pretrain_on=pack(tok, texts[150:], 64), heads=4, kv_heads=2, steps=60)
+    return out
+
+
+def test_tensor_parallel_capture_joins_several_kv_heads(tmp_path, gqa_teacher, text_file):
+    """4 heads / 2 key/value heads at TP=2 against the HF backend's one-device capture (the reference): log-probs,
+    hidden states and full-width Q/K/V within 1e-4, top-k ids where not tied, the same seeded draws on >= 98% of
+    positions for RS-KD and the default sampled-exact targets."""
+    for targets in ("both", "sampled-exact"):
+        kw = {**EVERY_TARGET, "targets": targets}
+        tp = tmp_path / f"tp2-{targets}"
+        r = cli_capture(capture_cfg(gqa_teacher, text_file, tp, tensor_parallel_size=2, max_tokens=64 * 8, **kw), tmp_path)
+        assert r.returncode == 0, "\n".join(l for l in r.stderr.splitlines() if "rror" in l)[-4000:]
+        ref = tmp_path / f"hf-{targets}"
+        run(capture_cfg(gqa_teacher, text_file, ref, max_tokens=64 * 8, **{**kw, "backend": "hf"}))
+        same = total = 0
+        for a, b in zip(read_all(ref), read_all(tp), strict=True):
+            np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+            np.testing.assert_allclose(b["target_logprob"], a["target_logprob"], atol=1e-4)
+            if targets == "both":
+                np.testing.assert_allclose(b["topk_logprobs"], a["topk_logprobs"], atol=1e-4)
+                keep = untied(a["topk_logprobs"])
+                np.testing.assert_array_equal(b["topk_ids"][keep], a["topk_ids"][keep])
+            for l in TINY_HIDDEN_LAYERS:
+                np.testing.assert_allclose(b["hidden_states"][l], a["hidden_states"][l], atol=1e-4, err_msg=f"hidden {l}")
+            for l in QKV:
+                for kind in "qkv":
+                    x, y = a["qkv"][l][kind], b["qkv"][l][kind]
+                    assert x.shape == y.shape == (64, 128 if kind == "q" else 64)
+                    np.testing.assert_allclose(y, x, atol=1e-4, err_msg=f"{kind}_{l}")
+            m = min(a["sample_ids"].shape[-1], b["sample_ids"].shape[-1])
+            same += int((a["sample_ids"][:, :m] == b["sample_ids"][:, :m]).all(-1).sum())
+            total += len(a["sample_ids"])
+        assert same >= 0.98 * total, (targets, same, total)
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(tensor_parallel_size=3), r"2 attention heads .* cannot be split over --tensor-parallel-size 3: use one of \[1, 2\]"),
     (dict(pipeline_parallel_size=2), "does not run on vLLM's CPU backend"),

@@ -158,6 +158,7 @@ def main() -> dict:
     ap.add_argument("--kinds", default=DEFAULT_KINDS)
     ap.add_argument("--draws", type=int, default=8, help="draw seeds averaged for the bias column [8]")
     ap.add_argument("--student", default=None, help="also a trained student dir (an HF model of the teacher's tokenizer)")
+    ap.add_argument("--bytes-only", action="store_true", help="only each kind's bytes per token (seconds)")
     ap.add_argument("--json", default="bench-results/fidelity.json")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -179,6 +180,15 @@ def main() -> dict:
     del teacher
     work = Path(tempfile.mkdtemp(prefix="distily-fidelity-"))
     kinds = args.kinds.split(",")
+    if args.bytes_only:
+        sizes = {}
+        for kind in kinds:
+            with tempfile.TemporaryDirectory(dir=work) as d:
+                sizes[kind] = cached_targets(parse_kind(kind), logits, ids, 0, Path(d))[1]
+            print(f"{kind:>24}: {sizes[kind]['bytes_per_token']:6.1f} B/token ({sizes[kind]['kind_bytes_per_token']:.1f} the kind's)")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"batches": args.batches, "bytes": sizes}, indent=2))
+        return sizes
     rows = []
     for name, student in students.items():
         student.eval()  # no dropout: the same function for every kind
