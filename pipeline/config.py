@@ -143,6 +143,9 @@ class TrainConfig:
     temperature: float = opt(1.0, "KD temperature.")
     kd_targets: str = opt("auto", "Cached targets for KD: topk | sampled (RS-KD, unbiased; --loss forward_kl) | auto (top-k "
                           "when cached, else sampled).")
+    draws_per_epoch: int = opt(0, "A sampled-exact cache of N draws: each epoch trains on a seeded subset worth this many "
+                               "draws (< N; unbiased, another subset every epoch, so repeated tokens see fresh noise). "
+                               "0: all N every epoch.")
     kd_top_k: int | None = opt(None, "Use only the teacher's top N of the cached top-k (tail mass recomputed).",
                                shown="all cached")
     tail: str = opt("bucket", "Teacher tail outside the top-k: bucket | renormalize.")

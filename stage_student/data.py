@@ -64,14 +64,33 @@ def rank_batches(pairs, seed, epoch, buffer, rank, world, batch_size) -> list[li
     return [mine[i * batch_size : (i + 1) * batch_size] for i in range(n)]
 
 
+def epoch_subset(row: dict, draws: int, keep: int, seed: int, epoch: int) -> dict:
+    """--draws-per-epoch: the row of a sampled-exact cache (t = 1) as if `keep` of its `draws` draws had been made.
+
+    Each drawn id i stays with probability pi_i(keep) / pi_i(draws), pi_i(n) = 1 - (1 - p_i)^n, so its chance to be
+    in the epoch's set is pi_i(keep), and it is weighted p_i / pi_i(keep): the Horvitz-Thompson estimate of a
+    keep-draw sample, unbiased. The true next token stays, at weight p. The coins come from (seed, the sequence,
+    epoch): every epoch sees another subset, a resumed run the same one, and each sequence lives on one DDP rank."""
+    ids, logp = row["sample_ids"], row["sample_logprobs"].astype(np.float64)
+    valid, certain = ids >= 0, ids == row["input_ids"][1:, None]
+    q = np.exp(np.minimum(logp, 0.0))
+    pi = lambda n: -np.expm1(n * np.log1p(-np.minimum(q, 1 - 1e-16)))  # noqa: E731
+    rng = np.random.default_rng([seed, int(row["seq_index"]), epoch, 0x5EED])
+    stays = certain | (rng.random(ids.shape) * pi(draws) < pi(keep))
+    weights = np.where(valid & stays, np.where(certain, np.exp(logp), np.exp(logp) / np.maximum(pi(keep), 1e-300)), 0.0)
+    return {**row, "sample_weights": weights.astype(np.float32),
+            "teacher_entropy": -(weights * logp).sum(-1).astype(np.float32)}
+
+
 class CacheStream(IterableDataset):
     def __init__(self, cache: str, pairs, batch_size: int, seed: int, buffer: int, rank: int = 0, world: int = 1,
                  start: int = 0, hidden_layers: list[int] | None = None, epochs: int | None = None,
-                 qkv_layers: list[int] | None = None, collate_fn=None):
+                 qkv_layers: list[int] | None = None, collate_fn=None, draws_per_epoch: int = 0):
         self.cache, self.pairs, self.batch_size = cache, pairs, batch_size
         self.collate = collate_fn or collate  # cross-tokenizer runs: cross_tokenizer.CrossTokenizer
         self.seed, self.buffer, self.rank, self.world, self.start = seed, buffer, rank, world, start
         self.hidden_layers, self.epochs, self.qkv_layers = hidden_layers or [], epochs, qkv_layers or []
+        self.draws_per_epoch = draws_per_epoch
         self.per_epoch = len(rank_batches(pairs, seed, 0, buffer, rank, world, batch_size))
 
     def __iter__(self):
@@ -88,7 +107,11 @@ class CacheStream(IterableDataset):
             if epoch != batches_epoch:
                 batches = rank_batches(self.pairs, self.seed, epoch, self.buffer, self.rank, self.world, self.batch_size)
                 batches_epoch = epoch
-            yield self.collate([self._row(reader, shards, cache, keep, s, r) for s, r in batches[b]])
+            rows = [self._row(reader, shards, cache, keep, s, r) for s, r in batches[b]]
+            if self.draws_per_epoch:
+                draws = int(reader.manifest["capture"]["samples"])
+                rows = [epoch_subset(row, draws, self.draws_per_epoch, self.seed, epoch) for row in rows]
+            yield self.collate(rows)
             m += nw
 
     def _row(self, reader, shards, cache, keep, s, r):

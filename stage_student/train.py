@@ -216,7 +216,12 @@ def resolve_kd_targets(cfg: TrainConfig, cached: str, kd: bool) -> str:
     """topk or sampled: what the KD loss reads from a cache holding `cached` (schema.TARGETS). Samples with exact
     probabilities (sampled-exact) are read as samples: the reader has turned them into weights."""
     want = cfg.kd_targets
-    has = {"topk": ("topk",), "sampled": ("sampled",), "both": ("topk", "sampled"), "sampled-exact": ("sampled",)}[cached]
+    readable = {"topk": ("topk",), "sampled": ("sampled",), "both": ("topk", "sampled"), "sampled-exact": ("sampled",)}
+    if cached not in readable:
+        raise DistilyError(f"the cache holds {cached!r} targets, which this version of distily cannot train from (it "
+                           f"reads {', '.join(readable)}): upgrade distily, or capture again with `distily teacher-cache "
+                           "--targets sampled-exact` (or topk)")
+    has = readable[cached]
     if want == "auto":
         want = "sampled" if "topk" not in has else "topk"
     if want not in has:
@@ -224,13 +229,26 @@ def resolve_kd_targets(cfg: TrainConfig, cached: str, kd: bool) -> str:
                            f"capture with `distily teacher-cache --targets {want}` (or both).")
     if want == "sampled" and kd and not cfg.online_teacher:
         if cfg.loss not in losses.SAMPLED_LOSSES:
-            raise DistilyError(f"--loss {cfg.loss} is not defined on sampled (RS-KD) targets, whose estimate is unbiased only "
-                               f"for losses linear in the teacher's distribution: use --loss {' or '.join(losses.SAMPLED_LOSSES)}"
-                               + (", or --kd-targets topk" if cached == "both" else ""))
+            raise DistilyError(f"--loss {cfg.loss} is not defined on sampled targets (this cache: {cached}), whose estimate "
+                               "is unbiased only for losses linear in the teacher's distribution: use --loss "
+                               f"{' or '.join(losses.SAMPLED_LOSSES)}" + (", or --kd-targets topk" if cached == "both" else
+                               ", or capture with `distily teacher-cache --targets topk`"))
         if cfg.temperature != 1.0 or cfg.kd_top_k:
             raise DistilyError("--temperature and --kd-top-k apply to top-k targets; sampled targets are drawn from the "
                                "teacher's distribution (set the draw temperature with teacher-cache --sample-temperature)")
     return want
+
+
+def check_draws_per_epoch(cfg: TrainConfig, capture: dict) -> None:
+    """--draws-per-epoch needs a sampled-exact cache drawn at t = 1, and fewer draws than it holds."""
+    if not cfg.draws_per_epoch:
+        return
+    if capture.get("targets") != "sampled-exact" or float(capture.get("sample_temperature", 1.0)) != 1.0:
+        raise DistilyError(f"--draws-per-epoch takes a subset of a sampled-exact cache's draws (at --sample-temperature 1); "
+                           f"this cache holds {capture.get('targets', 'topk')} targets")
+    if not 1 <= cfg.draws_per_epoch < int(capture["samples"]):
+        raise DistilyError(f"--draws-per-epoch {cfg.draws_per_epoch} must be between 1 and the cache's {capture['samples']} "
+                           "draws less one (0: every draw, every epoch)")
 
 
 @contextmanager
@@ -267,6 +285,7 @@ class Trainer:
         self.manifest = manifest
         self.kd = cfg.loss != "ce" and cfg.kd_weight > 0
         self.kd_targets = resolve_kd_targets(cfg, self.reader.targets, self.kd)
+        check_draws_per_epoch(cfg, manifest["capture"])
         if self.kd_targets == "topk":
             if cfg.kd_top_k and cfg.kd_top_k > self.reader.top_k:
                 raise DistilyError(f"--kd-top-k {cfg.kd_top_k} is more than the cache holds (top-{self.reader.top_k})")
@@ -435,7 +454,7 @@ class Trainer:
                   "kd_top_k", "beta", "kd_weight", "ce_weight", "hs_weight", "hs_loss", "hs_norm", "layer_mapper",
                   "layer_mapper_k", "projector", "online_teacher", "attn_loss", "attn_weight", "attn_relation_loss",
                   "relation_weights", "attn_layer_mapper", "cross_tokenizer", "parallel", "loss_balance",
-                  "embedding_noise", "gradient_noise")
+                  "embedding_noise", "gradient_noise", "draws_per_epoch")
         return {"world_size": self.world, **{f: getattr(cfg, f) for f in fields}, "kd_targets": self.kd_targets,
                 "cakld_gamma": self.gamma, **({"relation_heads": self.relation_heads} if self.attn_pairs else {}),
                 "cache_fingerprint": cache_fingerprint(self.manifest)}
@@ -652,7 +671,8 @@ class Trainer:
         cached_hidden = [] if self.online is not None else required_teacher_layers(self.pairs)  # online: from its forward
         return CacheStream(cfg.cache, self.train_pairs, cfg.batch_size, cfg.seed, cfg.shuffle_buffer, self.rank,
                            self.world, start=self.step * cfg.grad_accum, hidden_layers=cached_hidden,
-                           qkv_layers=self.cached_qkv_layers(), collate_fn=self.cross)
+                           qkv_layers=self.cached_qkv_layers(), collate_fn=self.cross,
+                           draws_per_epoch=cfg.draws_per_epoch)
 
     def account(self, stats: dict, step_tokens: int, seconds: float, wait: float, epoch: float) -> dict:
         """Add a finished step to the logging window; at a logging step, the window's means as a log record."""

@@ -166,6 +166,54 @@ def test_losses_other_than_forward_kl_are_refused(tmp_path, exact_cache):
 
     cfg = TrainConfig(cache=str(exact_cache), output=str(tmp_path / "run"), student_layers=1, init_layers="evenly",
                       loss="reverse_kl", eval_sequences=2)
-    with pytest.raises(DistilyError, match="--loss reverse_kl is not defined on sampled"):
+    with pytest.raises(DistilyError, match=r"--loss reverse_kl is not defined on sampled targets \(this cache: sampled-exact\).*--targets topk"):
         Trainer(cfg)
     assert schema.TARGETS[0] == "sampled-exact"
+
+
+def test_a_cache_of_an_unknown_kind_is_refused_naming_it(tmp_path, exact_cache):
+    """A cache written by a newer version with targets this one cannot read is refused before any weights load."""
+    import json
+    import shutil
+
+    from pipeline.config import TrainConfig
+    from pipeline.errors import DistilyError
+    from stage_student.train import Trainer
+
+    cache = tmp_path / "future"
+    shutil.copytree(exact_cache, cache)
+    m = json.loads((cache / "manifest.json").read_text())
+    m["capture"]["targets"] = "sketched"
+    (cache / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DistilyError, match="holds 'sketched' targets, which this version of distily cannot train from"):
+        Trainer(TrainConfig(cache=str(cache), output=str(tmp_path / "run"), student_layers=1, init_layers="evenly",
+                            eval_sequences=2))
+
+
+def test_draws_per_epoch_is_an_unbiased_fresh_subset_each_epoch():
+    """--draws-per-epoch: over many epochs the subset's weights average to the stored estimate's (both estimate p),
+    the subsets differ between epochs, repeat for the same (seed, sequence, epoch), and keep the true token."""
+    from stage_student.data import epoch_subset
+
+    g = torch.Generator().manual_seed(5)
+    vocab, positions, draws, keep = 30, 4, 32, 8
+    logits = torch.randn(positions, vocab, generator=g, dtype=torch.float64) * 2
+    next_ids = torch.tensor([1, 7, 7, 20])
+    p = torch.softmax(logits, -1).numpy()
+    spec = TargetSpec(targets="sampled-exact", samples=draws)
+    totals = np.zeros((positions, vocab))
+    repeats = 600
+    for rep in range(repeats):  # fresh caches, each thinned in a fresh epoch: the mean weight per token -> p
+        t = chunk_targets(logits.clone(), next_ids, spec, sequence_generator(rep, 0, "cpu"))
+        ids = t["sample_ids"].numpy()
+        row = {"sample_ids": ids, "sample_logprobs": t["sample_logprobs"].numpy(), "seq_index": np.int64(3),
+               "input_ids": np.concatenate([[0], next_ids.numpy()])}
+        sub = epoch_subset(row, draws, keep, seed=0, epoch=rep)
+        np.add.at(totals, (np.repeat(np.arange(positions), ids.shape[1]), np.maximum(ids, 0).reshape(-1)),
+                  np.where(ids >= 0, sub["sample_weights"], 0).reshape(-1))
+        assert (sub["sample_weights"][ids == next_ids.numpy()[:, None]] > 0).all()  # the true token always stays
+    np.testing.assert_allclose(totals / repeats, p, atol=0.025)
+    tail = p < 0.05  # where the subset's weights differ most from the stored ones: their total mass, per position
+    np.testing.assert_allclose((totals / repeats * tail).sum(-1), (p * tail).sum(-1), atol=0.04)
+    a, b, again = (epoch_subset(row, draws, keep, 0, e)["sample_weights"] for e in (1, 2, 1))
+    assert not np.array_equal(a, b) and np.array_equal(a, again)

@@ -69,6 +69,16 @@ def synthetic_shard(rng, rows: int, seq_len: int, manifest: dict, width: int = 4
         m = int((ids >= 0).sum(-1).max())
         targets.update(sample_ids=ids[:, :m].reshape(rows, p, m), sample_counts=counts[:, :m].reshape(rows, p, m),
                        teacher_entropy=rng.uniform(0, 5, (rows, p)).astype(np.float32))
+    if cap["targets"] == "sampled-exact":  # N Zipf draws and the true token, unique, with made-up exact log-probs
+        draws = rng.zipf(1.3, (rows * p, cap["samples"])) % vocab
+        ids = np.full((rows * p, cap["samples"] + 1), -1, np.int64)
+        for i, d in enumerate(draws):
+            u = np.unique(np.append(d, rng.integers(vocab)))
+            ids[i, : len(u)] = u
+        m = int((ids >= 0).sum(-1).max())
+        targets.update(sample_ids=ids[:, :m].reshape(rows, p, m),
+                       sample_logprobs=np.where(ids[:, :m] >= 0, -rng.exponential(4.0, ids[:, :m].shape), 0.0)
+                       .astype(np.float32).reshape(rows, p, m))
     randn = lambda *shape: torch.randn(*shape, generator=torch.Generator().manual_seed(int(rng.integers(1 << 31))))  # noqa: E731
     scale = torch.linspace(0.2, 3.0, width)  # channels of different scales, as residual streams have
     hidden = {l: randn(rows, seq_len, width) * scale for l in cap["hidden_layers"]}
@@ -170,6 +180,7 @@ def main() -> None:
     cases = [  # name, targets, stored layers, format, shards
         ("top-64", "topk", [], 3, args.shards),
         ("sampled (64 draws)", "sampled", [], 3, args.shards),
+        ("sampled-exact (56 draws)", "sampled-exact", [], 3, args.shards),
         ("top-64 + 1 hidden layer, format 3 (row frames)", "topk", [layer], 3, args.hidden_shards),
         ("top-64 + 1 hidden layer, format 2 (whole-file zstd)", "topk", [layer], 2, args.hidden_shards),
         ("top-64 + 1 of 4 stored layers, format 3", "topk", [4, 8, 12, layer], 3, 2),
@@ -178,7 +189,7 @@ def main() -> None:
     data: dict = {}
     rows = []
     for name, targets, stored, version, shards in cases:
-        manifest = synthetic_manifest(version, targets, stored, width=args.width)
+        manifest = synthetic_manifest(version, targets, stored, width=args.width, samples=56 if targets == "sampled-exact" else 64)
         key = (targets, tuple(stored), shards)
         if key not in data:  # the two layouts of a case hold the same data
             t0 = time.perf_counter()

@@ -57,6 +57,8 @@ ROWS = [
      ["--cache", "{exact_cache}", "--lr", "1e-3"]),
     ("kd-auto-exact-seed1", "sampled-exact, 56 draws, auto init, lr 1e-3, --seed 1",
      ["--cache", "{exact_cache}", "--lr", "1e-3", "--seed", "1"]),
+    ("kd-auto-exact-dpe28", "sampled-exact, 56 draws, each epoch a seeded subset worth 28 (--draws-per-epoch 28), lr 1e-3",
+     ["--cache", "{exact_cache}", "--lr", "1e-3", "--draws-per-epoch", "28"]),
     ("online-auto-lr1e-3-seed1", "online full-vocabulary KD (reference), auto init, lr 1e-3, --seed 1",
      ["--online-teacher", "{teacher}", "--lr", "1e-3", "--seed", "1"]),
     ("fresh-online", "regime (i), one pass over fresh Wikipedia tokens: online full-vocabulary KD, lr 1e-3",
