@@ -97,7 +97,7 @@ def test_family_under_vllm_equals_hf_or_is_refused_before_the_engine(tmp_path, t
 
     teacher = build_family(kind, tmp_path / "teacher", tiny_teacher)
     common = ["--teacher", str(teacher), "--dataset", str(text_file), "--max-seq-len", "64", "--max-tokens", str(64 * 4),
-              "--top-k", "8", "--vllm-max-logprobs", "8", "--hidden-layers", "0,2,4", "--hidden-dtype", "float32",
+              "--targets", "topk", "--top-k", "8", "--vllm-max-logprobs", "8", "--hidden-layers", "0,2,4", "--hidden-dtype", "float32",
               "--logprob-dtype", "float32"]
     cli = [sys.executable, "-m", "pipeline.cli", "teacher-cache"]
     r = subprocess.run([*cli, *common, "-o", str(tmp_path / "vllm")], capture_output=True, text=True, cwd=ROOT)
