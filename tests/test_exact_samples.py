@@ -99,13 +99,13 @@ def test_reader_weights_equal_float64_reference(tmp_path):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_sampled_exact_cache_vllm_equals_hf(tmp_path, tiny_teacher, text_file):
-    """Captured under vLLM (LM-head hooks) and with the HF reference: the same seeded draws, and every stored
-    log-prob within the code's rounding of an independent HF forward's log-softmax."""
+def test_sampled_exact_cache_vllm_equals_hf(tmp_path, tiny_teacher, text_file, vllm_engine):
+    """Captured under vLLM (LM-head hooks; the session's one engine) and with the HF reference: the same seeded
+    draws, and every stored log-prob within the code's rounding of an independent HF forward's log-softmax."""
     from transformers import AutoModelForCausalLM
 
-    kw = dict(targets="sampled-exact", samples=16, hidden_layers=[])
-    run(capture_cfg(tiny_teacher, text_file, tmp_path / "vllm", backend="vllm", **kw))
+    kw = dict(targets="sampled-exact", samples=16)
+    run(capture_cfg(tiny_teacher, text_file, tmp_path / "vllm", backend="vllm", **kw), teacher=vllm_engine)
     run(capture_cfg(tiny_teacher, text_file, tmp_path / "hf", **kw))
     a, b = read_all(tmp_path / "vllm"), read_all(tmp_path / "hf")
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
@@ -217,3 +217,39 @@ def test_draws_per_epoch_is_an_unbiased_fresh_subset_each_epoch():
     np.testing.assert_allclose((totals / repeats * tail).sum(-1), (p * tail).sum(-1), atol=0.04)
     a, b, again = (epoch_subset(row, draws, keep, 0, e)["sample_weights"] for e in (1, 2, 1))
     assert not np.array_equal(a, b) and np.array_equal(a, again)
+
+
+def test_resume_equals_the_uninterrupted_run_across_epochs(tmp_path, exact_cache):
+    """On a sampled-exact cache with --draws-per-epoch, over more than one epoch: a run stopped and resumed logs the
+    uninterrupted run's losses and ends with its weights (each epoch's subset is redrawn the same way)."""
+    from test_train_student import cfg_for, log
+
+    from stage_student.train import train
+
+    kw = dict(max_steps=12, save_steps=3, draws_per_epoch=6, embedding_noise=5.0)  # 16 sequences, batch 2: 8 steps/epoch
+    train(cfg_for(exact_cache, tmp_path / "a", **kw))
+    assert not train(cfg_for(exact_cache, tmp_path / "b", stop_after_steps=9, **kw))["finished"]
+    train(cfg_for(exact_cache, tmp_path / "b", resume=True, **kw))
+    a, b = log(tmp_path / "a"), log(tmp_path / "b")
+    assert [r["step"] for r in b] == list(range(1, 13)) and b[-1]["epoch"] > 1
+    for ra, rb in zip(a, b):
+        assert rb["loss/kd"] == pytest.approx(ra["loss/kd"], abs=1e-6), ra["step"]
+    wa = torch.load(tmp_path / "a/checkpoints/step-000012/state.pt", weights_only=False)["model"]
+    wb = torch.load(tmp_path / "b/checkpoints/step-000012/state.pt", weights_only=False)["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+    # another draws-per-epoch is another run: refused on resume
+    from pipeline.errors import DistilyError
+
+    with pytest.raises(DistilyError, match="draws_per_epoch"):
+        train(cfg_for(exact_cache, tmp_path / "b", resume=True, **{**kw, "draws_per_epoch": 5, "max_steps": 14}))
+
+
+def test_ddp_ranks_agree_on_a_sampled_exact_cache(tmp_path, exact_cache):
+    """Two torchrun ranks on disjoint sequences, with per-epoch subsets over 2 epochs: identical parameters and
+    optimizer state after every step."""
+    from test_parallel_train import torchrun
+
+    rank0, rank1 = torchrun(exact_cache, tmp_path / "ddp", 29551, "--max-steps", "5", "--draws-per-epoch", "6",
+                            "--init-layers", "evenly", "--optimizer", "adamw8bit", "--lr", "1e-2")
+    assert [l.split()[0] for l in rank0] == ["1", "2", "3", "4", "5"] and rank0 == rank1
