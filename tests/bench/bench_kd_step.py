@@ -72,6 +72,25 @@ def kd_vs_ce(cache: str, layers: int, batch: int, steps: int, chunk: int, compil
             "first_step_s": warm, "all_s": times}
 
 
+def targets_step(topk_cache: str, exact_cache: str, layers: int, batch: int, steps: int) -> dict:
+    """The KD step on a sampled-exact cache against one on a top-64 cache of the same text: two students from the
+    same init, their steps interleaved (top-k, exact, top-k, ...), medians."""
+    from stage_student.data import CacheStream
+
+    trainers = {name: trainer_for(cache, layers, batch) for name, cache in (("topk", topk_cache), ("sampled-exact", exact_cache))}
+    data = {name: [b for _, b in zip(range(steps + 1), CacheStream(t.cfg.cache, t.train_pairs, batch, 0, 16))]
+            for name, t in trainers.items()}
+    times = {name: [] for name in trainers}
+    for i in range(steps + 1):
+        for name, t in trainers.items():
+            seconds = timed(t, data[name][i])
+            if i:  # the first step of each is warm-up
+                times[name].append(seconds)
+    med = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+    return {"topk_step_s": med["topk"], "exact_step_s": med["sampled-exact"],
+            "exact_over_topk": med["sampled-exact"] / med["topk"], "all_s": times}
+
+
 def memory_child(chunk: int, vocab: int, batch: int, seq: int, k: int) -> None:
     """One KD step of a tiny Llama at a large vocabulary; prints its peak RSS above the state before it."""
     import torch
@@ -124,12 +143,21 @@ def main() -> dict:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--chunk-sizes", default="256,1024,4096", help="chunk sizes for the memory table")
     ap.add_argument("--no-compile", action="store_true", help="skip the --compile timing")
+    ap.add_argument("--exact-cache", default=None, help="a sampled-exact cache of --cache's text: time its KD step "
+                    "against --cache's top-k one, and only that")
     ap.add_argument("--json", default="bench-results/kd_step.json")
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     vocab, batch, seq, k = 151_936, 4, 1024, 64
     if args.memory_child is not None:
         return memory_child(args.memory_child, vocab, batch, seq, k)
+    if args.exact_cache:
+        r = targets_step(args.cache, args.exact_cache, args.student_layers, args.batch_size, args.steps)
+        print(f"KD step, median of {args.steps} interleaved: top-k cache {r['topk_step_s']:.2f} s, sampled-exact cache "
+              f"{r['exact_step_s']:.2f} s: {r['exact_over_topk']:.3f}x")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(r, indent=2))
+        return r
 
     memory = []
     for chunk in [0, *map(int, args.chunk_sizes.split(","))]:
