@@ -1,7 +1,7 @@
 """`make bench-fidelity`: how close each kind of cached target comes to online full-vocabulary KD, in seconds.
 
     python tests/bench/bench_fidelity.py [--batches 4] [--student DIR] [--kinds topk:64,sampled-exact:64,...]
-                                         [--draws 8] [--json bench-results/fidelity.json]
+                                         [--draws 4] [--json bench-results/fidelity.json]
 
 On the same student and the same batches (the embedded SmolLM2-135M teacher, batches of 4 x 256 tokens of the
 demo's training text), for each target kind it computes the gradient of the cache's forward-KL loss over every
@@ -40,8 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-DEFAULT_KINDS = ("topk:16,topk:64,topk:256,sampled:16,sampled:64,sampled-exact:16,sampled-exact:32,"
-                 "sampled-exact:64,sampled-exact:128,sampled-exact:32:t1.5")
+DEFAULT_KINDS = ("topk:16,topk:64,topk:256,sampled:16,sampled:64,sampled-exact:16,sampled-exact:24,sampled-exact:32,"
+                 "sampled-exact:48,sampled-exact:56,sampled-exact:64,sampled-exact:128,sampled-exact:32:t1.5")
 DEMO_LAYERS = [0, 1, 2, 3, 4, *range(20, 30)]
 
 
@@ -156,7 +156,7 @@ def main() -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, default=4, help="batches of 4 x 256 tokens [4]")
     ap.add_argument("--kinds", default=DEFAULT_KINDS)
-    ap.add_argument("--draws", type=int, default=8, help="draw seeds averaged for the bias column [8]")
+    ap.add_argument("--draws", type=int, default=4, help="draw seeds averaged for the bias column [4]")
     ap.add_argument("--student", default=None, help="also a trained student dir (an HF model of the teacher's tokenizer)")
     ap.add_argument("--bytes-only", action="store_true", help="only each kind's bytes per token (seconds)")
     ap.add_argument("--json", default="bench-results/fidelity.json")
