@@ -74,23 +74,21 @@ def write_shard(
         columns.update(encode_logprobs(lp, cap["logprob_dtype"]))
         columns["tail_mass"] = tail
     columns["target_logprob"] = targets["target_logprob"].astype(np.float32)
-    if "sample_counts" in file_schema.names:
+    if "sample_lengths" in file_schema.names:  # sampled kinds: ragged per-position entries (pipeline/schema.py)
         ids = targets["sample_ids"]
         valid = ids >= 0
         columns["sample_lengths"] = valid.sum(-1).astype(np.uint16)
-        columns["sample_ids"] = ids[valid].astype(id_dtype)
-        columns["sample_counts"] = targets["sample_counts"][valid].astype(np.uint16)
-        if "sample_iw" in file_schema.names:
-            columns["sample_iw"] = targets["sample_iw"][valid].astype(np.float32)
-        columns["teacher_entropy"] = targets["teacher_entropy"].astype(np.float32)
-    if "sample_logprobs" in file_schema.names:
-        ids = targets["sample_ids"]
-        valid = ids >= 0
-        columns["sample_lengths"] = valid.sum(-1).astype(np.uint16)
-        columns["sample_ids"] = delta_ids(ids[valid], columns["sample_lengths"]).astype(id_dtype)
-        columns["sample_logprobs"] = encode_sample_logprobs(targets["sample_logprobs"][valid])
-        if "sample_logq_norm" in file_schema.names:
-            columns["sample_logq_norm"] = targets["sample_logq_norm"].astype(np.float32)
+        if "sample_logprobs" in file_schema.names:  # sampled-exact
+            columns["sample_ids"] = delta_ids(ids[valid], columns["sample_lengths"]).astype(id_dtype)
+            columns["sample_logprobs"] = encode_sample_logprobs(targets["sample_logprobs"][valid])
+            if "sample_logq_norm" in file_schema.names:
+                columns["sample_logq_norm"] = targets["sample_logq_norm"].astype(np.float32)
+        else:  # sampled (RS-KD)
+            columns["sample_ids"] = ids[valid].astype(id_dtype)
+            columns["sample_counts"] = targets["sample_counts"][valid].astype(np.uint16)
+            if "sample_iw" in file_schema.names:
+                columns["sample_iw"] = targets["sample_iw"][valid].astype(np.float32)
+            columns["teacher_entropy"] = targets["teacher_entropy"].astype(np.float32)
     table = pa.table({name: _column(columns[name], n, file_schema.field(name).type,
                                     ids_valid=columns.get("sample_lengths") if name in RAGGED else None)
                       for name in file_schema.names}, schema=file_schema)
@@ -337,12 +335,16 @@ def ragged_to_padded(lengths: np.ndarray, n: int, t: int):
     return padded
 
 
-def inclusion_weights(logp: np.ndarray, logq: np.ndarray, draws: int, certain: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Horvitz-Thompson weights p / pi of ids seen in `draws` draws from q, pi = 1 - (1 - q)^draws their chance to
-    be drawn at least once; p itself where `certain` (the true next token, always kept), 0 where not `valid`."""
+def inclusion_probability(logq: np.ndarray, draws: int) -> np.ndarray:
+    """pi = 1 - (1 - q)^draws: the chance that an id of probability q is drawn at least once in `draws` draws."""
     q = np.exp(np.minimum(logq, 0.0))
-    pi = -np.expm1(draws * np.log1p(-np.minimum(q, 1 - 1e-16)))
-    pi = np.where(certain, 1.0, np.maximum(pi, 1e-300))
+    return -np.expm1(draws * np.log1p(-np.minimum(q, 1 - 1e-16)))
+
+
+def inclusion_weights(logp: np.ndarray, logq: np.ndarray, draws: int, certain: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Horvitz-Thompson weights p / pi of ids seen in `draws` draws from q (inclusion_probability); p itself where
+    `certain` (the true next token, always kept), 0 where not `valid`."""
+    pi = np.where(certain, 1.0, np.maximum(inclusion_probability(logq, draws), 1e-300))
     return np.where(valid, np.exp(logp) / pi, 0.0)
 
 

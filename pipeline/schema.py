@@ -126,23 +126,16 @@ def parquet_schema(manifest: dict) -> pa.Schema:
             fields += [("topk_lp_max", pa.list_(pa.float32())), ("topk_lp_step", pa.list_(pa.float32()))]
         fields += [("tail_mass", pa.list_(pa.float32()))]
     fields += [("target_logprob", pa.list_(pa.float32()))]
-    if cap["targets"] in ("sampled", "both"):
-        fields += [
-            ("sample_lengths", pa.list_(pa.uint16())),
-            ("sample_ids", pa.list_(ids)),
-            ("sample_counts", pa.list_(pa.uint16())),
-        ]
-        if cap["sample_temperature"] != 1.0:
-            fields += [("sample_iw", pa.list_(pa.float32()))]
-        fields += [("teacher_entropy", pa.list_(pa.float32()))]
-    if cap["targets"] == "sampled-exact":
-        fields += [
-            ("sample_lengths", pa.list_(pa.uint16())),
-            ("sample_ids", pa.list_(ids)),
-            ("sample_logprobs", pa.list_(pa.uint8())),
-        ]
-        if cap["sample_temperature"] != 1.0:
-            fields += [("sample_logq_norm", pa.list_(pa.float32()))]
+    if cap["targets"] in ("sampled", "both", "sampled-exact"):
+        fields += [("sample_lengths", pa.list_(pa.uint16())), ("sample_ids", pa.list_(ids))]
+        tempered = cap["sample_temperature"] != 1.0
+        if cap["targets"] == "sampled-exact":
+            fields += [("sample_logprobs", pa.list_(pa.uint8()))]
+            fields += [("sample_logq_norm", pa.list_(pa.float32()))] if tempered else []
+        else:
+            fields += [("sample_counts", pa.list_(pa.uint16()))]
+            fields += [("sample_iw", pa.list_(pa.float32()))] if tempered else []
+            fields += [("teacher_entropy", pa.list_(pa.float32()))]
     return pa.schema(fields)
 
 

@@ -345,9 +345,10 @@ class CrossTokenizer:
                                   f"tokens, more than the student's max_position_embeddings {self.max_positions}. Capture "
                                   "with a smaller --max-seq-len, or use a student with more positions")
 
-    def statistics(self, rows: list[dict]) -> dict:
-        """What the alignment and the mapping give on these cached sequences (logged, and in the model card)."""
-        aligned = [self.align(r) for r in rows]
+    def statistics(self, rows: list[dict], aligned: list[Aligned] | None = None) -> dict:
+        """What the alignment and the mapping give on these cached sequences (logged, and in the model card);
+        `aligned`: their alignments, when the caller has them already."""
+        aligned = aligned if aligned is not None else [self.align(r) for r in rows]
         unspelled = sum(a.unspelled for a in aligned) / max(1, sum(a.text_bytes for a in aligned))
         student_rows = sum(len(a.student_ids) - 1 for a in aligned)
         pairs = sum(len(a.teacher_rows) for a in aligned)
@@ -401,8 +402,9 @@ def for_run(cfg, reader, student_tokenizer, max_positions: int | None = None) ->
     teacher = AutoTokenizer.from_pretrained(reader.tokenizer_dir())
     cross = CrossTokenizer(cfg.cross_tokenizer, teacher, student_tokenizer, max_positions)
     rows = preflight_rows(reader)
-    stats = cross.statistics(rows)
-    cross.check_length(rows, [cross.align(r) for r in rows])
+    aligned = [cross.align(r) for r in rows]
+    stats = cross.statistics(rows, aligned)
+    cross.check_length(rows, aligned)
     try:
         if stats["unspelled_share"] > MAX_UNSPELLED:
             for row in rows:  # the first part it misspells, for the message

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.cache import SAMPLE_KEYS, CacheReader
+from pipeline.cache import SAMPLE_KEYS, CacheReader, inclusion_probability, inclusion_weights
 from pipeline.schema import QKV, hidden_key, qkv_key
 from pipeline.errors import CacheError
 
@@ -73,11 +73,9 @@ def epoch_subset(row: dict, draws: int, keep: int, seed: int, epoch: int) -> dic
     epoch): every epoch sees another subset, a resumed run the same one, and each sequence lives on one DDP rank."""
     ids, logp = row["sample_ids"], row["sample_logprobs"].astype(np.float64)
     valid, certain = ids >= 0, ids == row["input_ids"][1:, None]
-    q = np.exp(np.minimum(logp, 0.0))
-    pi = lambda n: -np.expm1(n * np.log1p(-np.minimum(q, 1 - 1e-16)))  # noqa: E731
     rng = np.random.default_rng([seed, int(row["seq_index"]), epoch, 0x5EED])
-    stays = certain | (rng.random(ids.shape) * pi(draws) < pi(keep))
-    weights = np.where(valid & stays, np.where(certain, np.exp(logp), np.exp(logp) / np.maximum(pi(keep), 1e-300)), 0.0)
+    stays = certain | (rng.random(ids.shape) * inclusion_probability(logp, draws) < inclusion_probability(logp, keep))
+    weights = inclusion_weights(logp, logp, keep, certain, valid & stays)  # t = 1: q = p
     return {**row, "sample_weights": weights.astype(np.float32),
             "teacher_entropy": -(weights * logp).sum(-1).astype(np.float32)}
 
@@ -102,6 +100,7 @@ class CacheStream(IterableDataset):
         cache: OrderedDict[int, dict] = OrderedDict()
         batches, batches_epoch = None, -1
         m = self.start + wid
+        draws = int(reader.manifest["capture"].get("samples") or 0)  # --draws-per-epoch subsets these
         while self.epochs is None or m < self.epochs * self.per_epoch:
             epoch, b = divmod(m, self.per_epoch)
             if epoch != batches_epoch:
@@ -109,7 +108,6 @@ class CacheStream(IterableDataset):
                 batches_epoch = epoch
             rows = [self._row(reader, shards, cache, keep, s, r) for s, r in batches[b]]
             if self.draws_per_epoch:
-                draws = int(reader.manifest["capture"]["samples"])
                 rows = [epoch_subset(row, draws, self.draws_per_epoch, self.seed, epoch) for row in rows]
             yield self.collate(rows)
             m += nw

@@ -151,6 +151,21 @@ def hf_cache(tmp_path_factory, tiny_teacher, text_file) -> Path:
     return out
 
 
+def assert_mean_is_forward_kl(estimate, grad, teacher, student) -> None:
+    """Sampled targets are unbiased: over the repeats (dim 1) of estimate [P, R] and its gradient wrt the student's
+    logits [P, R, V], the means equal the full-vocabulary forward KL of teacher vs student logits [P, V] and its
+    gradient, within 4 standard errors (+1e-4)."""
+    repeats = estimate.shape[1]
+    exact_s = student.clone().requires_grad_(True)
+    p = torch.softmax(teacher, -1)
+    exact = (p * (torch.log_softmax(teacher, -1) - torch.log_softmax(exact_s, -1))).sum(-1)
+    exact.sum().backward()
+    se = estimate.std(1) / repeats**0.5
+    assert ((estimate.mean(1) - exact.detach()).abs() <= 4 * se + 1e-4).all(), (estimate.mean(1), exact, se)
+    gse = grad.std(1) / repeats**0.5
+    assert ((grad.mean(1) - exact_s.grad).abs() <= 4 * gse + 1e-4).all()
+
+
 def read_all(path) -> list[dict]:
     from pipeline.cache import CacheReader
 

@@ -9,6 +9,15 @@ import subprocess
 from conftest import ROOT
 
 
+def stamped(venv):
+    """A venv dir whose CPU setup stamp is newer than pyproject.toml: `make setup VLLM_EXTRA=cpu` is up to date."""
+    venv.mkdir()
+    (venv / ".installed-cpu").touch()
+    later = os.stat(ROOT / "pyproject.toml").st_mtime + 10
+    os.utime(venv / ".installed-cpu", (later, later))
+    return venv
+
+
 def make(*args: str, venv) -> subprocess.CompletedProcess:
     return subprocess.run(["make", "--no-print-directory", *args, f"VENV={venv}"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
@@ -23,22 +32,14 @@ def test_setup_passes_pip_args_to_every_pip_call_and_retries_the_cpu_index(tmp_p
 
 
 def test_the_setup_stamp_names_its_extra(tmp_path):
-    venv = tmp_path / "v"
-    venv.mkdir()
-    (venv / ".installed-cpu").touch()
-    later = os.stat(ROOT / "pyproject.toml").st_mtime + 10
-    os.utime(venv / ".installed-cpu", (later, later))
+    venv = stamped(tmp_path / "v")
     assert make("-q", "setup", "VLLM_EXTRA=cpu", venv=venv).returncode == 0  # up to date
     assert make("-q", "setup", "VLLM_EXTRA=gpu", venv=venv).returncode == 1  # the GPU extra is not installed yet
     assert "VLLM_EXTRA" in (ROOT / "Makefile").read_text() and "gpu-check" in (ROOT / "Makefile").read_text()
 
 
 def test_eval_window_and_the_capture_memory_baseline(tmp_path):
-    venv = tmp_path / "v"
-    venv.mkdir()
-    (venv / ".installed-cpu").touch()
-    later = os.stat(ROOT / "pyproject.toml").st_mtime + 10
-    os.utime(venv / ".installed-cpu", (later, later))
+    venv = stamped(tmp_path / "v")
     assert "--max-seq-len 512 " in make("-n", "eval", "VLLM_EXTRA=cpu", venv=venv).stdout
     assert "--max-seq-len 1024 " in make("-n", "eval", "VLLM_EXTRA=cpu", "EVAL_SEQ_LEN=1024", venv=venv).stdout
     r = make("-n", "bench-capture-memory", "VLLM_EXTRA=cpu", venv=venv)
