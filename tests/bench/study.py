@@ -67,6 +67,10 @@ ROWS = [
      ["--cache", "{fresh_cache}", "--lr", "1e-3"]),
     ("fresh-k64", "regime (i), one pass over fresh Wikipedia tokens: top-64 + rest bucket, lr 1e-3",
      ["--cache", "{fresh_topk_cache}", "--lr", "1e-3"]),
+    ("fresh-online-seed1", "regime (i): online full-vocabulary KD, lr 1e-3, --seed 1",
+     ["--cache", "{fresh_cache}", "--online-teacher", "{teacher}", "--lr", "1e-3", "--seed", "1"]),
+    ("fresh-exact-seed1", "regime (i): sampled-exact, 56 draws, lr 1e-3, --seed 1",
+     ["--cache", "{fresh_cache}", "--lr", "1e-3", "--seed", "1"]),
     ("kd-auto-k64-hs", "top-64 KD + hidden MSE (layernormed) on the copied layers, auto init",
      ["--cache", "{hs_cache}", "--hs-weight", "1", "--layer-mapper", "copied", "--hs-norm", "layernorm", "--lr", DEMO_LR]),
     # 2310.08797's losses at equal tokens, side by side on one cache holding teacher layer 27's hidden state and Q/K/V
