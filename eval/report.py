@@ -9,6 +9,7 @@ import yaml
 
 from pipeline import __version__
 
+
 def comparison_table(results: dict[str, dict], teacher: str | None) -> str:
     """Markdown: one row per metric, one column per model, and student/teacher ratios."""
     names = list(results)
@@ -150,29 +151,41 @@ def model_card(student: str, results: dict[str, dict], table: str, run_config: d
                   f"- optimizer `{cfg['optimizer']}`, lr {cfg['lr']} ({cfg['lr_schedule']}, warmup {cfg['warmup_steps']}), "
                   f"batch {cfg['batch_size']} x accum {cfg['grad_accum']} x world {run_config.get('world_size', 1)}, {cfg['max_steps']} steps",
                   f"- tokens seen: {run_config.get('tokens_seen', 'see log.jsonl')}", ""]
-        cross = run_config.get("cross_tokenizer")
-        if cross:  # a student with another tokenizer (stage_student/cross_tokenizer.py)
-            pre = cross.get("preflight", {})
-            lines += ["### Cross-tokenizer distillation", "",
-                      f"- method `{cross['method']}`; student tokenizer sha256 `{cross['student_tokenizer']['sha256'][:16]}`, "
-                      f"vocab {cross['student_tokenizer']['vocab_size']}; {cross['exact_teacher_tokens']} teacher tokens "
-                      f"map to byte-identical student tokens, {cross['prefix_teacher_tokens']} more to the student token "
-                      "their text starts with",
-                      f"- on {pre.get('sequences')} cached sequences: {pre.get('aligned_positions')} aligned positions, "
-                      f"{pre.get('student_share_with_target', 0):.1%} of student positions with a teacher target, "
-                      f"{pre.get('mapped_coverage', 0):.1%} of the teacher's mass on mapped tokens there "
-                      f"({pre.get('exact_coverage', 0):.1%} byte-identical), "
-                      f"{pre.get('exact_share', 0):.1%} exact (same next token), {pre.get('span_share', 0):.1%} spans", ""]
-        selection = run_config["student"].get("layer_selection")
-        if selection:
-            lines += ["### Layer selection (`--init-layers auto`)", "",
-                      f"Kept teacher layers {selection['layers']} ({selection['method']}): forward KL to the cached teacher "
-                      f"{selection['kl']:.4f} nats before training, vs {selection['evenly_kl']:.4f} for evenly spaced layers; "
-                      f"{selection['scored']} candidates scored on {selection['tokens']} cached tokens in {selection['seconds']:.0f} s.",
-                      "", "| forward KL | candidate | teacher layers kept |", "|---|---|---|"]
-            lines += [f"| {c['kl']:.4f} | {c['name']} | {','.join(map(str, c['layers']))} |" for c in selection["candidates"]]
-            lines += [""]
+        lines += cross_tokenizer_lines(run_config.get("cross_tokenizer"))
+        lines += layer_selection_lines(run_config["student"].get("layer_selection"))
         lines += ["<details><summary>all training parameters</summary>", "", "```json",
                   json.dumps(cfg, indent=2, default=str), "```", "</details>", ""]
     lines += ["## Evaluation", "", f"Held-out text: `{dataset}`.", "", table, ""]
     return "\n".join(lines)
+
+
+def cross_tokenizer_lines(cross: dict | None) -> list[str]:
+    """The model card's section on a student with another tokenizer (stage_student/training/cross_tokenizer.py);
+    none for a student with the teacher's."""
+    if not cross:
+        return []
+    pre = cross.get("preflight", {})
+    return ["### Cross-tokenizer distillation", "",
+            f"- method `{cross['method']}`; student tokenizer sha256 `{cross['student_tokenizer']['sha256'][:16]}`, "
+            f"vocab {cross['student_tokenizer']['vocab_size']}; {cross['exact_teacher_tokens']} teacher tokens "
+            f"map to byte-identical student tokens, {cross['prefix_teacher_tokens']} more to the student token "
+            "their text starts with",
+            f"- on {pre.get('sequences')} cached sequences: {pre.get('aligned_positions')} aligned positions, "
+            f"{pre.get('student_share_with_target', 0):.1%} of student positions with a teacher target, "
+            f"{pre.get('mapped_coverage', 0):.1%} of the teacher's mass on mapped tokens there "
+            f"({pre.get('exact_coverage', 0):.1%} byte-identical), "
+            f"{pre.get('exact_share', 0):.1%} exact (same next token), {pre.get('span_share', 0):.1%} spans", ""]
+
+
+def layer_selection_lines(selection: dict | None) -> list[str]:
+    """The model card's section on the teacher layers `--init-layers auto` kept; none without it."""
+    if not selection:
+        return []
+    lines = ["### Layer selection (`--init-layers auto`)", "",
+             f"Kept teacher layers {selection['layers']} ({selection['method']}): forward KL to the cached teacher "
+             f"{selection['kl']:.4f} nats before training, vs {selection['evenly_kl']:.4f} for evenly spaced layers; "
+             f"{selection['scored']} candidates scored on {selection['tokens']} cached tokens in {selection['seconds']:.0f} s.",
+             "", "| forward KL | candidate | teacher layers kept |", "|---|---|---|"]
+    lines += [f"| {c['kl']:.4f} | {c['name']} | {','.join(map(str, c['layers']))} |" for c in selection["candidates"]]
+    lines += [""]
+    return lines

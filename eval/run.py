@@ -10,7 +10,7 @@ import torch
 from pipeline.config import EvalConfig
 from pipeline.errors import DistilyError
 from pipeline.manifest import atomic_write_bytes
-from pipeline.resolve import DEFAULT_EVAL_DATASET, DatasetSpec, load_texts, resolve_model
+from pipeline.resolve import DEFAULT_EVAL_DATASET, DatasetSpec, load_texts, resolve_model, trained_model_dir
 
 from . import harness, report
 from .perplexity import evaluate_perplexity
@@ -39,18 +39,6 @@ def unique_labels(paths: list[str]) -> list[str]:
         seen[l] = seen.get(l, 0) + 1
         out.append(l if seen[l] == 1 else f"{l}-{seen[l]}")
     return out
-
-
-def model_dir(path: str) -> str:
-    """The model to evaluate: a model dir as given, or the final model of a `train-student --output` run dir."""
-    p = Path(path)
-    if (p / "config.json").exists() or not (p / "run_config.json").exists():
-        return path
-    if not (p / "final" / "config.json").exists():
-        raise DistilyError(f"{path} is a training run that has not finished (no final/): finish it with "
-                           "`distily train-student ... --resume`, or evaluate a checkpoint's model")
-    print(f"{path} is a training run dir: evaluating its final model, {p / 'final'}")
-    return str(p / "final")
 
 
 def training_dir(model_path: str) -> Path | None:
@@ -82,7 +70,7 @@ def evaluate_model(path: str, texts: list[str], cfg: EvalConfig, include_path: s
 
 
 def run(cfg: EvalConfig) -> dict:
-    paths = [model_dir(p) for p in (cfg.model, *cfg.baseline)]
+    paths = [trained_model_dir(p) for p in (cfg.model, *cfg.baseline)]
     student_dir = training_dir(paths[0])
     run_config = json.loads((student_dir / "run_config.json").read_text()) if student_dir else None
     teacher = cfg.teacher or (run_config or {}).get("cache_manifest", {}).get("teacher", {}).get("path")

@@ -99,7 +99,7 @@ def merge_manifests(
     parts: list[str] = typer.Argument(None, help="Other dirs where array jobs wrote their parts."),
 ):
     """Join the part manifests of array jobs (--num-shards/--shard-index) into one cache."""
-    from .cache import merge_manifests as merge
+    from .cache_write import merge_manifests as merge
 
     try:
         merged = merge(output, parts or [])

@@ -307,19 +307,9 @@ def coerce(key: str, value, kind, keywords: tuple[str, ...] = ()):
                 return str(value)
         elif origin is list:
             (item,) = args
-            original = value
-            if isinstance(value, str):
-                value = [v for v in value.split(",") if v.strip()] if value.strip() else []
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                value = [value]
-            if isinstance(value, (list, tuple)):
-                parts = [p for v in value for p in (v.split(",") if isinstance(v, str) and item is str else [v])]
-                try:
-                    return [coerce(key, p.strip() if isinstance(p, str) else p, item) for p in parts
-                            if not (isinstance(p, str) and not p.strip())]
-                except ConfigError:
-                    name = {int: "integers", float: "numbers", str: "strings"}.get(item, str(item))
-                    raise ConfigError(f"{key}: expected a list of {name} (or comma-separated), got {original!r}") from None
+            listed = coerce_list(key, value, item)
+            if listed is not None:
+                return listed
         elif origin is dict:
             if isinstance(value, str):
                 value = json.loads(value)
@@ -334,8 +324,20 @@ def coerce(key: str, value, kind, keywords: tuple[str, ...] = ()):
     raise ConfigError(f"{key}: expected {wanted}, got {value!r}")
 
 
-def parse_int_list(text: str | list | None, keywords: tuple[str, ...] = ()) -> list[int] | str | None:
-    """A comma-separated list of integers (or one of `keywords`), as flags and YAML may give it."""
-    if text is None:
+def coerce_list(key: str, value, item) -> list | None:
+    """`value` as a list of `item`s: a list or tuple (strings in it split at commas for a list of strings), a
+    comma-separated string or one number; None when it is none of these (coerce then names what was expected)."""
+    original = value
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()] if value.strip() else []
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
         return None
-    return coerce("list", text, list[int] | str if keywords else list[int], keywords)
+    parts = [p for v in value for p in (v.split(",") if isinstance(v, str) and item is str else [v])]
+    try:
+        return [coerce(key, p.strip() if isinstance(p, str) else p, item) for p in parts
+                if not (isinstance(p, str) and not p.strip())]
+    except ConfigError:
+        name = {int: "integers", float: "numbers", str: "strings"}.get(item, str(item))
+        raise ConfigError(f"{key}: expected a list of {name} (or comma-separated), got {original!r}") from None

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import CacheError  # noqa: F401  (re-exported)
+from .errors import CacheError
 
 
 def sha256_file(path: str | os.PathLike, fs=None) -> str:

@@ -19,9 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
-from .manifest import CacheError
-from .token_store import fingerprint_tokens  # noqa: F401  (re-exported: streaming, see token_store)
+from .errors import CacheError, ConfigError, DistilyError
 
 DEFAULT_TEACHER = "smollm2-135m"
 DEFAULT_DATASET = "lee-background"
@@ -370,3 +368,18 @@ def embedded_teacher() -> Path:
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def trained_model_dir(path: str) -> str:
+    """The model at `path`: a model dir as given, the final/ model of a `train-student --output` run dir (said so),
+    else `path` itself (a hub id). A run dir whose training has not finished is refused."""
+    p = Path(path)
+    if (p / "config.json").exists():
+        return path
+    if (p / "final" / "config.json").exists():
+        print(f"{path} is a training run dir: using its final model, {p / 'final'}")
+        return str(p / "final")
+    if (p / "run_config.json").exists():
+        raise DistilyError(f"{path} is a training run that has not finished (no final/): finish it with "
+                           "`distily train-student ... --resume`, or evaluate a checkpoint's model")
+    return path

@@ -156,10 +156,6 @@ def hidden_key(layer: int) -> str:
     return f"layer_{layer}"
 
 
-def hidden_scale_key(layer: int) -> str:
-    return f"layer_{layer}_scale"
-
-
 def qkv_key(kind: str, layer: int) -> str:
     """``q_{l}``, ``k_{l}`` or ``v_{l}``: a projection of decoder layer l (1-based) in the hidden-state file."""
     return f"{kind}_{layer}"

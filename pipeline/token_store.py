@@ -225,7 +225,8 @@ def next_chunk(rows: int, tokens: int, total_rows: int, max_tokens: int | None, 
 
 def document_bos(tokenizer) -> list[int]:
     """What starts each document in a stream: [BOS] where the tokenizer adds one, else nothing (every document
-    then ends with EOS). The one rule both the store and resolve.tokenise, its reference, follow."""
+    then ends with EOS). The one rule the store, resolve.tokenise (its reference) and generate's prompts
+    (stage_teacher/generators.py) follow."""
     return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False) else []
 
 

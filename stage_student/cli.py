@@ -9,7 +9,7 @@ from pipeline.config import ExportConfig, TrainConfig
 
 
 def run(cfg: TrainConfig) -> None:
-    from .train import train
+    from stage_student.train import train
 
     result = train(cfg)
     if result.get("finished"):
@@ -23,7 +23,7 @@ COMMAND = Command("train-student", TrainConfig, "train_student", run,
 
 
 def run_export(cfg: ExportConfig) -> None:
-    from .export import export
+    from stage_student.export.run import export
 
     export(cfg, log=typer.echo)
 

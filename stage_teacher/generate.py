@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 
 from pipeline import __version__, generated
 from pipeline.config import GenerateConfig
-from pipeline.errors import ConfigError
-from pipeline.manifest import CacheError, atomic_write_bytes, describe_difference
+from pipeline.errors import CacheError, ConfigError
+from pipeline.manifest import atomic_write_bytes, describe_difference
 from pipeline.resolve import (
     DEFAULT_DATASET,
     DatasetSpec,
@@ -78,7 +78,8 @@ def prepare(cfg: GenerateConfig) -> tuple[dict, Context, str]:
     """Validate everything and build the generators' context and the manifest skeleton; no engine."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .capture import check_parallel, software_versions
+    from .capture import software_versions
+    from .parallel import check_parallel
     from .vllm_backend import resolve_dtype
 
     mix_weights = check_options(cfg)

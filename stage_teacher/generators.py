@@ -25,6 +25,8 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.token_store import document_bos
+
 
 @dataclass
 class Request:
@@ -58,20 +60,15 @@ def register(name: str):
     return add
 
 
-def bos(ctx: Context) -> list[int]:
-    tok = ctx.tokenizer
-    return [tok.bos_token_id] if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False) else []
-
-
 @register("random")
 def random_start(ctx: Context, rng: np.random.Generator) -> Request:
-    return Request(bos(ctx) + [int(rng.choice(ctx.vocab_ids))], "random", greedy_tokens=ctx.cfg.greedy_tokens)
+    return Request(document_bos(ctx.tokenizer) + [int(rng.choice(ctx.vocab_ids))], "random", greedy_tokens=ctx.cfg.greedy_tokens)
 
 
 @register("prefix")
 def prefix(ctx: Context, rng: np.random.Generator) -> Request:
     doc = ctx.documents[int(rng.integers(len(ctx.documents)))]
-    return Request(bos(ctx) + doc[: ctx.cfg.prefix_tokens], "prefix")
+    return Request(document_bos(ctx.tokenizer) + doc[: ctx.cfg.prefix_tokens], "prefix")
 
 
 @register("shuffled")
@@ -80,7 +77,7 @@ def shuffled(ctx: Context, rng: np.random.Generator) -> Request:
     pool = a[:48] + b[:48]
     words = [pool[int(i)] for i in rng.permutation(len(pool))]
     ids = ctx.tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
-    return Request(bos(ctx) + ids[: ctx.cfg.prefix_tokens], "shuffled")
+    return Request(document_bos(ctx.tokenizer) + ids[: ctx.cfg.prefix_tokens], "shuffled")
 
 
 NAMES = ["alpha", "beta", "gamma", "delta", "count", "total", "item", "user", "price", "score", "index", "value"]
@@ -113,7 +110,7 @@ def _structured_text(rng: np.random.Generator) -> str:
 @register("structured")
 def structured(ctx: Context, rng: np.random.Generator) -> Request:
     ids = ctx.tokenizer(_structured_text(rng), add_special_tokens=False)["input_ids"]
-    return Request(bos(ctx) + ids[: ctx.cfg.max_seq_len - 1], "structured")
+    return Request(document_bos(ctx.tokenizer) + ids[: ctx.cfg.max_seq_len - 1], "structured")
 
 
 @register("mix")

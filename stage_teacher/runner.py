@@ -22,7 +22,8 @@ from typing import Any, Callable
 from tqdm import tqdm
 
 from pipeline.cache import verify_shard_files
-from pipeline.manifest import CacheError, append_journal, atomic_write_json, journal_path, read_manifest, stale_temps
+from pipeline.errors import CacheError
+from pipeline.manifest import append_journal, atomic_write_json, journal_path, read_manifest, stale_temps
 
 
 @dataclass

@@ -63,14 +63,14 @@ def sequence_targets(logits_fn, next_ids: torch.Tensor, spec: TargetSpec, seq_in
     gen = None
     for start in range(0, p, spec.chunk_positions):
         stop = min(p, start + spec.chunk_positions)
-        z = real_tokens(logits_fn(start, stop).float(), spec.vocab)
+        z = without_padding_columns(logits_fn(start, stop).float(), spec.vocab)
         if gen is None and spec.sampled:
             gen = sequence_generator(spec.seed, seq_index, z.device)
         parts.append(chunk_targets(z, next_ids[start:stop].to(z.device), spec, gen))
     return concat_padded(parts)
 
 
-def real_tokens(z: torch.Tensor, vocab: int | None) -> torch.Tensor:
+def without_padding_columns(z: torch.Tensor, vocab: int | None) -> torch.Tensor:
     """Logits [C, V] cut to the first `vocab` columns (the tokenizer's tokens; the rest are padding rows of the
     head): a contiguous copy when there is padding, z itself otherwise."""
     if vocab is None or vocab >= z.shape[-1]:

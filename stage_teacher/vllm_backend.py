@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.manifest import CacheError
+from pipeline.errors import CacheError
 
 from .targets import TargetSpec
 

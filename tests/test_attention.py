@@ -6,11 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import capture_cfg, read_all
+
 from pipeline.cache import CacheReader
 from pipeline.errors import DistilyError
-from stage_student import attention
+from stage_student.losses import attention
+from stage_student.training.evaluate import evaluate
 from stage_teacher.capture import run
 
 QKV_LAYERS = [2, 4]
@@ -167,8 +168,8 @@ def test_training_on_the_attention_loss_alone_lowers_it_on_held_out_sequences(tm
 
     # a narrower student (Q 64 wide, K/V 64) than the teacher (Q 128, K/V 64): 2 relation heads divide both
     trainer = Trainer(attn_cfg(qkv_cache, tmp_path, attn_loss=loss, **extra))
-    assert trainer.attn_pairs == [(1, [2]), (2, [4])]
-    before = trainer.evaluate()["eval/attn"]
+    assert trainer.plan.attn_pairs == [(1, [2]), (2, [4])]
+    before = evaluate(trainer)["eval/attn"]
     result = trainer.run()
     assert result["eval/attn"] < 0.8 * before, (before, result["eval/attn"])
     if loss == "direct_mha":
@@ -198,14 +199,14 @@ def test_attention_loss_needs_the_layers_cached(tmp_path, hf_cache, qkv_cache):
 
 def test_a_ternary_student_trains_with_every_loss_at_once(tmp_path, qkv_cache):
     """--student-quant bitnet with KD, CE, the hidden-state loss and the relation loss, AdamW8bit."""
-    from stage_student.bitnet import BitLinear
+    from stage_student.students.bitnet import BitLinear
     from stage_student.train import Trainer
 
     trainer = Trainer(attn_cfg(qkv_cache, tmp_path, kd_weight=1.0, ce_weight=0.5, hs_weight=1.0, layer_mapper="last",
                                student_quant="bitnet", max_steps=10, logging_steps=1, student_config={}, init="teacher-layers",
                                lr=2e-3))
     assert isinstance(trainer.model.model.layers[0].self_attn.q_proj, BitLinear)
-    before = trainer.evaluate()
+    before = evaluate(trainer)
     result = trainer.run()
     assert result["eval/attn"] < before["eval/attn"]
     from test_train_student import log

@@ -1,4 +1,4 @@
-"""Gradient-weighted loss balancing (stage_student/balance.py): PCGrad and fixed-ratio GradNorm on constructed
+"""Gradient-weighted loss balancing (stage_student/losses/balance.py): PCGrad and fixed-ratio GradNorm on constructed
 gradients, per-term gradients against plain backward, and the measurement and balancing end to end."""
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_train_student import cfg_for, log
 
 from pipeline.errors import ConfigError
-from stage_student import balance
+from stage_student.losses import balance
 from stage_student.train import Trainer, train
-from test_train_student import cfg_for, log
 
 
 def test_pcgrad_projects_a_conflicting_pair_exactly_and_leaves_others():

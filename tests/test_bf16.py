@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stage_student import attention, losses
-from stage_student.chunked import LossSpec, Targets, head_losses
+from stage_student.losses import attention
+from stage_student.losses import kd as losses
+from stage_student.losses.chunked import LossSpec, Targets, head_losses
 
 N, H, V, K = 64, 32, 200, 16
 BF16 = dict(rtol=2e-2, atol=2e-3)  # bf16 keeps 8 mantissa bits: ~0.4% per rounding, a few roundings deep

@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 from pipeline.config import ExportConfig, TrainConfig
 from pipeline.errors import ConfigError, DistilyError
-from stage_student.bitnet import BitLinear, check_student_quant, ternary_codes, to_bitnet
-from stage_student.export import export, pack_linear
+from stage_student.export.run import export, pack_linear
+from stage_student.students.bitnet import BitLinear, check_student_quant, ternary_codes, to_bitnet
+from stage_student.training.evaluate import evaluate
 
 
 def reference_bitlinear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -183,7 +184,7 @@ def test_bitnet_training_learns_saves_and_exports(tmp_path, hf_cache, eager_tran
     assert trainer.student_info["quant"] == {"kind": "bitnet", "modules": 14}
     assert sum(isinstance(m, BitLinear) for m in trainer.model.modules()) == 14
     assert isinstance(trainer.model.lm_head, torch.nn.Linear) and not isinstance(trainer.model.lm_head, BitLinear)
-    before = trainer.evaluate()
+    before = evaluate(trainer)
     result = trainer.run()
     print(f"\nbitnet student eval forward KL: {before['eval/forward_kl']:.4f} -> {result['eval/forward_kl']:.4f}")
     assert result["eval/forward_kl"] < 0.9 * before["eval/forward_kl"]

@@ -8,12 +8,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT
+
 from pipeline import schema
-from pipeline.cache import CacheReader, RowFrames, encode_tensor
+from pipeline.cache import CacheReader
 from pipeline.errors import CacheError
-from stage_student.data import CacheStream
+from pipeline.hidden_file import RowFrames, encode_tensor
+from stage_student.training.data import CacheStream
 
 sys.path.insert(0, str(ROOT / "tests" / "bench"))
 from bench_reader import synthetic_manifest, synthetic_shard, write_cache  # noqa: E402

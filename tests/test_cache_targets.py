@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, TINY_HIDDEN_LAYERS, assert_mean_is_forward_kl, capture_cfg, read_all
+
 from pipeline.cache import CacheReader
-from pipeline.errors import ConfigError, DistilyError
-from pipeline.manifest import CacheError
-from stage_student import chunked, losses
-from stage_teacher.capture import merge_manifests, run
+from pipeline.cache_write import merge_manifests
+from pipeline.errors import CacheError, ConfigError, DistilyError
+from stage_student.losses import chunked
+from stage_student.losses import kd as losses
+from stage_teacher.capture import run
 from stage_teacher.targets import TargetSpec, chunk_targets, sequence_generator, unique_counts
 
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from test_train_student import cfg_for, log
 
 from pipeline.errors import DistilyError
-from stage_student import losses
-from stage_student.chunked import LossSpec, Targets, head_losses
+from stage_student.losses import kd as losses
+from stage_student.losses.chunked import LossSpec, Targets, head_losses
 from stage_student.train import train
-from test_train_student import cfg_for, log
 
 N, H, V = 37, 16, 50
 

@@ -1,15 +1,14 @@
 """Options have one source of truth: the config dataclasses. Flags, YAML and help follow them."""
 from __future__ import annotations
 
-import ast
 import re
 import subprocess
 import sys
 
 import pytest
 import typer
-
 from conftest import ROOT
+
 from pipeline import config as C
 from pipeline.cli import app
 from pipeline.errors import CacheError, ConfigError
@@ -118,11 +117,3 @@ def test_help_prints_every_flag_name_whole_at_80_columns():
         long_flags = {f for f in expected if f.startswith("--")}
         assert long_flags <= shown, (name, sorted(long_flags - shown))
         assert max(len(line) for line in r.stdout.splitlines()) <= 80
-
-
-def test_pipeline_imports_no_stage():
-    for path in (ROOT / "pipeline").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
-            assert not [n for n in names if n.split(".")[0] in ("stage_teacher", "stage_student", "eval")], (path, names)

@@ -8,11 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import build_llama, build_tokenizer, read_all
+
 from pipeline.errors import ConfigError, DistilyError
-from stage_student import cross_loss
-from stage_student.cross_tokenizer import CrossTokenizer, complete_utf8, token_bytes
+from stage_student.losses import cross as cross_loss
+from stage_student.training.cross_tokenizer import CrossTokenizer
+from stage_student.training.evaluate import evaluate
+from stage_student.training.token_align import complete_utf8, token_bytes
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +128,10 @@ def test_alignment_matches_byte_offsets_from_the_decoders(rows, teacher_tok, oth
 def test_identity_tokenizer_gives_the_normal_loss(rows, tiny_teacher, teacher_tok, tmp_path):
     """The teacher's own tokenizer through the cross path: alignment and mapping are identities, the loss is the
     cached path's (fused head, every divergence) to float32 rounding."""
-    from stage_student.data import collate
-    from stage_student.step import CachedTeacher, Distiller
-    from stage_student.student import StudentForward
-    from stage_student import chunked
+    from stage_student.losses import chunked
+    from stage_student.students.build import StudentForward
+    from stage_student.training.data import collate
+    from stage_student.training.step import CachedTeacher, Distiller
 
     cross = CrossTokenizer("bucket", teacher_tok, teacher_tok)
     batch_rows = rows[:3]
@@ -254,7 +256,7 @@ def test_cross_tokenizer_run_end_to_end(hf_cache, other_student, tmp_path):
         train(cfg_for(hf_cache, tmp_path / "refused", student=str(other_student), max_steps=1))
     trainer = Trainer(cfg_for(hf_cache, tmp_path / "run", student=str(other_student), cross_tokenizer="gold",
                               ce_weight=0.5, max_steps=8, lr=1e-2, num_workers=1))  # the collate runs in a worker
-    before = trainer.evaluate()
+    before = evaluate(trainer)
     result = trainer.run()
     assert result["finished"] and result["eval/forward_kl"] < before["eval/forward_kl"]
     stored = json.loads((tmp_path / "run" / "cross_tokenizer.json").read_text())
@@ -278,8 +280,8 @@ def test_bad_input_is_refused_before_training(hf_cache, other_student, tmp_path,
     from test_train_student import cfg_for
     from tokenizers import normalizers
 
-    from stage_student import cross_tokenizer
     from stage_student.train import Trainer
+    from stage_student.training import cross_tokenizer
 
     with pytest.raises(ConfigError, match="--student DIR"):
         Trainer(cfg_for(hf_cache, tmp_path / "a", cross_tokenizer="bucket"))
@@ -321,8 +323,8 @@ def test_what_cannot_train_is_counted_logged_and_refused(hf_cache, other_student
     from transformers import AutoTokenizer
 
     from pipeline.cache import CacheReader
-    from stage_student import cross_tokenizer
     from stage_student.train import Trainer
+    from stage_student.training import cross_tokenizer
 
     teacher = AutoTokenizer.from_pretrained(hf_cache / "tokenizer")
     teacher.add_special_tokens({"additional_special_tokens": ["<|tool_call|>"]})  # a special the student lacks

@@ -7,7 +7,6 @@ import os
 import subprocess
 
 import pytest
-
 from conftest import ROOT
 
 
@@ -38,8 +37,9 @@ def test_trained_student_loads_in_vllm(tmp_path, hf_cache):
     """The final student dir is a plain HF dir that vLLM serves (own process: the test session holds an engine)."""
     import sys
 
-    from stage_student.train import train
     from test_train_student import cfg_for
+
+    from stage_student.train import train
 
     train(cfg_for(hf_cache, tmp_path, max_steps=2))
     code = (

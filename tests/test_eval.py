@@ -83,9 +83,10 @@ def test_lm_eval_offline_suite_agrees_with_our_perplexity(tmp_path, teacher_mode
 
 
 def test_eval_report_and_model_card(tmp_path, hf_cache, tiny_teacher):
+    from test_train_student import cfg_for
+
     from eval.run import run
     from stage_student.train import train
-    from test_train_student import cfg_for
 
     for name, loss in (("kd", "forward_kl"), ("ce", "ce")):
         train(cfg_for(hf_cache, tmp_path / name, max_steps=3, loss=loss))
@@ -127,7 +128,8 @@ def test_lastword_task_scores_what_a_direct_forward_does(tmp_path, teacher_model
 
 
 def test_report_labels_are_unique_and_unfinished_runs_are_refused(tmp_path):
-    from eval.run import model_dir, unique_labels
+    from eval.run import unique_labels
+    from pipeline.resolve import trained_model_dir as model_dir
 
     paths = ["runs/a/student/final", "runs/b/student/final", "runs/c/kd", "elsewhere/teacher"]
     assert unique_labels(paths) == ["a/student", "b/student", "kd", "elsewhere/teacher"]

@@ -12,11 +12,13 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_mean_is_forward_kl, capture_cfg, read_all
+
 from pipeline import schema
-from pipeline.cache import CacheReader, inclusion_weights, write_shard
-from stage_student import chunked, losses
+from pipeline.cache import CacheReader, inclusion_weights
+from pipeline.cache_write import write_shard
+from stage_student.losses import chunked
+from stage_student.losses import kd as losses
 from stage_teacher.capture import run
 from stage_teacher.targets import TargetSpec, batch_targets, chunk_targets, sequence_generator, sequence_targets
 
@@ -130,15 +132,15 @@ def test_student_trains_from_sampled_exact_cache(tmp_path, exact_cache):
     """train-student reads the cache as samples (auto), the loss falls, and the fused head's loss equals the
     reference on the same batch."""
     from pipeline.config import TrainConfig
-    from stage_student.data import CacheStream
     from stage_student.train import Trainer
+    from stage_student.training.data import CacheStream
 
     cfg = TrainConfig(cache=str(exact_cache), output=str(tmp_path / "run"), student_layers=1, init_layers="evenly",
                       max_steps=6, batch_size=2, lr=3e-3, warmup_steps=1, eval_sequences=2, save_steps=6, logging_steps=2,
                       optimizer="adamw")
     trainer = Trainer(cfg)
-    assert trainer.kd_targets == "sampled"
-    batch = next(iter(CacheStream(str(exact_cache), trainer.train_pairs, 2, 0, 16)))
+    assert trainer.plan.kd_targets == "sampled"
+    batch = next(iter(CacheStream(str(exact_cache), trainer.plan.train_pairs, 2, 0, 16)))
     assert "sample_logprobs" in batch and (batch["sample_weights"] >= 0).all()
     targets = trainer.cached.targets(batch)
     logits = torch.randn(targets["sample_ids"].shape[0], 384, generator=torch.Generator().manual_seed(0))
@@ -186,7 +188,7 @@ def test_a_cache_of_an_unknown_kind_is_refused_naming_it(tmp_path, exact_cache):
 def test_draws_per_epoch_is_an_unbiased_fresh_subset_each_epoch():
     """--draws-per-epoch: over many epochs the subset's weights average to the stored estimate's (both estimate p),
     the subsets differ between epochs, repeat for the same (seed, sequence, epoch), and keep the true token."""
-    from stage_student.data import epoch_subset
+    from stage_student.training.data import epoch_subset
 
     g = torch.Generator().manual_seed(5)
     vocab, positions, draws, keep = 30, 4, 32, 8

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, capture_cfg, read_all
+
 from pipeline.cache import CacheReader
 from pipeline.config import TrainConfig
-from stage_student.student import build_student
-from stage_student.select_layers import layer_list_name
+from stage_student.students.build import build_student
+from stage_student.students.select_layers import layer_list_name
 from stage_student.train import train
 from stage_teacher.capture import run
 

@@ -7,12 +7,13 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, capture_cfg
-from pipeline.errors import DistilyError
-from stage_teacher.capture import run
-from stage_student.train import complete_checkpoints, train
 from test_train_student import cfg_for, log
+
+from pipeline.errors import DistilyError
+from stage_student.train import train
+from stage_student.training.checkpoint import complete_checkpoints
+from stage_teacher.capture import run
 
 sys.path.insert(0, str(ROOT / "tests" / "bench"))
 import faults  # noqa: E402

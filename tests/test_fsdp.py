@@ -13,11 +13,11 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT, capture_cfg
+
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError
-from stage_student.train import validate
+from stage_student.plan import validate
 
 STEPS = 5
 COMMON = ["--student-layers", "2", "--logging-steps", "1", "--eval-sequences", "4", "--num-workers", "0",

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import build_tokenizer, capture_cfg, read_all
+
 from pipeline.config import GenerateConfig
 from pipeline.errors import CacheError, ConfigError
 from pipeline.generated import read_generated

@@ -12,14 +12,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import build_tokenizer
+from llama_cpp_loader import load_llama_cpp
 from typer.testing import CliRunner
 
-from conftest import build_tokenizer
 from pipeline.config import ExportConfig
 from pipeline.errors import ConfigError
-from stage_student.bitnet import ternary_codes, to_bitnet
-from stage_student.export import export
-from stage_student.gguf_export import load_llama_cpp, q4_0_codes, rope_permute
+from stage_student.export.gguf import q4_0_codes, rope_permute
+from stage_student.export.run import export
+from stage_student.students.bitnet import ternary_codes, to_bitnet
 
 gguf = pytest.importorskip("gguf")
 
@@ -264,7 +265,7 @@ def test_bad_input_is_refused_before_work(tmp_path, student):
     from transformers import GPT2Config
 
     from pipeline.cli import app
-    from stage_student.gguf_export import check
+    from stage_student.export.gguf import check
 
     run, _, _ = student
     r = CliRunner().invoke(app, ["export", str(run), str(tmp_path / "x"), "--format", "gguf", "--gguf-type", "tq3_0"])

@@ -8,7 +8,7 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError
-from stage_student.int8 import Int8Linear, to_int8_training
+from stage_student.students.int8 import Int8Linear, to_int8_training
 
 TOL = 2e-2  # relative Frobenius error of Y, dX and dW against float (measured: about 7e-3 on random data)
 
@@ -101,7 +101,7 @@ def test_a_whole_student_keeps_its_float_state_dict_and_gradients():
 
 
 def test_int8_training_is_refused_with_a_bitnet_student():
-    from stage_student.train import validate
+    from stage_student.plan import validate
 
     with pytest.raises(ConfigError, match="--int8-training cannot run with --student-quant bitnet"):
         validate(TrainConfig(int8_training=True, student_quant="bitnet"))

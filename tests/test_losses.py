@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import DistilyError
-from stage_student import losses
-from stage_student.hidden import hidden_loss, make_projector
-from stage_student.layer_map import map_layers
+from stage_student.losses import kd as losses
+from stage_student.losses.hidden import hidden_loss, make_projector
+from stage_student.students.layer_map import map_layers
 
 V = 50
 

@@ -9,13 +9,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_train_student import cfg_for, log
 
 from pipeline.config import TrainConfig
 from pipeline.errors import DistilyError
-from stage_student import losses
-from stage_student.hidden import hidden_loss, info_nce, logsum
-from stage_student.train import Trainer, resolve_kd_targets
-from test_train_student import cfg_for, log
+from stage_student.losses import kd as losses
+from stage_student.losses.hidden import hidden_loss, info_nce, logsum
+from stage_student.plan import resolve_kd_targets
+from stage_student.train import Trainer
 
 # ------------------------------------------------------------------------------------------ sinkhorn
 
@@ -131,7 +132,7 @@ def test_sinkhorn_under_bf16_autocast_is_computed_in_float32():
 def test_sinkhorn_is_refused_on_sampled_targets():
     cfg = TrainConfig(loss="sinkhorn", kd_targets="sampled")
     with pytest.raises(DistilyError, match="--loss sinkhorn is not defined on sampled"):
-        resolve_kd_targets(cfg, "both", kd=True)
+        resolve_kd_targets(cfg, "both", kd_on=True)
 
 
 # ------------------------------------------------------------------------------------- mutual information
@@ -230,14 +231,14 @@ def _first_step_expected(trainer: Trainer) -> dict:
     with torch.no_grad():
         out = trainer.model(input_ids=ids, output_hidden_states=True)
         expected = {}
-        if trainer.kd:
+        if trainer.plan.kd:
             logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
             k = batch["topk_ids"].shape[-1]
             expected["loss/kd"] = losses.kd_loss(trainer.cfg.loss, logits, batch["topk_ids"].reshape(-1, k),
                                                  batch["topk_logprobs"].reshape(-1, k), batch["tail_mass"].reshape(-1)).item()
         if trainer.cfg.hs_weight > 0:
             parts = []
-            for s_layer, t_layers in trainer.pairs:
+            for s_layer, t_layers in trainer.plan.pairs:
                 student = trainer.projectors(s_layer, out.hidden_states[s_layer])
                 for t_layer in t_layers:
                     teacher = batch["hidden_states"][t_layer]

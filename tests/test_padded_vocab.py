@@ -16,12 +16,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, build_llama, capture_cfg, read_all
+
 from pipeline.cache import CacheReader
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError, DistilyError
-from stage_student import chunked
+from stage_student.losses import chunked
 
 PAD = 4  # the teacher's padding rows
 K = 8
@@ -237,16 +237,17 @@ def train_cfg(cache, out, student, **kw) -> TrainConfig:
 @pytest.mark.parametrize("which", ["wider", "narrower"])
 @pytest.mark.parametrize("kind", ["topk", "sampled", "online"])
 def test_students_of_other_head_widths_train(tmp_path, padded_teacher, padded_cache, students, which, kind):
-    from stage_student.data import CacheStream
     from stage_student.train import Trainer
+    from stage_student.training.data import CacheStream
 
     n = tokenizer_len(padded_teacher)
     kw = {"online_teacher": str(padded_teacher)} if kind == "online" else {"kd_targets": kind}
     trainer = Trainer(train_cfg(padded_cache, tmp_path, students[which], **kw))
     assert trainer.model.config.vocab_size != n + PAD
-    batch = next(iter(CacheStream(str(padded_cache), trainer.train_pairs, 2, 0, 4)))
+    batch = next(iter(CacheStream(str(padded_cache), trainer.plan.train_pairs, 2, 0, 4)))
     ids = batch["input_ids"]
-    got = trainer.compute_losses(batch)["kd"].item()
+    ids = batch["input_ids"].to(trainer.device)
+    got = trainer.train_module(ids, trainer.teacher(batch, ids), trainer.loss_spec)["kd"].item()
     student = copy.deepcopy(trainer.model).double()
     with torch.no_grad():
         logits = student(input_ids=ids).logits[:, :-1].reshape(-1, student.config.vocab_size)

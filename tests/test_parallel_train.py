@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, build_llama, capture_cfg
+
 from pipeline.config import TrainConfig
 from stage_student.train import DIGEST_ENV, Trainer
 

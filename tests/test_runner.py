@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, assert_same_rows, read_all
+
 from pipeline.cache import CacheReader
-from pipeline.manifest import CacheError, atomic_write_bytes, fold_journal, journal_path, parse_journal, read_manifest
+from pipeline.errors import CacheError
+from pipeline.manifest import atomic_write_bytes, fold_journal, journal_path, parse_journal, read_manifest
 from stage_teacher import runner
 
 

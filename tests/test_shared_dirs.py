@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import capture_cfg
+
 from stage_teacher.capture import run
 
 

@@ -3,18 +3,19 @@ the `copied` layer mapper and the tempered tail estimate. Real numbers against i
 from __future__ import annotations
 
 import json
+
 import pytest
 import torch
-
 from conftest import capture_cfg
+from test_train_student import cfg_for, log
+
 from pipeline.cache import CacheReader
 from pipeline.errors import DistilyError
-from stage_student import losses
-from stage_student.data import CacheStream
-from stage_student.select_layers import selection_batch
-from stage_student.student import build_student
+from stage_student.losses import kd as losses
+from stage_student.students.build import build_student
+from stage_student.students.select_layers import selection_batch
 from stage_student.train import Trainer, train
-from test_train_student import cfg_for, log
+from stage_student.training.data import CacheStream
 
 
 def test_auto_layers_score_equals_a_copied_student_and_is_recorded(tmp_path, hf_cache):
@@ -64,9 +65,9 @@ def test_selection_prefers_the_layers_that_matter(tmp_path, hf_cache):
 
 
 def test_online_kd_equals_cache_kd_when_k_is_the_vocabulary(tmp_path, tiny_teacher, text_file):
-    from stage_teacher.capture import run
-
     from transformers import AutoConfig
+
+    from stage_teacher.capture import run
 
     V = AutoConfig.from_pretrained(tiny_teacher).vocab_size
     full = tmp_path / "cache-full"
@@ -100,8 +101,8 @@ def test_copied_mapper_pairs_each_student_layer_with_its_source(tmp_path, tiny_t
     cache = tmp_path / "cache-h1"
     run(capture_cfg(tiny_teacher, text_file, cache, hidden_layers=[1, 4]))
     t = Trainer(cfg_for(cache, tmp_path / "a", init_layers=[0, 3], hs_weight=1.0, layer_mapper="copied", max_steps=3))
-    assert t.pairs == [(1, [1]), (2, [4])]  # HF numbering: teacher layer l's output is hidden state l + 1
-    batch = next(iter(CacheStream(str(cache), t.train_pairs, 2, 0, 8, hidden_layers=[1, 4])))
+    assert t.plan.pairs == [(1, [1]), (2, [4])]  # HF numbering: teacher layer l's output is hidden state l + 1
+    batch = next(iter(CacheStream(str(cache), t.plan.train_pairs, 2, 0, 8, hidden_layers=[1, 4])))
     with torch.no_grad():
         hidden = t.model(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states
     # student layer 1 is the teacher's layer 0 on the same embeddings: the very state the cache holds

@@ -10,12 +10,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_HIDDEN_LAYERS, TINY_K, assert_same_rows, capture_cfg, read_all
+
 from pipeline.cache import CacheReader
-from pipeline.errors import ConfigError, DistilyError
-from pipeline.manifest import CacheError
-from stage_teacher.capture import merge_manifests, run
+from pipeline.cache_write import merge_manifests
+from pipeline.errors import CacheError, ConfigError, DistilyError
+from stage_teacher.capture import run
 
 
 def test_vllm_cache_matches_hf_backend(tmp_path, tiny_teacher, text_file, vllm_engine, hf_cache):

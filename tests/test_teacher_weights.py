@@ -7,11 +7,11 @@ import socket
 from pathlib import Path
 
 import torch
+from test_train_student import cfg_for
 
 from pipeline.cache import CacheReader
-from stage_student.student import build_student
-from stage_student.teacher_weights import TeacherCheckpoint
-from test_train_student import cfg_for
+from stage_student.students.build import build_student
+from stage_student.students.teacher_weights import TeacherCheckpoint
 
 
 def full_teacher(path):
@@ -69,7 +69,7 @@ def test_streaming_teacher_equals_the_full_teacher_and_frees_each_layer(hf_cache
 def _rank(rank: int, port: int, cache: str, out: str, result: dict) -> None:
     import torch.distributed as dist
 
-    from stage_student import teacher_weights
+    from stage_student.students import teacher_weights
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -7,11 +7,12 @@ import json
 
 import numpy as np
 import pytest
+from conftest import build_llama, build_tokenizer, capture_cfg
 
 import pipeline.token_store as S
-from conftest import build_llama, build_tokenizer, capture_cfg
 from pipeline.errors import ConfigError
-from pipeline.resolve import DatasetSpec, cut, fingerprint_tokens, load_texts, packed_sequences, tokenise
+from pipeline.resolve import DatasetSpec, cut, load_texts, packed_sequences, tokenise
+from pipeline.token_store import fingerprint_tokens
 
 
 @pytest.fixture(scope="module")

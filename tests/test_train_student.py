@@ -11,13 +11,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, build_llama, build_tokenizer
+
 from pipeline.cache import CacheReader
 from pipeline.config import TrainConfig
 from pipeline.errors import CacheError, ConfigError, DistilyError
-from stage_student.data import CacheStream, rank_batches, split_eval
 from stage_student.train import Trainer, train
+from stage_student.training.data import CacheStream, rank_batches, split_eval
+from stage_student.training.evaluate import evaluate
 
 
 def cfg_for(cache, out, **kw) -> TrainConfig:
@@ -35,7 +36,7 @@ def log(out) -> list[dict]:
 def test_kd_training_lowers_the_loss_with_8bit_state(tmp_path, hf_cache):
     trainer = Trainer(cfg_for(hf_cache, tmp_path, max_steps=30, lr=1e-2, init="random", hs_weight=0.5,
                               layer_mapper="uniform", student_config={"hidden_size": 64, "head_dim": 32, "intermediate_size": 128}))
-    before = trainer.evaluate()
+    before = evaluate(trainer)
     result = trainer.run()
     assert result["eval/forward_kl"] < 0.7 * before["eval/forward_kl"]
     rows = log(tmp_path)
@@ -195,7 +196,7 @@ def test_logged_values_are_window_means_and_eval_is_timed_apart(tmp_path, hf_cac
 
 
 def test_window_peak_memory_restarts():
-    from stage_student.train import memory_mb, reset_peak_memory
+    from stage_student.training.metrics import memory_mb, reset_peak_memory
 
     cpu = torch.device("cpu")
     reset_peak_memory(cpu)
@@ -209,7 +210,7 @@ def test_window_peak_memory_restarts():
 
 def test_bitsandbytes_import_is_quiet_on_cpu():
     """The 8-bit optimizers come without bitsandbytes' warning about a 4-bit kernel distily never uses."""
-    code = ("import torch; from stage_student.train import make_optimizer; "
+    code = ("import torch; from stage_student.training.optim import make_optimizer; "
             "make_optimizer('adamw8bit', [torch.nn.Parameter(torch.zeros(4096))], 1e-3, 0.0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
@@ -254,7 +255,7 @@ def test_embedding_noise_is_neftune_in_training_only(tmp_path, hf_cache):
 def test_gradient_noise_has_the_stated_norm_decay_and_seed():
     """add_gradient_noise: zero-mean Gaussian noise whose norm is ratio x the given norm at step 0, decaying as
     (1 + step)^-0.275 (variance (1 + t)^-0.55), the same draw for the same (seed, step) whatever ran before."""
-    from stage_student.step import add_gradient_noise
+    from stage_student.training.step import add_gradient_noise
 
     def noise(step, seed=3, ratio=0.5):
         torch.manual_seed(step)  # the global RNG must not matter

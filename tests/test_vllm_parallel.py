@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import pytest
 import yaml
-
 from conftest import TINY_HIDDEN_LAYERS, capture_cfg, read_all
+
 from pipeline.cache import CacheReader
 from pipeline.errors import ConfigError, DistilyError
 from stage_teacher.capture import run
@@ -89,8 +89,9 @@ def gqa_teacher(tmp_path_factory, tiny_teacher, texts):
     import shutil
 
     from conftest import build_llama
-    from pipeline.resolve import pack
     from transformers import AutoTokenizer
+
+    from pipeline.resolve import pack
 
     out = tmp_path_factory.mktemp("gqa-teacher")
     for f in tiny_teacher.iterdir():

@@ -38,7 +38,7 @@ def v1_bytes(input_ids, targets) -> int:
     import pyarrow.parquet as pq
 
     from pipeline import schema
-    from pipeline.cache import _column, tail_mass
+    from pipeline.cache_write import _column, tail_mass
 
     n = len(input_ids)
     cols = {"seq_index": np.arange(n), "input_ids": input_ids.astype(np.int32), "topk_ids": targets["topk_ids"].astype(np.int32),
@@ -52,7 +52,8 @@ def v1_bytes(input_ids, targets) -> int:
 
 def stored_kl(lp: np.ndarray, dtype: str) -> float:
     """Mean over positions of KL(stored || exact) on the k+1 buckets (top-k + tail), stored = decode(encode)."""
-    from pipeline.cache import LOGPROB_FLOOR, decode_logprobs, encode_logprobs, tail_mass
+    from pipeline.cache import decode_logprobs
+    from pipeline.cache_write import LOGPROB_FLOOR, encode_logprobs, tail_mass
 
     lp = np.maximum(lp.astype(np.float32), LOGPROB_FLOOR)
     tail = tail_mass(lp).astype(np.float64)
@@ -71,7 +72,7 @@ def hidden_table(model_dir: str, sequences: np.ndarray, layers: list[int]) -> di
     from transformers import AutoModelForCausalLM
 
     from pipeline import schema
-    from pipeline.cache import decode_hidden, encode_hidden
+    from pipeline.hidden_file import decode_tensor, encode_tensors, save_tensors
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -80,12 +81,12 @@ def hidden_table(model_dir: str, sequences: np.ndarray, layers: list[int]) -> di
     tokens = sequences.size
     rows = {}
     for dtype in ("float32", "bfloat16", "float16", "int8"):
-        raw = encode_hidden(hidden, dtype)
+        raw = save_tensors(encode_tensors(hidden, dtype))
         size = len(zstandard.ZstdCompressor(level=schema.ZSTD_LEVEL).compress(raw)) / tokens / len(layers)
         back = load(raw)
         cos = []
         for l in layers:
-            h = decode_hidden(back, l)
+            h = decode_tensor(back, schema.hidden_key(l))
             cos.append(torch.nn.functional.cosine_similarity(h, hidden[l], dim=-1))
         cos = torch.cat([c.flatten() for c in cos])
         rows[dtype] = {"bytes_per_token_per_layer": size, "cosine_mean": cos.mean().item(), "cosine_min": cos.min().item()}

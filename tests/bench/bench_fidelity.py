@@ -10,7 +10,7 @@ in the loop): the angle between the two (degrees) and the norm ratio |g_cache| /
 
 Each kind's targets are made by the capture's own code (stage_teacher/targets.py) from the teacher's logits,
 written as a real shard (pipeline/cache.py write_shard, so the stored form and its rounding are what a cache
-holds) and read back by CacheReader; the loss is stage two's fused head (stage_student/chunked.py). Bytes per
+holds) and read back by CacheReader; the loss is stage two's fused head (stage_student/losses/chunked.py). Bytes per
 token are the shard's Parquet bytes over its tokens (`distily inspect`'s "bytes/token targets"), and the
 kind's own columns alone.
 
@@ -31,7 +31,6 @@ probabilities + the true token, Horvitz-Thompson weights), each optionally :tT f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -79,8 +78,9 @@ def manifest_for(kind: dict, vocab: int) -> dict:
 
 def cached_targets(kind: dict, logits: list[torch.Tensor], ids: list[torch.Tensor], seed: int, work: Path) -> tuple[list, dict]:
     """Each batch's targets as stage two reads them (chunked.Targets fields), and the shard's bytes per token."""
-    from pipeline.cache import CacheReader, write_shard
-    from stage_student.step import CachedTeacher
+    from pipeline.cache import CacheReader
+    from pipeline.cache_write import write_shard
+    from stage_student.training.step import CachedTeacher
     from stage_teacher.targets import TargetSpec, batch_targets, sequence_targets
 
     targets = "topk" if kind["targets"] == "topk" else kind["targets"]
@@ -112,7 +112,7 @@ def cached_targets(kind: dict, logits: list[torch.Tensor], ids: list[torch.Tenso
 def gradient(student, ids: torch.Tensor, targets: dict) -> torch.Tensor:
     """The flattened gradient over every student parameter of the forward-KL loss on these targets (stage two's
     fused head and loss)."""
-    from stage_student import chunked
+    from stage_student.losses import chunked
 
     params = [p for p in student.parameters() if p.requires_grad]
     hidden = student.model(input_ids=ids).last_hidden_state[:, :-1].reshape(-1, student.config.hidden_size)

@@ -26,13 +26,19 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from llama_cpp_loader import load_llama_cpp  # noqa: E402
 
 from pipeline.config import ExportConfig  # noqa: E402
-from pipeline.resolve import DatasetSpec, load_texts, resolve_model  # noqa: E402
-from stage_student.bitnet import ternary_codes, to_bitnet  # noqa: E402
-from stage_student.export import export, load_latent, model_dir  # noqa: E402
-from stage_student.gguf_export import load_llama_cpp  # noqa: E402
+from pipeline.resolve import (  # noqa: E402
+    DatasetSpec,
+    load_texts,
+    resolve_model,
+    trained_model_dir,  # noqa: E402
+)
+from stage_student.export.run import export, load_latent  # noqa: E402
+from stage_student.students.bitnet import ternary_codes, to_bitnet  # noqa: E402
 
 WORK = ROOT / ".cache" / "bench-gguf"
 
@@ -134,7 +140,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     run = Path(args.student) if args.student else make_student()
-    src = model_dir(str(run))
+    src = Path(trained_model_dir(str(run)))
     tok = AutoTokenizer.from_pretrained(src)
     ids = tok("\n\n".join(load_texts(DatasetSpec("lee"))))["input_ids"][: args.tokens]
 

@@ -40,7 +40,7 @@ rank = dist.get_rank()
 cache, out, teacher, layers, select, result_dir = sys.argv[1:7]
 from pipeline.cache import CacheReader
 from pipeline.config import TrainConfig
-import stage_student.student as st
+import stage_student.students.build as st
 from transformers import AutoModelForCausalLM, AutoTokenizer  # imports are not initialisation memory
 from transformers.models.llama import modeling_llama  # noqa: F401
 seen = {}
@@ -76,7 +76,7 @@ row = {"rank": rank, "seconds": seconds, "rss_before": rss0, "peak_rss": peak, "
        "student_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
        "added_over_student": peak - rss0 - sum(p.numel() * p.element_size() for p in model.parameters())}
 if rank == 0 and not isinstance(t, torch.nn.Module):  # what the copy must read: the kept tensors, from the headers
-    from stage_student.teacher_weights import copy_plan
+    from stage_student.students.teacher_weights import copy_plan
     plan = copy_plan(model, list(t.keys()), info["teacher_layers"], cfg.copy_embeddings)
     import math
     row["kept_bytes"] = sum(math.prod(t.shape(n)) * 4 for n in set(plan.values()))

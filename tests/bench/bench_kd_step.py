@@ -32,14 +32,15 @@ def trainer_for(cache: str, layers: int, batch: int, **kw):
 
 def set_loss(trainer, loss: str) -> None:
     """Switch one trainer between KD and CE-only steps (same model, same batches)."""
-    from stage_student import chunked
+    from stage_student.losses import chunked
 
-    trainer.kd = loss != "ce"
+    trainer.plan.kd = loss != "ce"
     trainer.loss_spec = chunked.LossSpec(kd=None, ce_weight=1.0) if loss == "ce" else chunked.LossSpec(kd=loss)
 
 
 def one_step(trainer, batch) -> None:
-    trainer.compute_losses(batch)["loss"].backward()
+    ids = batch["input_ids"].to(trainer.device)
+    trainer.train_module(ids, trainer.teacher(batch, ids, kd=trainer.plan.kd), trainer.loss_spec)["loss"].backward()
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
 
@@ -51,7 +52,7 @@ def timed(trainer, batch) -> float:
 
 
 def kd_vs_ce(cache: str, layers: int, batch: int, steps: int, chunk: int, compile: bool) -> dict:
-    from stage_student.data import CacheStream
+    from stage_student.training.data import CacheStream
 
     t = trainer_for(cache, layers, batch, loss_chunk_size=chunk, compile=compile)
     batches = iter(CacheStream(cache, t.train_pairs, batch, 0, 16))
@@ -75,7 +76,7 @@ def kd_vs_ce(cache: str, layers: int, batch: int, steps: int, chunk: int, compil
 def targets_step(topk_cache: str, exact_cache: str, layers: int, batch: int, steps: int) -> dict:
     """The KD step on a sampled-exact cache against one on a top-64 cache of the same text: two students from the
     same init, their steps interleaved (top-k, exact, top-k, ...), medians."""
-    from stage_student.data import CacheStream
+    from stage_student.training.data import CacheStream
 
     trainers = {name: trainer_for(cache, layers, batch) for name, cache in (("topk", topk_cache), ("sampled-exact", exact_cache))}
     data = {name: [b for _, b in zip(range(steps + 1), CacheStream(t.cfg.cache, t.train_pairs, batch, 0, 16))]
@@ -96,9 +97,10 @@ def memory_child(chunk: int, vocab: int, batch: int, seq: int, k: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from stage_student import chunked, losses
-    from stage_student.student import StudentForward
-    from stage_student.train import memory_mb, reset_peak_memory
+    from stage_student.losses import chunked
+    from stage_student.losses import kd as losses
+    from stage_student.students.build import StudentForward
+    from stage_student.training.metrics import memory_mb, reset_peak_memory
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -27,9 +27,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT)]
 
 from pipeline import schema  # noqa: E402
-from pipeline.cache import CacheReader, RowFrames, write_shard  # noqa: E402
+from pipeline.cache import CacheReader  # noqa: E402
+from pipeline.cache_write import write_shard  # noqa: E402
+from pipeline.hidden_file import RowFrames  # noqa: E402
 from pipeline.manifest import atomic_write_json, stats_from_shards  # noqa: E402
-from stage_student.data import CacheStream  # noqa: E402
+from stage_student.training.data import CacheStream  # noqa: E402
 
 GPU_TOKENS_PER_S = 30_000  # a 1B student on one H100 (the issue's figure)
 GPUS_PER_NODE = 8
@@ -141,7 +143,7 @@ def layout_choice(data: dict, layer: int, dir: Path) -> dict:
     memory map (safe_open); bytes per token and rows decoded to float32 per second, one shard."""
     from safetensors import safe_open
 
-    from pipeline.cache import as_float32, encode_tensors, raw_view, save_row_frames, save_tensors
+    from pipeline.hidden_file import as_float32, encode_tensors, raw_view, save_row_frames, save_tensors
 
     tensors = encode_tensors({layer: data["hidden"][layer]}, "bfloat16")
     key = schema.hidden_key(layer)

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ONE = r'''
 import json, sys, time
 import torch
-from stage_student import attention
+from stage_student.losses import attention
 def status(key):
     return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
 t, width, heads, chunk = (int(a) for a in sys.argv[1:5])

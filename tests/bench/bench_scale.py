@@ -80,7 +80,8 @@ def child(args) -> None:
     """One measured step, alone in this process; prints its result as JSON on the last line."""
     from transformers import AutoTokenizer
 
-    from pipeline.resolve import DatasetSpec, cut, fingerprint_tokens, load_text_dataset, load_texts, resolve_model, tokenise
+    from pipeline.resolve import DatasetSpec, cut, load_text_dataset, load_texts, resolve_model, tokenise
+    from pipeline.token_store import fingerprint_tokens
 
     spec = DatasetSpec(args.text)
     start = time.perf_counter()

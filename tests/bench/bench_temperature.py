@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.resolve import DatasetSpec, load_texts, pack, resolve_model  # noqa: E402
-from stage_student import losses  # noqa: E402
-from stage_student.select_layers import PrunedForward  # noqa: E402
+from stage_student.losses import kd as losses  # noqa: E402
+from stage_student.students.select_layers import PrunedForward  # noqa: E402
 
 
 def _log_power_sum(alpha, k: int, vocab_size: int):

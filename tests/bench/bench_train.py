@@ -31,14 +31,15 @@ def trainer_for(cache: str, optimizer: str, layers: int, batch: int):
 
 
 def one_step(trainer, batch) -> None:
-    trainer.compute_losses(batch)["loss"].backward()
+    ids = batch["input_ids"].to(trainer.device)
+    trainer.train_module(ids, trainer.teacher(batch, ids, kd=trainer.plan.kd), trainer.loss_spec)["loss"].backward()
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
 
 
 def step_times(cache: str, layers: int, batch: int, steps: int, workers: int) -> dict:
     """Steps fed by the cache loader vs steps on a batch already in memory, alternating (same noise for both)."""
-    from stage_student.data import CacheStream, make_loader
+    from stage_student.training.data import CacheStream, make_loader
 
     t = trainer_for(cache, "adamw8bit", layers, batch)
     stream = CacheStream(cache, t.train_pairs, batch, 0, 256)
@@ -59,8 +60,8 @@ def step_times(cache: str, layers: int, batch: int, steps: int, workers: int) ->
 
 
 def optimizer_child(cache: str, optimizer: str, layers: int, batch: int) -> None:
-    from stage_student.data import CacheStream
     from stage_student.train import optimizer_state_bytes
+    from stage_student.training.data import CacheStream
 
     t = trainer_for(cache, optimizer, layers, batch)
     batches = iter(CacheStream(cache, t.train_pairs, batch, 0, 16))

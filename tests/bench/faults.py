@@ -121,6 +121,7 @@ def env_for(home: Path) -> dict:
 
 def capture_faults(teacher: Path, text: Path, work: Path, jobs: int, kills: int, seed: int, tokens: int) -> dict:
     from conftest import read_all
+
     from pipeline.cache import CacheReader
     from pipeline.config import CaptureConfig
     from stage_teacher.capture import run
@@ -251,6 +252,7 @@ def tensorboard_steps(tb_dir: Path, tag: str) -> list[int]:
 def make_fixtures(work: Path) -> tuple[Path, Path]:
     """A tiny random Llama teacher with a tokenizer trained on the embedded text, and a text file to capture."""
     from conftest import build_llama, build_tokenizer
+
     from pipeline.resolve import DatasetSpec, load_texts
 
     texts = load_texts(DatasetSpec("lee-background"))

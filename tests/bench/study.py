@@ -290,7 +290,7 @@ def main() -> None:
             study["rows"][name].update(step_time_s=times[len(times) // 2],
                                        peak_memory_mb=max(r["peak_memory_mb"] for r in logged))
             cosines = [r["grad/cos_hs"] for r in logged if "grad/cos_hs" in r]
-            if cosines:  # the logit vs hidden-state gradient cosine, logged every window (stage_student/balance.py)
+            if cosines:  # the logit vs hidden-state gradient cosine, logged every window (stage_student/losses/balance.py)
                 study["rows"][name].update(grad_cos_hs_mean=sum(cosines) / len(cosines), grad_cos_hs_min=min(cosines))
         if "--student-quant" in extra:  # the packed export's size on disk
             distily("export", str(run_dir), str(run_dir / "export"))

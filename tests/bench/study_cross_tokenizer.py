@@ -46,9 +46,9 @@ def distily(*args: str) -> float:
 
 def make_student(out: Path, texts: list[str], vocab: int, layers: int, hidden: int) -> Path:
     """A byte-level BPE of `vocab` tokens trained on `texts`, and a random Llama of that vocabulary."""
+    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    import torch
 
     if (out / "config.json").exists():
         return out

@@ -1,6 +1,6 @@
 """The LM head and the KD/CE losses, fused and computed in chunks of positions (`--loss-chunk-size`).
 
-The plain way (`--loss-chunk-size 0`, the reference in losses.py) builds the student's logits for every
+The plain way (`--loss-chunk-size 0`, the reference in kd.py) builds the student's logits for every
 position, [N, V], and the losses then make several more [N, V] float tensors (the tempered logits, a copy
 with the teacher's top-k masked out, the log-sum-exps and, in the backward, their gradients). At a
 151,936-token vocabulary and 4 x 1024 positions each is 2.5 GB.
@@ -18,7 +18,7 @@ the logits only through the top-k logits and one log-sum-exp over the other toke
 the true token's logit for CE), so autograd runs on those small [C, k+1] tensors, and the gradient wrt z is
 put back together in place:  dL/dz_j = g_rest * softmax(z / t masked to j outside the top-k)_j / t  for
 the tail tokens, g_j for the top-k, + g_y at the true token. Any other target (the full-vocabulary
---online-teacher) takes `autograd_chunk`, the reference losses on each chunk. Both equal losses.py to
+--online-teacher) takes `autograd_chunk`, the reference losses on each chunk. Both equal kd.py to
 float32 rounding (tests/test_chunked_loss.py).
 
 Padded vocabularies (LossSpec.vocab = the cache's real tokens, len(tokenizer)): every loss is over the first
@@ -33,15 +33,14 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import DistilyError
-
-from . import losses
+from stage_student.losses.kd import ce_loss, divergence, kd_loss, kd_loss_full, sampled_kd_loss, teacher_log_probs
 
 
 @dataclass
 class LossSpec:
     """Which losses the head feeds and how they are weighted into the total."""
 
-    kd: str | None = "forward_kl"  # a losses.KD_LOSSES name, or None for no KD term
+    kd: str | None = "forward_kl"  # a kd.KD_LOSSES name, or None for no KD term
     kd_weight: float = 1.0
     ce_weight: float = 0.0
     temperature: float = 1.0
@@ -163,6 +162,21 @@ def _compute_dtype(hidden, weight):
 # ------------------------------------------------------------------------------------------- chunks
 
 
+def tail_temperatures(spec: LossSpec, has_rest: bool, kd: bool, ce: bool) -> list[float]:
+    """The temperatures whose tail log-sum-exp a loss needs: KD's with the rest bucket, CE's at 1."""
+    temps = [spec.temperature] if has_rest and kd and spec.tail == "bucket" else []
+    return temps + [1.0] if has_rest and ce and 1.0 not in temps else temps
+
+
+def student_bucket_log_probs(picked, rest, spec: LossSpec, has_rest: bool):
+    """The student's log-probs of the top-k tokens and (with --tail bucket) the rest, at spec.temperature."""
+    scaled = picked / spec.temperature
+    if spec.tail == "renormalize" or not has_rest:
+        return torch.log_softmax(scaled, dim=-1)
+    buckets = torch.cat([scaled, rest[:, None]], dim=-1)
+    return buckets - torch.logsumexp(buckets, dim=-1, keepdim=True)
+
+
 def cached_chunk(z, sl: slice, n: int, spec: LossSpec, t: Targets, need_grad: bool):
     """Losses of one chunk of logits z [C, V] against cached top-k targets, and dL/dz (z is overwritten)."""
     c, vocab = z.shape
@@ -171,11 +185,7 @@ def cached_chunk(z, sl: slice, n: int, spec: LossSpec, t: Targets, need_grad: bo
     ids = t.topk_ids[sl].long() if kd else torch.empty(c, 0, dtype=torch.long, device=z.device)
     has_rest = ids.shape[-1] < vocab
     labels = t.labels[sl].long() if ce else None
-    temps = []  # the temperatures whose tail log-sum-exp a loss needs
-    if has_rest and kd and spec.tail == "bucket":
-        temps.append(spec.temperature)
-    if has_rest and ce and 1.0 not in temps:
-        temps.append(1.0)
+    temps = tail_temperatures(spec, has_rest, kd, ce)
     need_rest = bool(temps)
 
     picked = z.gather(-1, ids)
@@ -191,14 +201,9 @@ def cached_chunk(z, sl: slice, n: int, spec: LossSpec, t: Targets, need_grad: bo
     with torch.enable_grad():
         values = {}
         if kd:
-            scaled = p_leaf / spec.temperature
-            if spec.tail == "renormalize" or not has_rest:
-                logq = torch.log_softmax(scaled, dim=-1)
-            else:
-                buckets = torch.cat([scaled, r_leaf[spec.temperature][:, None]], dim=-1)
-                logq = buckets - torch.logsumexp(buckets, dim=-1, keepdim=True)
-            logp = losses.teacher_log_probs(t.topk_logprobs[sl], t.tail_mass[sl], vocab, spec.temperature, spec.tail)
-            values["kd"] = losses.divergence(spec.kd, logp, logq, spec.temperature, spec.beta, spec.gamma) * (c / n)
+            logq = student_bucket_log_probs(p_leaf, r_leaf.get(spec.temperature), spec, has_rest)
+            logp = teacher_log_probs(t.topk_logprobs[sl], t.tail_mass[sl], vocab, spec.temperature, spec.tail)
+            values["kd"] = divergence(spec.kd, logp, logq, spec.temperature, spec.beta, spec.gamma) * (c / n)
         if ce:
             full = torch.cat([p_leaf, r_leaf[1.0][:, None]], dim=-1) if has_rest else p_leaf
             values["ce"] = (torch.logsumexp(full, dim=-1) - leaves[-1]).sum() / n
@@ -267,18 +272,18 @@ def _zero_if_none(g, like):
 
 
 def reference_losses(logits, spec: LossSpec, t: Targets) -> dict:
-    """The losses of losses.py on full logits [N, V] (the reference; --loss-chunk-size 0), differentiable."""
+    """The losses of kd.py on full logits [N, V] (the reference; --loss-chunk-size 0), differentiable."""
     logits, _, _, t = real_tokens(spec.vocab, logits, None, None, t)
     values = {}
     if spec.kd is not None and t.teacher_logits is not None:
-        values["kd"] = losses.kd_loss_full(spec.kd, logits, t.teacher_logits, spec.temperature, spec.beta, spec.gamma)
+        values["kd"] = kd_loss_full(spec.kd, logits, t.teacher_logits, spec.temperature, spec.beta, spec.gamma)
     elif spec.kd is not None and t.sample_ids is not None:
-        values["kd"] = losses.sampled_kd_loss(logits, t.sample_ids, t.sample_weights, t.teacher_entropy)
+        values["kd"] = sampled_kd_loss(logits, t.sample_ids, t.sample_weights, t.teacher_entropy)
     elif spec.kd is not None:
-        values["kd"] = losses.kd_loss(spec.kd, logits, t.topk_ids, t.topk_logprobs, t.tail_mass, spec.temperature,
+        values["kd"] = kd_loss(spec.kd, logits, t.topk_ids, t.topk_logprobs, t.tail_mass, spec.temperature,
                                       spec.tail, spec.beta, spec.gamma)
     if spec.ce_weight > 0:
-        values["ce"] = losses.ce_loss(logits, t.labels)
+        values["ce"] = ce_loss(logits, t.labels)
     values["loss"] = spec.kd_weight * values.get("kd", 0.0) + spec.ce_weight * values.get("ce", 0.0)
     return values
 

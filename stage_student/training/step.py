@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import attention, chunked, cross_loss, losses
-from . import balance as balancing
-from .cross_tokenizer import to_device
-from .hidden import mapped_hidden_loss
+from stage_student.losses import attention, chunked
+from stage_student.losses import balance as balancing
+from stage_student.losses import cross as cross_loss
+from stage_student.losses.hidden import mapped_hidden_loss
+from stage_student.losses.kd import truncate_topk
+from stage_student.training.cross_tokenizer import to_device
 
 
 @dataclass
@@ -63,7 +65,7 @@ class CachedTeacher:
         ids, logprobs = batch["topk_ids"].reshape(-1, k), batch["topk_logprobs"].reshape(-1, k)
         tail = batch["tail_mass"].reshape(-1)
         if kd_top_k and kd_top_k < k:
-            ids, logprobs, tail = losses.truncate_topk(ids, logprobs, kd_top_k)
+            ids, logprobs, tail = truncate_topk(ids, logprobs, kd_top_k)
         return {"topk_ids": ids.to(self.device), "topk_logprobs": logprobs.to(self.device), "tail_mass": tail.to(self.device)}
 
 
@@ -123,7 +125,7 @@ class Distiller(nn.Module):
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with autocast:
             out, student_hidden = self.student(input_ids=ids, output_hidden_states=hs)
-            if "cross" in teacher.targets:  # a student with another tokenizer: cross_loss.py
+            if "cross" in teacher.targets:  # a student with another tokenizer: losses/cross.py
                 parts = cross_loss.head_losses(out[:, :-1].reshape(-1, out.shape[-1]), *self.student.head(), spec,
                                                teacher.targets["cross"])
             else:

@@ -17,12 +17,26 @@ One process: the Distiller itself. Under torchrun, `--parallel`:
 from __future__ import annotations
 
 import hashlib
+import os
 
 import torch
 import torch.distributed as dist
 
 PARALLEL = ("ddp", "fsdp")
 FSDP_OPTIMIZERS = ("ao_adamw8bit", "adamw")
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process; under torchrun the process group is started here (NCCL on
+    GPUs, gloo on CPU)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
 
 
 def wrap(model: torch.nn.Module, world: int, device: torch.device, find_unused: bool, kind: str = "ddp",

@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.decoder import layer_list_name
 from pipeline.errors import ConfigError, DistilyError
-
-from .select_layers import layer_list_name
 
 QUANTS = ("none", "bitnet")
 EPS = 1e-5  # transformers' clamp on mean|W| and max|x|

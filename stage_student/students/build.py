@@ -12,6 +12,7 @@ Then, with --student-quant bitnet, the decoder linears become BitNet b1.58 terna
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,18 +22,17 @@ from pipeline.config import TrainConfig
 from pipeline.errors import DistilyError
 from pipeline.manifest import targets_vocab
 from pipeline.resolve import resolve_model, tokenizer_fingerprint
-
-from .bitnet import check_student_quant, to_bitnet
-from .select_layers import check_init_layers, chosen_layers, distributed, evenly_spaced
-from .teacher_weights import TeacherCheckpoint, copy_plan
+from stage_student.students.bitnet import check_student_quant, to_bitnet
+from stage_student.students.select_layers import check_init_layers, chosen_layers, distributed, evenly_spaced
+from stage_student.students.teacher_weights import TeacherCheckpoint, copy_plan
 
 INITS = ("random", "teacher-layers")
 
 
-def load_tokenizer(reader: CacheReader):
+def load_tokenizer(path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(reader.tokenizer_dir())
+    return AutoTokenizer.from_pretrained(path)
 
 
 def check_tokenizer(tokenizer, manifest: dict, where: str) -> None:
@@ -71,9 +71,25 @@ def student_depth(cfg: TrainConfig, reader: CacheReader) -> int:
     return cfg.student_layers or (cfg.student_config or {}).get("num_hidden_layers") or max(1, teacher_layers // 2)
 
 
-def build_student(cfg: TrainConfig, reader: CacheReader):
-    """Return (model, tokenizer, info dict)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+@dataclass
+class StudentPlan:
+    """What the student will be, decided before any of its weights exist (printed into run_config.json).
+
+    path: the --student model dir, or None for a recipe derived from the teacher's config (`config`).
+    teacher_layers: the teacher layer each student layer starts from (--init teacher-layers), else None.
+    """
+    depth: int
+    tokenizer_dir: str
+    info: dict
+    path: str | None = None
+    config: dict | None = None
+    teacher_layers: list[int] | None = None
+
+
+def plan_student(cfg: TrainConfig, reader: CacheReader) -> StudentPlan:
+    """Check the student's options against the cache and decide its shape and, for --init-layers auto, its layers
+    (the one step here that reads the teacher: select_layers.py)."""
+    from transformers import AutoConfig
 
     check_student_quant(cfg.student_quant)
     manifest = reader.manifest
@@ -82,46 +98,61 @@ def build_student(cfg: TrainConfig, reader: CacheReader):
     if cfg.student:
         path, _ = resolve_model(cfg.student)
         has_tokenizer = any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-        tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else load_tokenizer(reader)
+        tokenizer_dir = path if has_tokenizer else reader.tokenizer_dir()
+        config = AutoConfig.from_pretrained(path)
         if cfg.cross_tokenizer == "none":  # else its own tokenizer and head (cross_tokenizer.py)
-            check_tokenizer(tokenizer, manifest, f"--student {cfg.student}")
-            check_head_rows(AutoConfig.from_pretrained(path).vocab_size, manifest, f"--student {cfg.student}")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        return model, tokenizer, quantize(model, cfg, {"student": cfg.student, "init": "pretrained"})
-
-    tokenizer = load_tokenizer(reader)
-    check_tokenizer(tokenizer, manifest, "the cache's tokenizer dir")
-    teacher_cfg = reader.teacher_config()
-    n_teacher = manifest["teacher"]["num_hidden_layers"]
-    overrides = dict(cfg.student_config or {})
-    overrides.pop("num_hidden_layers", None)
-    n_student = student_depth(cfg, reader)
-    student_cfg = {k: v for k, v in teacher_cfg.items() if k not in ("architectures", "_name_or_path", "transformers_version")}
-    unknown = sorted(set(overrides) - set(student_cfg))
-    if unknown:
-        raise DistilyError(f"--student-config keys {unknown} are not in the teacher's {teacher_cfg['model_type']} config")
+            check_tokenizer(load_tokenizer(tokenizer_dir), manifest, f"--student {cfg.student}")
+            check_head_rows(config.vocab_size, manifest, f"--student {cfg.student}")
+        return StudentPlan(config.num_hidden_layers, str(tokenizer_dir), {"student": cfg.student, "init": "pretrained"},
+                           path=str(path))
+    check_tokenizer(load_tokenizer(reader.tokenizer_dir()), manifest, "the cache's tokenizer dir")
+    n_student, n_teacher = student_depth(cfg, reader), manifest["teacher"]["num_hidden_layers"]
+    config = recipe_config(cfg, reader.teacher_config(), n_student)
+    overrides = {k: v for k, v in (cfg.student_config or {}).items() if k != "num_hidden_layers"}
     info = {"recipe": {"num_hidden_layers": n_student, **overrides}, "init": cfg.init}
-    teacher, layers = None, evenly_spaced(n_student, n_teacher)
+    layers = None
     if cfg.init == "teacher-layers":
         check_init_layers(cfg.init_layers, n_student, n_teacher, reader.num_sequences - cfg.eval_sequences, cfg.select_sequences)
-        teacher = load_teacher(cfg, manifest)
-        layers, selection = chosen_layers(cfg, reader, teacher, n_student)
+        layers, selection = chosen_layers(cfg, reader, load_teacher(cfg, manifest), n_student)
         info["teacher_layers"] = layers
         if selection:
             info["layer_selection"] = selection
     # per-layer settings (e.g. layer_types: sliding or full attention) follow the teacher layers kept
-    for key, value in student_cfg.items():
-        if isinstance(value, list) and len(value) == n_teacher and key not in overrides:
-            student_cfg[key] = [value[l] for l in layers]
+    kept = layers or evenly_spaced(n_student, n_teacher)
+    for key, value in config.items():
+        if isinstance(value, list) and len(value) == n_teacher and key not in (cfg.student_config or {}):
+            config[key] = [value[l] for l in kept]
+    check_head_rows(AutoConfig.for_model(**config).vocab_size, manifest, "the student recipe (--student-config)")
+    return StudentPlan(n_student, str(reader.tokenizer_dir()), info, config=config, teacher_layers=layers)
+
+
+def recipe_config(cfg: TrainConfig, teacher_cfg: dict, n_student: int) -> dict:
+    """The teacher's config with the student's depth and the --student-config overrides, as a dict."""
+    from transformers import AutoConfig
+
+    overrides = dict(cfg.student_config or {})
+    overrides.pop("num_hidden_layers", None)
+    config = {k: v for k, v in teacher_cfg.items() if k not in ("architectures", "_name_or_path", "transformers_version")}
+    unknown = sorted(set(overrides) - set(config))
+    if unknown:
+        raise DistilyError(f"--student-config keys {unknown} are not in the teacher's {teacher_cfg['model_type']} config")
     depth_key = type(AutoConfig.for_model(teacher_cfg["model_type"])).attribute_map.get("num_hidden_layers", "num_hidden_layers")
-    student_cfg.update(overrides, **{depth_key: n_student})  # n_layer for GPT-2
-    config = AutoConfig.for_model(**student_cfg)
-    check_head_rows(config.vocab_size, manifest, "the student recipe (--student-config)")
+    return {**config, **overrides, depth_key: n_student}  # n_layer for GPT-2
+
+
+def build_student(cfg: TrainConfig, reader: CacheReader, plan: StudentPlan | None = None):
+    """(model, tokenizer, info) of the student `plan` describes (planned here when not given)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    plan = plan or plan_student(cfg, reader)
+    tokenizer, info = load_tokenizer(plan.tokenizer_dir), dict(plan.info)
+    if plan.path:
+        model = AutoModelForCausalLM.from_pretrained(plan.path, dtype=torch.float32)
+        return model, tokenizer, quantize(model, cfg, info)
     torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if teacher is not None:
-        copy_teacher_layers(model, teacher.state_dict(), layers, cfg.copy_embeddings)
-        del teacher
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**plan.config), dtype=torch.float32)
+    if plan.teacher_layers is not None:
+        copy_teacher_layers(model, load_teacher(cfg, reader.manifest), plan.teacher_layers, cfg.copy_embeddings)
     if cfg.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
         info["frozen"] = "embeddings"
@@ -134,7 +165,7 @@ def quantize(model, cfg: TrainConfig, info: dict) -> dict:
     if cfg.student_quant == "bitnet":
         info["quant"] = {"kind": "bitnet", "modules": len(to_bitnet(model))}
     if cfg.int8_training:  # int8 matmuls, float weights (int8.py); imported here: torchao takes seconds to import
-        from .int8 import to_int8_training
+        from stage_student.students.int8 import to_int8_training
 
         info["int8_training"] = {"modules": len(to_int8_training(model))}
     return info

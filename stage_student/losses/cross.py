@@ -11,7 +11,7 @@ mapped_buckets   k + 2 buckets on both sides: the mapped tokens (teacher tokens 
                  (teacher: tail + unmapped top-k mass - the span's mass; student: 1 - mapped - span). The span's
                  teacher mass is taken from the bucket of its first teacher token ("the" of "there": P("the" then
                  more) is not P(the student's "the")), or from the rest when that token is not in the top-k.
-                 Any --loss divergence (losses.divergence) then compares them. With the teacher's own tokenizer
+                 Any --loss divergence (kd.divergence) then compares them. With the teacher's own tokenizer
                  every top-k token maps, no span exists, and this is exactly the cached-path bucket loss.
 uld_unmatched    GOLD's second term: 1-Wasserstein distance between the sorted probabilities of the tokens the
                  mapping does not cover (teacher: its unmapped top-k; student: its top-k outside the mapped set).
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import losses
+from stage_student.losses.kd import divergence
 
 FLOOR = -1e4  # log-probability of an empty bucket: exp() is exactly 0 in float32, so it adds nothing to any divergence
 
@@ -82,7 +82,7 @@ def mapped_kd(name: str, logits, mapped_ids, topk_logprobs, tail_mass, span_ids,
     """Mean over aligned pairs of D(P_teacher, Q_student) on the mapped, span and rest buckets."""
     logp = teacher_buckets(mapped_ids, topk_logprobs, tail_mass, span_ids, span_logprob, span_slot)
     logq = student_buckets(logits, mapped_ids, span_ids)
-    return losses.divergence(name, logp, logq, 1.0, beta, gamma)
+    return divergence(name, logp, logq, 1.0, beta, gamma)
 
 
 def sorted_w1(p, q):

@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.cache import SAMPLE_KEYS, CacheReader, inclusion_probability, inclusion_weights
-from pipeline.schema import QKV, hidden_key, qkv_key
 from pipeline.errors import CacheError
+from pipeline.schema import QKV, hidden_key, qkv_key
 
 
 def split_eval(shards: list[dict], eval_sequences: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

@@ -26,12 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.decoder import layer_list_name  # noqa: F401  (re-exported: student, bitnet)
+from pipeline.decoder import layer_list_name
 from pipeline.errors import DistilyError
 from pipeline.manifest import atomic_write_json
 from pipeline.resolve import distily_home
-
-from .losses import kd_loss
+from stage_student.losses.kd import kd_loss
 
 GREEDY_SLACK = 2  # greedy drops this many layers one by one, from the best block or importance set that keeps as many more
 
@@ -138,10 +137,6 @@ def select_layers(model: nn.Module, input_ids: torch.Tensor, targets: tuple[torc
             scored[key] = Candidate(name, kept, from_prefix(kept, teacher_prefix(kept) if prefix is None else prefix)[0])
         return scored[key]
 
-    def hidden_after(kept: list[int], prefix: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One more forward for the greedy base's hidden states (cheaper than keeping every candidate's)."""
-        return from_prefix(kept, prefix)[1]
-
     def drop_block(size: int) -> list[Candidate]:
         return [score(f"drop {a}-{a + size - 1}", [l for l in range(n_teacher) if not a <= l < a + size])
                 for a in range(0, n_teacher - size + 1)]
@@ -155,26 +150,28 @@ def select_layers(model: nn.Module, input_ids: torch.Tensor, targets: tuple[torc
         if slack < drop:
             top = sorted(int(i) for i in np.argsort(importance)[::-1][: n_student + slack])
             kept = min([*drop_block(drop - slack), score("importance", top)], key=lambda c: c.kl).layers
-            base = hidden_after(kept, teacher_prefix(kept))
+            base = from_prefix(kept, teacher_prefix(kept))[1]  # one more forward: cheaper than keeping every candidate's
         else:
             kept, base = list(range(n_teacher)), after
         for step in range(slack):  # greedy: drop the layer whose removal raises the KL least
             trials = [score("greedy", kept[:j] + kept[j + 1:], base[:j]) for j in range(len(kept))]
             j = min(range(len(trials)), key=lambda i: trials[i].kl)
             kept = trials[j].layers
-            base = hidden_after(kept, base[:j]) if step < slack - 1 else base
-    final = [c for c in scored.values() if len(c.layers) == n_student]
-    best = min(final, key=lambda c: c.kl)
-    table = sorted(final, key=lambda c: c.kl)
-    result = {
-        "layers": best.layers, "kl": best.kl, "method": best.name, "teacher_kl": teacher_kl,
-        "evenly_kl": scored[tuple(evenly_spaced(n_student, n_teacher))].kl,
-        "candidates": [asdict(c) for c in table], "scored": len(scored), "block_importance": importance,
-        "sequences": int(input_ids.shape[0]), "tokens": int(input_ids.numel()), "layer_forwards": pf.forwards,
-        "slack": slack, "seconds": time.perf_counter() - t0,
-    }
+            base = from_prefix(kept, base[:j])[1] if step < slack - 1 else base
+    result = {**best_of(scored, n_student, n_teacher), "teacher_kl": teacher_kl, "block_importance": importance,
+              "sequences": int(input_ids.shape[0]), "tokens": int(input_ids.numel()), "layer_forwards": pf.forwards,
+              "slack": slack, "seconds": time.perf_counter() - t0}
     log(format_table(result))
     return result
+
+
+def best_of(scored: dict, n_student: int, n_teacher: int) -> dict:
+    """The scored candidate of n_student layers with the least KL, and every such candidate, best first."""
+    table = sorted((c for c in scored.values() if len(c.layers) == n_student), key=lambda c: c.kl)
+    best = table[0]
+    return {"layers": best.layers, "kl": best.kl, "method": best.name,
+            "evenly_kl": scored[tuple(evenly_spaced(n_student, n_teacher))].kl,
+            "candidates": [asdict(c) for c in table], "scored": len(scored)}
 
 
 def format_table(result: dict, rows: int = 8) -> str:

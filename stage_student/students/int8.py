@@ -18,18 +18,13 @@ torchao's function views its operands as 2-D (`.view`), which fails on a non-con
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
+from torchao.prototype.quantized_training import Int8MixedPrecisionTrainingConfig
+from torchao.prototype.quantized_training.int8_mixed_precision import Int8MixedPrecisionTrainingLinear
 
-logging.getLogger("torchao").setLevel(logging.ERROR)  # on CPU: "Failed to load ... _C_mxfp8" (CUDA kernels)
-from torchao.prototype.quantized_training import Int8MixedPrecisionTrainingConfig  # noqa: E402
-from torchao.prototype.quantized_training.int8_mixed_precision import Int8MixedPrecisionTrainingLinear  # noqa: E402
-
-from pipeline.errors import DistilyError  # noqa: E402
-
-from .select_layers import layer_list_name  # noqa: E402
+from pipeline.decoder import layer_list_name
+from pipeline.errors import DistilyError
 
 INT8 = Int8MixedPrecisionTrainingConfig(output=True, grad_input=True, grad_weight=True, module_swap=True)
 

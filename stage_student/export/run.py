@@ -14,11 +14,11 @@ writes what those weights quantise to, in transformers' offline BitNet format (t
 The codes and scales come from bitnet.ternary_codes, the function the training forward uses, so the export is
 the trained model exactly (up to float rounding of the rescaling order). Written into OUTPUT.tmp-*, fsynced and
 renamed: an interrupted export never leaves a half-written OUTPUT. Sizes go to OUTPUT/export.json.
-`--format gguf` writes OUTPUT/model.gguf for llama.cpp instead, through the same steps (gguf_export.py).
+`--format gguf` writes OUTPUT/model.gguf for llama.cpp instead, through the same steps (gguf.py).
 """
 from __future__ import annotations
 
-import json
+import math
 import os
 import shutil
 import uuid
@@ -29,23 +29,13 @@ import torch
 from pipeline.config import ExportConfig
 from pipeline.errors import DistilyError
 from pipeline.manifest import atomic_write_json, fsync_dir, fsync_tree, read_json
-
-from . import gguf_export
-from .bitnet import quantization_config, ternary_codes, to_bitnet
+from pipeline.resolve import trained_model_dir
+from stage_student.export import gguf
+from stage_student.students.bitnet import quantization_config, ternary_codes, to_bitnet
 
 FORMATS = ("bitnet", "gguf")
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "F16": 2, "BF16": 2, "I32": 4,
                "F32": 4, "I64": 8, "F64": 8}
-
-
-def model_dir(run_dir: str) -> Path:
-    """RUN_DIR/final when it is a model dir, else RUN_DIR itself."""
-    path = Path(run_dir)
-    for candidate in (path / "final", path):
-        if (candidate / "config.json").exists():
-            return candidate
-    raise DistilyError(f"RUN_DIR {run_dir}: neither it nor its final/ holds a model (config.json); pass a "
-                       "train-student run dir whose training finished, or its final/ dir")
 
 
 def check_bitnet_dir(path: Path) -> dict:
@@ -86,23 +76,23 @@ def load_latent(src: Path):
     return model, names
 
 
-def tensor_bytes(directory: Path) -> dict[str, int]:
-    """Bytes of every tensor in the safetensors files of `directory`, read from their headers."""
+def tensor_sizes(directory: Path) -> dict[str, int]:
+    """Bytes of every tensor in the safetensors files of `directory` (shapes and dtypes from their headers)."""
+    from safetensors import safe_open
+
     sizes = {}
     for file in sorted(directory.glob("*.safetensors")):
-        with open(file, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        for key, info in header.items():
-            if key != "__metadata__":
-                begin, end = info["data_offsets"]
-                sizes[key] = end - begin
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                tensor = f.get_slice(key)
+                sizes[key] = math.prod(tensor.get_shape()) * DTYPE_BYTES[tensor.get_dtype()]
     return sizes
 
 
 def accounting(directory: Path, names: list[str], linear_params: int) -> dict:
     """Sizes of an export: on disk (every file but export.json), the packed linears (+ scales), bits per linear
     parameter, and the full-precision rest (embeddings, norms, LM head, biases)."""
-    sizes = tensor_bytes(directory)
+    sizes = tensor_sizes(directory)
     packed = {f"{n}.{part}" for n in names for part in ("weight", "weight_scale")}
     packed_bytes = sum(b for k, b in sizes.items() if k in packed)
     safetensors = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
@@ -128,14 +118,17 @@ def replace_dir(tmp: Path, out: Path) -> None:
 
 
 def export(cfg: ExportConfig, log=print) -> dict:
-    """Write the export of cfg.run_dir to cfg.output (--format bitnet: packed safetensors; gguf: gguf_export.py);
+    """Write the export of cfg.run_dir to cfg.output (--format bitnet: packed safetensors; gguf: gguf.py);
     return (and print) its sizes."""
     if cfg.format not in FORMATS:
         raise DistilyError(f"--format {cfg.format!r} is unknown; choose one of {', '.join(FORMATS)}")
-    src = model_dir(cfg.run_dir)
+    src = Path(trained_model_dir(cfg.run_dir))
+    if not (src / "config.json").exists():
+        raise DistilyError(f"RUN_DIR {cfg.run_dir}: neither it nor its final/ holds a model (config.json); pass a "
+                           "train-student run dir whose training finished, or its final/ dir")
     check_bitnet_dir(src)
     if cfg.format == "gguf":
-        gguf_export.check(read_json(src / "config.json"), cfg.gguf_type)
+        gguf.check(read_json(src / "config.json"), cfg.gguf_type)
     out = Path(cfg.output)
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise DistilyError(f"OUTPUT {out} would write into the student dir {src}: choose another output dir")
@@ -148,7 +141,7 @@ def export(cfg: ExportConfig, log=print) -> dict:
     try:
         tmp.mkdir()
         if cfg.format == "gguf":
-            sizes = gguf_export.write(model, names, src, tmp, cfg.gguf_type)
+            sizes = gguf.write(model, names, src, tmp, cfg.gguf_type)
         else:
             sizes = write_packed(model, names, src, tmp)
         sizes["source"] = str(src)
@@ -158,7 +151,7 @@ def export(cfg: ExportConfig, log=print) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(gguf_export.describe(sizes, out) if cfg.format == "gguf" else describe(sizes, out))
+    log(gguf.describe(sizes, out) if cfg.format == "gguf" else describe(sizes, out))
     return {**sizes, "output": str(out)}
 
 
