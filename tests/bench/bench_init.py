@@ -23,7 +23,13 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TEACHER = Path.home() / ".cache/distily/teachers/SmolLM2-135M-Instruct"
+
+
+def teacher() -> Path:
+    """The embedded teacher's converted dir (converted from its wheel on a fresh machine)."""
+    from pipeline.resolve import resolve_model
+
+    return Path(resolve_model(None)[0])
 
 RANK_SCRIPT = r'''
 import json, os, sys, time
@@ -95,13 +101,10 @@ def report_targets(targets: dict[str, bool], rows, json_path: Path) -> int:
 
 
 def ensure_cache(path: Path) -> Path:
-    """A small top-64 cache of the embedded teacher (and TEACHER itself: converted from its wheel on a fresh machine)."""
-    from pipeline.resolve import resolve_model
-
-    assert Path(resolve_model(None)[0]) == TEACHER, "the embedded teacher lives elsewhere: update TEACHER"
+    """A small top-64 cache of the embedded teacher ."""
     if (path / "manifest.json").exists():
         return path
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "teacher-cache", "--teacher", str(TEACHER), "--backend", "hf",
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "teacher-cache", "--teacher", str(teacher()), "--backend", "hf",
                     "--output", str(path), "--max-seq-len", "128", "--max-tokens", str(128 * 16), "--top-k", "64"],
                    cwd=ROOT, check=True)
     return path
@@ -120,7 +123,7 @@ def run_tree(name: str, tree: Path, cache: Path, layers: int, select: int) -> li
         script.write_text(RANK_SCRIPT)
         env = {**os.environ, "PYTHONPATH": str(tree), "DISTILY_HOME": str(tmp / "home"), "OMP_NUM_THREADS": "1"}
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script), str(cache),
-                        str(tmp / "run"), str(TEACHER), str(layers), str(select), str(tmp)], cwd=tree, env=env, check=True)
+                        str(tmp / "run"), str(teacher()), str(layers), str(select), str(tmp)], cwd=tree, env=env, check=True)
         return [{"tree": name, **json.loads((tmp / f"rank{r}.json").read_text())} for r in (0, 1)]
 
 

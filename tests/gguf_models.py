@@ -1,0 +1,67 @@
+"""Tiny GGUF model files written with the `gguf` package, for the GGUF-teacher tests: an HF model dir's tensors
+under llama.cpp's names (F32, so nothing is lost), its hyperparameters and its byte-level BPE tokenizer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+ARCHS = {"llama": "LLAMA", "qwen2": "QWEN2"}
+
+
+def write_gguf(model_dir: Path, out: Path, arch: str) -> Path:
+    """out: the model in model_dir as a GGUF of `arch` (llama: q/k rows in llama.cpp's RoPE order, as its converter
+    writes them; qwen2: as they are, attention biases included)."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stage_student.export.gguf import add_tokenizer, hparams, rope_permute
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hp = hparams(model.config)
+    writer = gguf.GGUFWriter(out, arch)
+    writer.add_name(model_dir.name)
+    writer.add_context_length(hp["context"])
+    writer.add_embedding_length(hp["hidden"])
+    writer.add_block_count(hp["layers"])
+    writer.add_feed_forward_length(hp["ffn"])
+    writer.add_head_count(hp["heads"])
+    writer.add_head_count_kv(hp["kv_heads"])
+    writer.add_rope_freq_base(hp["rope_theta"])
+    writer.add_layer_norm_rms_eps(hp["eps"])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    add_tokenizer(writer, model_dir, hp["vocab"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[ARCHS[arch]], hp["layers"])
+    heads = {"self_attn.q_proj.weight": hp["heads"], "self_attn.k_proj.weight": hp["kv_heads"]}
+    for name, param in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        data = param.float().numpy()
+        n_head = next((n for key, n in heads.items() if name.endswith(key)), None)
+        if arch == "llama" and n_head:
+            data = rope_permute(data, n_head)
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), np.ascontiguousarray(data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def build_qwen2(out: Path, vocab_size: int, seed: int = 0) -> Path:
+    """A tiny random Qwen2 (attention biases on Q/K/V, 4 heads over 2 KV heads)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2)
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():  # random biases: a converter that dropped them would show
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
