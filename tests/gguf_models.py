@@ -6,12 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
-ARCHS = {"llama": "LLAMA", "qwen2": "QWEN2"}
+ARCHS = {"llama": "LLAMA", "qwen2": "QWEN2", "gemma3": "GEMMA3"}
 
 
 def write_gguf(model_dir: Path, out: Path, arch: str) -> Path:
-    """out: the model in model_dir as a GGUF of `arch` (llama: q/k rows in llama.cpp's RoPE order, as its converter
-    writes them; qwen2: as they are, attention biases included)."""
+    """out: the model in model_dir as a GGUF of `arch`, as llama.cpp's converter writes it (llama: q/k rows in
+    llama.cpp's RoPE order; qwen2: attention biases; gemma3: norm weights + 1, the global RoPE base, head dims and
+    the sliding window)."""
     import gguf
     import torch
     from transformers import AutoModelForCausalLM
@@ -28,7 +29,11 @@ def write_gguf(model_dir: Path, out: Path, arch: str) -> Path:
     writer.add_feed_forward_length(hp["ffn"])
     writer.add_head_count(hp["heads"])
     writer.add_head_count_kv(hp["kv_heads"])
-    writer.add_rope_freq_base(hp["rope_theta"])
+    writer.add_rope_freq_base(rope_base(model.config))
+    if arch == "gemma3":
+        writer.add_key_length(hp["head_dim"])
+        writer.add_value_length(hp["head_dim"])
+        writer.add_sliding_window(model.config.sliding_window)
     writer.add_layer_norm_rms_eps(hp["eps"])
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     add_tokenizer(writer, model_dir, hp["vocab"])
@@ -41,11 +46,39 @@ def write_gguf(model_dir: Path, out: Path, arch: str) -> Path:
         n_head = next((n for key, n in heads.items() if name.endswith(key)), None)
         if arch == "llama" and n_head:
             data = rope_permute(data, n_head)
+        if arch == "gemma3" and name.endswith("norm.weight"):  # Gemma scales by 1 + w; GGUF stores 1 + w
+            data = data + 1
         writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), np.ascontiguousarray(data))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return out
+
+
+def rope_base(config) -> float:
+    """The RoPE base of the model's full-attention layers (Gemma 3's sliding layers use llama.cpp's fixed 10,000)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope = rope.get("full_attention", rope)
+    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def build_gemma3(out: Path, vocab_size: int, seed: int = 0) -> Path:
+    """A tiny random Gemma 3 text model: 6 layers, so the pattern's sixth is full attention (the others slide over
+    16 positions), QK norms, norms drawn away from 0."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                           sliding_window=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(out, safe_serialization=True)
     return out
 
 
