@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_init import ROOT, TEACHER, ensure_cache, report_targets  # noqa: E402
+from bench_init import ROOT, ensure_cache, report_targets, teacher  # noqa: E402
 
 RUNS = (("ddp", "adamw8bit"), ("fsdp", "ao_adamw8bit"), ("fsdp", "adamw"))
 
@@ -31,7 +31,7 @@ RUNS = (("ddp", "adamw8bit"), ("fsdp", "ao_adamw8bit"), ("fsdp", "adamw"))
 def run(cache: Path, parallel: str, optimizer: str, layers: int, steps: int, port: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-fsdp-") as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-               "-m", "pipeline.cli", "train-student", "--cache", str(cache), "-o", tmp, "--teacher", str(TEACHER),
+               "-m", "pipeline.cli", "train-student", "--cache", str(cache), "-o", tmp, "--teacher", str(teacher()),
                "--student-layers", str(layers), "--init-layers", "evenly", "--batch-size", "1", "--max-steps", str(steps),
                "--logging-steps", "1", "--eval-sequences", "2", "--num-workers", "0", "--parallel", parallel,
                "--optimizer", optimizer, "--save-steps", str(steps)]
