@@ -275,3 +275,29 @@ def test_student_head_narrower_than_the_tokenizer_is_refused(tmp_path, padded_te
     with pytest.raises(DistilyError, match=f"--online-teacher .* LM head of {n - 1} rows"):
         copy_tokenizer(padded_teacher, narrow)
         Trainer(train_cfg(padded_cache, tmp_path / "b", padded_teacher, online_teacher=str(narrow)))
+
+
+def test_sampled_exact_targets_of_a_padded_head_cover_the_real_tokens_only(tmp_path, padded_teacher, text_file):
+    """The default kind: draws and their exact log-probs come from the teacher over its real tokens (the padding
+    rows' mass, > 20% here, cut as for top-k), and a student trains from them."""
+    from stage_student.train import train
+
+    from stage_teacher.capture import run
+
+    n = tokenizer_len(padded_teacher)
+    cache = tmp_path / "exact"
+    run(capture_cfg(padded_teacher, text_file, cache, targets="sampled-exact", samples=16, max_tokens=64 * 8,
+                    hidden_layers=[]))
+    rows = read_all(cache)
+    ids = torch.from_numpy(np.stack([r["input_ids"] for r in rows]).astype(np.int64))
+    logp, padding_mass = teacher_log_probs64(padded_teacher, ids, n)
+    assert padding_mass.mean() > 0.2
+    for r, lp in zip(rows, logp.numpy()):
+        drawn = r["sample_ids"]
+        valid = drawn >= 0
+        assert drawn.max() < n and ((drawn == r["input_ids"][1:, None]).sum(-1) == 1).all()
+        ref = np.clip(np.take_along_axis(lp, np.maximum(drawn, 0), -1), -255 / 16, 0)
+        assert np.abs(ref - r["sample_logprobs"])[valid].max() <= 1 / 32 + 1e-4
+    result = train(TrainConfig(cache=str(cache), output=str(tmp_path / "run"), student_layers=2, init="random",
+                               max_steps=3, batch_size=2, eval_sequences=2, optimizer="adamw"))
+    assert result["finished"] and np.isfinite(result["eval/forward_kl"])
