@@ -105,7 +105,7 @@ def ensure_cache(path: Path) -> Path:
     if (path / "manifest.json").exists():
         return path
     subprocess.run([sys.executable, "-m", "pipeline.cli", "teacher-cache", "--teacher", str(teacher()), "--backend", "hf",
-                    "--output", str(path), "--max-seq-len", "128", "--max-tokens", str(128 * 16), "--top-k", "64"],
+                    "--output", str(path), "--max-seq-len", "128", "--max-tokens", str(128 * 16), "--targets", "topk", "--top-k", "64"],
                    cwd=ROOT, check=True)
     return path
 

@@ -105,7 +105,7 @@ def main() -> int:
         rows.append(("tests (engine, hooks, TP, 8-bit optimizer)", last, f"{secs:.0f} s"))
         failed |= r.returncode != 0
 
-    common = ["--max-tokens", tokens, "--max-seq-len", 256 if args.smoke else 512, "--top-k", 64]
+    common = ["--max-tokens", tokens, "--max-seq-len", 256 if args.smoke else 512, "--targets", "topk", "--top-k", 64]  # compare() reads the top-k
     ref, gpu = out / "cache-cpu-fp32", out / "cache-auto"
     for d in (ref, gpu):
         subprocess.run(["rm", "-rf", str(d)])

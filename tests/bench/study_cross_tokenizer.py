@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-CACHE_ARGS = ["--max-tokens", "65536", "--max-seq-len", "256", "--top-k", "64"]  # the demo's cache
+CACHE_ARGS = ["--max-tokens", "65536", "--max-seq-len", "256", "--targets", "topk", "--top-k", "64"]  # the demo's size, top-k targets (--cross-tokenizer reads the top-k)
 ROWS = [  # name, what, extra arguments (--cross-tokenizer METHOD among them)
     ("ce", "CE only (the student's own tokens)", ["--cross-tokenizer", "bucket", "--loss", "ce"]),
     ("bucket", "forward KL on mapped + span + rest buckets, + CE", ["--cross-tokenizer", "bucket", "--ce-weight", "1"]),
