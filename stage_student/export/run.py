@@ -34,8 +34,8 @@ from stage_student.export import gguf
 from stage_student.students.bitnet import quantization_config, ternary_codes, to_bitnet
 
 FORMATS = ("bitnet", "gguf")
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "F16": 2, "BF16": 2, "I32": 4,
-               "F32": 4, "I64": 8, "F64": 8}
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # every safetensors dtype of whole bytes
 
 
 def check_bitnet_dir(path: Path) -> dict:

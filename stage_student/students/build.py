@@ -105,7 +105,8 @@ def plan_student(cfg: TrainConfig, reader: CacheReader) -> StudentPlan:
             check_head_rows(config.vocab_size, manifest, f"--student {cfg.student}")
         return StudentPlan(config.num_hidden_layers, str(tokenizer_dir), {"student": cfg.student, "init": "pretrained"},
                            path=str(path))
-    check_tokenizer(load_tokenizer(reader.tokenizer_dir()), manifest, "the cache's tokenizer dir")
+    tokenizer_dir = reader.tokenizer_dir()  # once: a remote cache's is fetched into a temporary dir
+    check_tokenizer(load_tokenizer(tokenizer_dir), manifest, "the cache's tokenizer dir")
     n_student, n_teacher = student_depth(cfg, reader), manifest["teacher"]["num_hidden_layers"]
     config = recipe_config(cfg, reader.teacher_config(), n_student)
     overrides = {k: v for k, v in (cfg.student_config or {}).items() if k != "num_hidden_layers"}
@@ -123,7 +124,7 @@ def plan_student(cfg: TrainConfig, reader: CacheReader) -> StudentPlan:
         if isinstance(value, list) and len(value) == n_teacher and key not in (cfg.student_config or {}):
             config[key] = [value[l] for l in kept]
     check_head_rows(AutoConfig.for_model(**config).vocab_size, manifest, "the student recipe (--student-config)")
-    return StudentPlan(n_student, str(reader.tokenizer_dir()), info, config=config, teacher_layers=layers)
+    return StudentPlan(n_student, str(tokenizer_dir), info, config=config, teacher_layers=layers)
 
 
 def recipe_config(cfg: TrainConfig, teacher_cfg: dict, n_student: int) -> dict:
@@ -174,7 +175,7 @@ def quantize(model, cfg: TrainConfig, info: dict) -> dict:
 def load_teacher(cfg: TrainConfig, manifest: dict) -> TeacherCheckpoint:
     """The teacher's weights, read lazily by name (teacher_weights.py): --init teacher-layers copies only the kept
     layers' tensors, and --init-layers auto streams one layer at a time; the whole teacher is never in memory."""
-    path = Path(cfg.teacher or manifest["teacher"]["path"])
+    path = Path(resolve_model(cfg.teacher)[0] if cfg.teacher else manifest["teacher"]["path"])  # a .gguf converts once
     if not (path / "config.json").exists():
         raise DistilyError(
             f"--init teacher-layers reads the teacher's weights, but {path} is not a model dir. "

@@ -55,7 +55,7 @@ def kd_vs_ce(cache: str, layers: int, batch: int, steps: int, chunk: int, compil
     from stage_student.training.data import CacheStream
 
     t = trainer_for(cache, layers, batch, loss_chunk_size=chunk, compile=compile)
-    batches = iter(CacheStream(cache, t.train_pairs, batch, 0, 16))
+    batches = iter(CacheStream(cache, t.plan.train_pairs, batch, 0, 16))
     data = [next(batches) for _ in range(steps + 1)]
     warm = {}
     for loss in ("forward_kl", "ce"):  # warm-up (allocations; compilation with --compile)
@@ -79,7 +79,7 @@ def targets_step(topk_cache: str, exact_cache: str, layers: int, batch: int, ste
     from stage_student.training.data import CacheStream
 
     trainers = {name: trainer_for(cache, layers, batch) for name, cache in (("topk", topk_cache), ("sampled-exact", exact_cache))}
-    data = {name: [b for _, b in zip(range(steps + 1), CacheStream(t.cfg.cache, t.train_pairs, batch, 0, 16))]
+    data = {name: [b for _, b in zip(range(steps + 1), CacheStream(t.cfg.cache, t.plan.train_pairs, batch, 0, 16))]
             for name, t in trainers.items()}
     times = {name: [] for name in trainers}
     for i in range(steps + 1):

@@ -42,7 +42,7 @@ def step_times(cache: str, layers: int, batch: int, steps: int, workers: int) ->
     from stage_student.training.data import CacheStream, make_loader
 
     t = trainer_for(cache, "adamw8bit", layers, batch)
-    stream = CacheStream(cache, t.train_pairs, batch, 0, 256)
+    stream = CacheStream(cache, t.plan.train_pairs, batch, 0, 256)
     loader = iter(make_loader(stream, workers))
     one_step(t, next(loader))  # warm-up (allocations, worker start)
     streamed, in_memory, wait = 0.0, 0.0, 0.0
@@ -64,7 +64,7 @@ def optimizer_child(cache: str, optimizer: str, layers: int, batch: int) -> None
     from stage_student.training.data import CacheStream
 
     t = trainer_for(cache, optimizer, layers, batch)
-    batches = iter(CacheStream(cache, t.train_pairs, batch, 0, 16))
+    batches = iter(CacheStream(cache, t.plan.train_pairs, batch, 0, 16))
     for _ in range(2):
         one_step(t, next(batches))
     params = sum(p.numel() for p in t.model.parameters() if p.requires_grad)
