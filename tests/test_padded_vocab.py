@@ -281,7 +281,6 @@ def test_sampled_exact_targets_of_a_padded_head_cover_the_real_tokens_only(tmp_p
     """The default kind: draws and their exact log-probs come from the teacher over its real tokens (the padding
     rows' mass, > 20% here, cut as for top-k), and a student trains from them."""
     from stage_student.train import train
-
     from stage_teacher.capture import run
 
     n = tokenizer_len(padded_teacher)
