@@ -17,25 +17,15 @@ def write_gguf(model_dir: Path, out: Path, arch: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stage_student.export.gguf import add_tokenizer, hparams, rope_permute
+    from stage_student.export.gguf import add_hparams, add_tokenizer, hparams, rope_permute
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    hp = hparams(model.config)
+    hp = {**hparams(model.config), "rope_theta": rope_base(model.config)}
     writer = gguf.GGUFWriter(out, arch)
     writer.add_name(model_dir.name)
-    writer.add_context_length(hp["context"])
-    writer.add_embedding_length(hp["hidden"])
-    writer.add_block_count(hp["layers"])
-    writer.add_feed_forward_length(hp["ffn"])
-    writer.add_head_count(hp["heads"])
-    writer.add_head_count_kv(hp["kv_heads"])
-    writer.add_rope_freq_base(rope_base(model.config))
+    add_hparams(writer, hp, gguf.LlamaFileType.ALL_F32)  # the export's: the same keys llama.cpp's converter writes
     if arch == "gemma3":
-        writer.add_key_length(hp["head_dim"])
-        writer.add_value_length(hp["head_dim"])
         writer.add_sliding_window(model.config.sliding_window)
-    writer.add_layer_norm_rms_eps(hp["eps"])
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     add_tokenizer(writer, model_dir, hp["vocab"])
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[ARCHS[arch]], hp["layers"])
     heads = {"self_attn.q_proj.weight": hp["heads"], "self_attn.k_proj.weight": hp["kv_heads"]}
