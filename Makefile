@@ -43,7 +43,7 @@ CACHE_ARGS = -o $(RUNS)/cache $(call opt,--teacher,$(TEACHER)) $(call opt,--data
 TRAIN_ARGS = --cache $(RUNS)/cache --student-layers $(STUDENT_LAYERS) --init teacher-layers --init-layers $(INIT_LAYERS) --optimizer $(OPTIMIZER) \
 	--max-steps $(STEPS) --batch-size $(BATCH) --lr $(LR) --warmup-steps 5 --save-steps 20 --logging-steps 5 --eval-sequences 16
 
-.PHONY: setup demo generate teacher-cache train-student train-student-ce eval test bench bench-scale bench-reader bench-capture-memory bench-fidelity gpu-check faults study study-generate clean
+.PHONY: setup demo generate teacher-cache train-student train-student-ce eval on-policy bench-on-policy test bench bench-scale bench-reader bench-capture-memory bench-fidelity gpu-check faults study study-generate clean
 
 # The stamp names the extra it installed: `make setup VLLM_EXTRA=gpu` after a CPU setup installs the GPU extra.
 STAMP := $(VENV)/.installed-$(VLLM_EXTRA)
@@ -93,6 +93,22 @@ demo: setup
 	echo "  KD student:   $(RUNS)/student-kd/final (model card: README.md there)" && \
 	echo "  CE student:   $(RUNS)/student-ce/final" && \
 	echo "  report:       $(RUNS)/eval/eval.md, eval.json, training_loss.png, eval_comparison.png"
+
+# On-policy KD in rounds (docs/on-policy.md): the demo's KD student (built first if missing) writes continuations of
+# prompts, the teacher grades them, the student trains on them; ROUNDS rounds, each student in $(RUNS)/on-policy.
+ROUNDS ?= 2
+ON_POLICY_SEQUENCES ?= 128
+START = $(RUNS)/student-kd
+on-policy: setup
+	test -f $(START)/final/config.json || { $(MAKE) --no-print-directory teacher-cache && $(MAKE) --no-print-directory train-student; }
+	$(BIN)/distily on-policy -o $(RUNS)/on-policy --student $(START) $(call opt,--teacher,$(TEACHER)) --rounds $(ROUNDS) \
+		--num-sequences $(ON_POLICY_SEQUENCES) --max-seq-len $(SEQ_LEN) --steps $(STEPS) --batch-size $(BATCH)
+
+# On-policy rounds against more off-policy KD from the same start, equal steps and teacher tokens (a table + JSON).
+bench-on-policy: setup
+	test -f $(START)/final/config.json || { $(MAKE) --no-print-directory teacher-cache && $(MAKE) --no-print-directory train-student; }
+	$(BIN)/python tests/bench/bench_on_policy.py --start $(START)/final --cache $(RUNS)/cache --steps $(STEPS) \
+		--out runs/bench-on-policy --json bench-results/on_policy.json
 
 # The gguf extra builds llama.cpp (llama-cpp-python, CPU only, text only: no llava/mtmd; minutes, once, then pip
 # reuses the built wheel) for tests/test_gguf_export.py.

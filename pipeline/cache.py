@@ -168,6 +168,9 @@ class CacheReader:
             "input_ids": input_ids,
             "target_logprob": per_position(cols["target_logprob"]).astype(np.float32),
         }
+        for name in ("loss_mask", "behaviour_logprob"):  # graded caches
+            if name in cols:
+                out[name] = per_position(cols[name])
         if "topk_ids" in cols:
             k = self.top_k
             out["topk_ids"] = per_position(cols["topk_ids"].astype(np.int64), k)

@@ -61,6 +61,10 @@ def shard_columns(manifest: dict, file_schema: pa.Schema, seq_index: np.ndarray,
     if "topk_ids" in file_schema.names:
         columns.update(topk_columns(targets, id_dtype, manifest["capture"]["logprob_dtype"]))
     columns["target_logprob"] = targets["target_logprob"].astype(np.float32)
+    if "loss_mask" in file_schema.names:
+        columns["loss_mask"] = targets["loss_mask"].astype(np.uint8)
+    if "behaviour_logprob" in file_schema.names:
+        columns["behaviour_logprob"] = targets["behaviour_logprob"].astype(np.float32)
     if "sample_lengths" not in file_schema.names:
         return columns
     if "sample_logprobs" in file_schema.names:  # sampled kinds: ragged per-position entries (pipeline/schema.py)

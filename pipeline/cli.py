@@ -145,6 +145,9 @@ def inspect(cache: str = typer.Argument(..., help="Cache dir or fsspec URL.")):
         exact = " with exact log-probs, + the true next token" if targets == "sampled-exact" else ""
         rows.append(("samples", f"{cap['samples']} draws/position at t={cap['sample_temperature']}, seed {cap['sample_seed']}"
                                 f"{exact}; {stats.get('mean_unique_samples', float('nan')):.1f} unique ids/position"))
+    if cap.get("graded"):
+        rows.append(("graded", "on-policy data: one generated sequence per row, the loss on the written tokens only"
+                               + (", with the writer's log-probs" if cap.get("behaviour_logprobs") else "")))
     rows += [
         ("hidden layers", f"{layers} as {cap['hidden_dtype']}" if layers else "none"),
         *([("qkv layers", "{} as {} (widths q {}, k {}, v {}; before RoPE)".format(
@@ -195,6 +198,15 @@ def load_commands() -> None:
         raise SystemExit("distily's stage commands are not registered: install the project (`make setup` or `pip install -e .`)")
     for ep in found:
         add_command(ep.load())
+    add_command(Command("on-policy", C.OnPolicyConfig, "on_policy", run_on_policy,
+                        "On-policy KD in rounds: the student writes (generate), the teacher grades (teacher-cache "
+                        "--graded), the student trains (train-student); each stage a batch job. docs/on-policy.md."))
+
+
+def run_on_policy(cfg) -> None:
+    from .on_policy import run
+
+    run(cfg)
 
 
 def main() -> None:  # pragma: no cover

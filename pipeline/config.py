@@ -63,6 +63,10 @@ class CaptureConfig:
                               shown="56 for sampled-exact, 64 for sampled and both")
     sample_temperature: float = opt(1.0, "--targets sampled-exact/sampled/both: draw from softmax(z / t); t != 1 stores "
                                     "what keeps the estimate unbiased (importance weights p/q, or q's normaliser).")
+    graded: bool = opt(False, "A generated --dataset (`distily generate`) as on-policy data: one sequence per row (EOS-padded "
+                       "to --max-seq-len, never joined) and a loss mask, so students learn only where the next token was "
+                       "written by the generator, not at its prompt; the generator's log-probs are kept for the importance "
+                       "ratio. docs/on-policy.md.")
     hidden_layers: list[int] = opt(help="Hidden-state layers to store, comma-separated, HF numbering (0 = embeddings).",
                                    factory=list, shown="none")
     hidden_dtype: str = opt("bfloat16", "Storage dtype of hidden states (and Q/K/V): float32 | float16 | bfloat16 | int8 "
@@ -139,7 +143,8 @@ class TrainConfig:
                               "scales (torchao's int8 mixed-precision training); weights stay float. "
                               "docs/train-student.md.")
     loss: str = opt("forward_kl", "forward_kl | reverse_kl | jsd | skew_kl | skew_rkl | cakld | tvd | sinkhorn (Sinkhorn "
-                    "divergence over the top-k + rest buckets, discrete ground cost, eps 0.1) | ce.")
+                    "divergence over the top-k + rest buckets, discrete ground cost, eps 0.1) | ce | token_reverse_kl (on-policy: the "
+                    "per-token reverse-KL estimator on the student's own samples; a --graded cache, docs/on-policy.md).")
     temperature: float = opt(1.0, "KD temperature.")
     kd_targets: str = opt("auto", "Cached targets for KD: topk | sampled (RS-KD, unbiased; --loss forward_kl) | auto (top-k "
                           "when cached, else sampled).")
@@ -228,6 +233,37 @@ class EvalConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    output: str = opt("runs/on-policy", "Dir of the rounds: round-R/generated, round-R/cache, round-R/student and "
+                      "rounds.json, which links them.", names=("-o",))
+    student: str | None = opt(None, "The starting student: an HF model dir or a train-student run dir (its final/); "
+                              "vLLM must load it, and its tokenizer must be the teacher's.", shown="required")
+    teacher: str | None = opt(None, "The teacher that grades the student's samples.", shown="embedded SmolLM2-135M-Instruct")
+    rounds: int = opt(2, "Rounds of generate -> teacher-cache --graded -> train-student.")
+    prompts: str | None = opt(None, "Text to cut prompts from (as teacher-cache --dataset).", shown="embedded Lee corpus")
+    prompts_column: str = opt("text", "Column of --prompts holding the text.")
+    prefix_tokens: int = opt(32, "Prompt length in tokens (the student continues it).")
+    num_sequences: int = opt(128, "Sequences the student writes per round.")
+    max_seq_len: int = opt(256, "Tokens per sequence, prompt included.")
+    temperature: float = opt(1.0, "The student's sampling temperature (1: its own distribution, which the importance "
+                             "ratio assumes).")
+    targets: str = opt("sampled-exact", "teacher-cache --targets of each round's cache.")
+    loss: str = opt("token_reverse_kl", "train-student --loss: token_reverse_kl (the per-token reverse-KL estimator on "
+                    "the sampled tokens) | forward_kl | reverse_kl | jsd | ... (on the graded positions).")
+    steps: int = opt(30, "Optimizer steps per round (a new constant schedule each round, after --warmup-steps).")
+    lr: float = opt(1e-4, "Learning rate of every round.")
+    warmup_steps: int = opt(3, "Warm-up steps at the start of each round.")
+    batch_size: int = opt(4, "Sequences per micro-batch.")
+    optimizer: str = opt("adamw8bit", "train-student --optimizer.")
+    eval_sequences: int = opt(8, "Sequences of each round's cache held out for its eval loss.")
+    train_args: list[str] = opt(help="More train-student flags for every round, e.g. '--ce-weight 0.1' (repeatable).",
+                                factory=list, shown="none")
+    seed: int = opt(0, "Seed; round r generates with seed x 1000 + r (other prompts each round) and trains with it.")
+    print_commands: bool = opt(False, "Print each round's three commands (for array jobs on a cluster) instead of "
+                               "running them.")
+
+
+@dataclass
 class ExportConfig:
     run_dir: str = opt("runs/student", "A train-student run dir, or its final/ dir.", positional=True)
     output: str = opt("runs/student-bitnet", "Export dir (replaced if it holds an earlier export).", positional=True)
@@ -239,7 +275,7 @@ class ExportConfig:
 
 
 SECTIONS = {"generate": GenerateConfig, "teacher_cache": CaptureConfig, "train_student": TrainConfig, "eval": EvalConfig,
-            "export": ExportConfig}
+            "export": ExportConfig, "on_policy": OnPolicyConfig}
 
 
 def load(cls, yaml_path: str | None, section: str, overrides: dict):

@@ -8,8 +8,9 @@ A generated dataset directory looks like this::
 
 Each row: ``seq_index`` int64, ``generator`` string (the generator that made it; `mix` names the one it
 picked), ``prompt_tokens`` int32 (how many leading ids were the prompt), ``input_ids`` list<int32> (prompt and
-continuation, ending with EOS where the teacher stopped), ``text`` string (the ids decoded), ``finish`` string
-(stop | length). The ids are the data: `teacher-cache --dataset DIR` packs them as they are, so nothing is
+continuation, ending with EOS where the teacher stopped), ``logprobs`` list<float32> (the writer's log-prob of each
+id it wrote, as the engine returned it: the model's log-softmax before temperature and top-p; NaN for the prompt;
+absent in datasets written before it existed), ``text`` string (the ids decoded), ``finish`` string (stop | length). The ids are the data: `teacher-cache --dataset DIR` packs them as they are, so nothing is
 re-tokenised (decoding and re-encoding a sample does not always give the same ids back). The files are also
 plain Parquet with a `text` column for any other tool.
 
@@ -38,6 +39,7 @@ SCHEMA = pa.schema([
     ("generator", pa.string()),
     ("prompt_tokens", pa.int32()),
     ("input_ids", pa.list_(pa.int32())),
+    ("logprobs", pa.list_(pa.float32())),
     ("text", pa.string()),
     ("finish", pa.string()),
 ])
@@ -70,6 +72,13 @@ def read_manifests(path: str | Path) -> list[dict]:
 
 def read_generated(path: str | Path) -> tuple[dict, list[np.ndarray]]:
     """(the merged manifest, every sequence's ids in seq_index order); a CacheError names what is missing."""
+    merged, rows = read_generated_rows(path)
+    return merged, rows["input_ids"]
+
+
+def read_generated_rows(path: str | Path) -> tuple[dict, dict[str, list]]:
+    """(the merged manifest, {"input_ids": [ids], "prompt_tokens": [int], "logprobs": [float32 array, or None in
+    datasets written before the column existed]}), each list in seq_index order."""
     p = Path(path)
     manifests = read_manifests(p)
     if not manifests:
@@ -88,15 +97,27 @@ def read_generated(path: str | Path) -> tuple[dict, list[np.ndarray]]:
         raise CacheError(f"{p} is not finished: array job(s) {missing} of {jobs} have not completed; rerun them "
                          "(`distily generate` with the same options resumes where it stopped)")
     shards = sorted((s for m in have.values() for s in m["shards"]), key=lambda s: s["index"])
-    docs: list[np.ndarray] = []
+    rows: dict[str, list] = {"input_ids": [], "prompt_tokens": [], "logprobs": []}
     for shard in shards:
-        data = (p / shard["file"]).read_bytes() if (p / shard["file"]).exists() else None
-        if data is None or hashlib.sha256(data).hexdigest() != shard["sha256"]:
-            raise CacheError(f"{p / shard['file']} is {'missing' if data is None else 'damaged (checksum differs)'}; "
-                             "delete it and its entry in the manifest, then rerun `distily generate` to write it again")
-        table = pq.read_table(pa.BufferReader(data), columns=["seq_index", "input_ids"])
-        ids = table.column("input_ids").combine_chunks()
-        offsets, values = ids.offsets.to_numpy(), ids.values.to_numpy()
-        docs += [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        table = read_shard_table(p, shard)
+        rows["input_ids"] += split_list(table.column("input_ids"))
+        rows["prompt_tokens"] += table.column("prompt_tokens").to_pylist()
+        rows["logprobs"] += (split_list(table.column("logprobs")) if "logprobs" in table.column_names
+                             else [None] * table.num_rows)
     merged = dict(first, shards=shards, job={"num_shards": jobs, "merged_from": len(have)})
-    return merged, docs
+    return merged, rows
+
+
+def read_shard_table(p: Path, shard: dict) -> pa.Table:
+    data = (p / shard["file"]).read_bytes() if (p / shard["file"]).exists() else None
+    if data is None or hashlib.sha256(data).hexdigest() != shard["sha256"]:
+        raise CacheError(f"{p / shard['file']} is {'missing' if data is None else 'damaged (checksum differs)'}; "
+                         "delete it and its entry in the manifest, then rerun `distily generate` to write it again")
+    return pq.read_table(pa.BufferReader(data))
+
+
+def split_list(column) -> list[np.ndarray]:
+    """A list<...> column as one numpy array per row."""
+    flat = column.combine_chunks()
+    offsets, values = flat.offsets.to_numpy(), flat.values.to_numpy(zero_copy_only=False)
+    return [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]

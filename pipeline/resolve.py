@@ -188,10 +188,38 @@ def cut(stream: np.ndarray, max_seq_len: int, max_tokens: int | None = None) -> 
     return np.ascontiguousarray(stream[: n * max_seq_len], dtype=np.int32).reshape(n, max_seq_len)
 
 
+def graded_rows(rows: dict, eos_token_id: int, max_seq_len: int, max_tokens: int | None) -> tuple[np.ndarray, dict]:
+    """--graded: each generated sequence as one [max_seq_len] row, EOS-padded, and per position t (predicting token
+    t + 1) loss_mask[t] = 1 where the generator wrote token t + 1 (not its prompt, not padding) and, when the dataset
+    recorded them, behaviour_logprob[t] = the generator's log-prob of token t + 1 (0 where masked)."""
+    docs, prompts, logprobs = rows["input_ids"], rows["prompt_tokens"], rows["logprobs"]
+    n = len(docs) if not max_tokens else min(len(docs), max_tokens // max_seq_len)
+    too_long = [i for i, d in enumerate(docs[:n]) if len(d) > max_seq_len]
+    if too_long:
+        raise ConfigError(f"--graded: generated sequence {too_long[0]} has {len(docs[too_long[0]])} tokens, more than "
+                          f"--max-seq-len {max_seq_len} (a graded row holds one whole sequence); capture with "
+                          "--max-seq-len at least generate's")
+    if n == 0:
+        raise CacheError("--graded: the generated dataset gives no sequence within --max-tokens")
+    ids = np.full((n, max_seq_len), eos_token_id, dtype=np.int32)
+    mask = np.zeros((n, max_seq_len - 1), dtype=np.uint8)
+    known = all(lp is not None for lp in logprobs[:n])
+    behaviour = np.zeros((n, max_seq_len - 1), dtype=np.float32)
+    for i, doc in enumerate(docs[:n]):
+        ids[i, : len(doc)] = doc
+        mask[i, max(prompts[i], 1) - 1 : len(doc) - 1] = 1
+        if known:
+            behaviour[i, : len(doc) - 1] = np.nan_to_num(logprobs[i][1:], nan=0.0) * mask[i, : len(doc) - 1]
+    return ids, {"loss_mask": mask, **({"behaviour_logprob": behaviour} if known else {})}
+
+
 def packed_sequences(tokenizer, spec: DatasetSpec, max_seq_len: int, max_tokens: int | None = None,
-                     token_store: str | os.PathLike | None = None, processes: int | None = None) -> tuple[np.ndarray, dict]:
+                     token_store: str | os.PathLike | None = None, processes: int | None = None,
+                     graded: bool = False) -> tuple[np.ndarray, dict]:
     """The dataset as [N, max_seq_len] token sequences, and {"note": how they were made, "generated": what
-    generated them (generated datasets only)}.
+    generated them (generated datasets only), "positions": graded_rows' per-position arrays (graded only)}.
+
+    graded (--graded): a generated dataset one sequence per row, with its loss mask (graded_rows).
 
     A generated dataset (`distily generate`) gives its stored ids as they are. Text is tokenised once per
     (content, column, sample_by, tokenizer) into the token store (`token_store`, default $DISTILY_HOME/tokens;
@@ -199,18 +227,25 @@ def packed_sequences(tokenizer, spec: DatasetSpec, max_seq_len: int, max_tokens:
     the same text (another array job or node, a rerun, another --max-seq-len or a smaller --max-tokens) reads
     its sequences from there as a read-only memory map.
     """
-    from .generated import is_generated, read_generated
+    from .generated import is_generated, read_generated_rows
     from .token_store import stream_sequences
 
     store, processes = token_store_dir(token_store), tokenize_processes(processes)
+    if graded and not is_generated(spec.path):
+        raise ConfigError(f"--graded needs a generated --dataset (`distily generate -o DIR`), and {spec.path} is not one")
     if is_generated(spec.path):
-        gen, docs = read_generated(spec.path)
+        gen, rows = read_generated_rows(spec.path)
+        docs = rows["input_ids"]
         if gen["tokenizer"]["sha256"] != tokenizer_fingerprint(tokenizer)["sha256"]:
             raise CacheError(f"--dataset {spec.path} was generated with another tokenizer (the token ids would mean "
                              "other text): capture it with the teacher that generated it, or a teacher with its tokenizer")
         source = {"generated": {"generator": gen["generator"], "seed": gen["seed"], "params": gen["params"],
                                 "teacher_weights_sha256": gen["teacher"]["weights_sha256"]},
                   "note": f"{len(docs)} generated sequences, their stored token ids (no re-tokenisation)"}
+        if graded:
+            sequences, positions = graded_rows(rows, tokenizer.eos_token_id, max_seq_len, max_tokens)
+            source["note"] = f"{len(sequences)} generated sequences, one per row, the prompts masked out of the loss"
+            return sequences, source | {"positions": positions}
         return cut(join_ids(docs, tokenizer.eos_token_id), max_seq_len, max_tokens), source
     ds = load_text_dataset(spec)
     key = hashlib.sha256(json.dumps({

@@ -26,6 +26,10 @@ one contiguous buffer; the reader reshapes them with the manifest's ``top_k``. F
     tail_mass          list<float32>[T-1]      1 - sum(exp(exact top-k log-probs)): probability outside the top-k
   always:
     target_logprob     list<float32>[T-1]      log-prob of the actual next token
+  graded caches (--graded: a generated dataset, one sequence per row, EOS-padded; on-policy KD):
+    loss_mask          list<uint8>[T-1]        1 where the generator wrote the next token (0: its prompt, padding)
+    behaviour_logprob  list<float32>[T-1]      the generator's log-prob of the next token when it wrote it (0 where
+                                               masked); only when the generated dataset recorded them
   sampled targets (RS-KD, --targets sampled | both): N draws per position from the teacher's distribution
   (softmax(z / t) at --sample-temperature t), reduced to the unique ids and their counts; the m_t unique
   entries of all positions are concatenated:
@@ -126,6 +130,9 @@ def parquet_schema(manifest: dict) -> pa.Schema:
             fields += [("topk_lp_max", pa.list_(pa.float32())), ("topk_lp_step", pa.list_(pa.float32()))]
         fields += [("tail_mass", pa.list_(pa.float32()))]
     fields += [("target_logprob", pa.list_(pa.float32()))]
+    if cap.get("graded"):  # --graded: on-policy data (pipeline/resolve.py graded_rows)
+        fields += [("loss_mask", pa.list_(pa.uint8()))]
+        fields += [("behaviour_logprob", pa.list_(pa.float32()))] if cap["behaviour_logprobs"] else []
     if cap["targets"] in ("sampled", "both", "sampled-exact"):
         fields += [("sample_lengths", pa.list_(pa.uint16())), ("sample_ids", pa.list_(ids))]
         tempered = cap["sample_temperature"] != 1.0

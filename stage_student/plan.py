@@ -71,7 +71,8 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     reader = open_cache(cfg.cache)
     manifest = reader.manifest
     kd_on = cfg.loss != "ce" and cfg.kd_weight > 0
-    kd_targets = resolve_kd_targets(cfg, reader.targets, kd_on)
+    check_graded(cfg, manifest["capture"], kd_on)
+    kd_targets = "token" if cfg.loss == "token_reverse_kl" else resolve_kd_targets(cfg, reader.targets, kd_on)
     check_draws_per_epoch(cfg, manifest["capture"])
     check_top_k(cfg, reader, kd_targets)
     depth = student_depth(cfg, reader)  # the pairs of mappers other than `copied`, checked before the selection
@@ -178,6 +179,27 @@ def resolve_kd_targets(cfg: TrainConfig, cached: str, kd_on: bool) -> str:
             raise DistilyError("--temperature and --kd-top-k apply to top-k targets; sampled targets are drawn from the "
                                "teacher's distribution (set the draw temperature with teacher-cache --sample-temperature)")
     return want
+
+
+def check_graded(cfg: TrainConfig, capture: dict, kd_on: bool) -> None:
+    """--loss token_reverse_kl reads a graded cache (the student's own samples: docs/on-policy.md); a graded cache
+    trains with any loss (at the written positions only), but not across tokenizers."""
+    graded = bool(capture.get("graded"))
+    if cfg.loss == "token_reverse_kl":
+        if not graded:
+            raise ConfigError("--loss token_reverse_kl estimates the reverse KL on tokens the student sampled itself: it "
+                              "needs a graded cache (`distily generate --teacher STUDENT`, then `distily teacher-cache "
+                              "--dataset THAT_DIR --graded`; `distily on-policy` runs both). Use --loss forward_kl on "
+                              "this cache")
+        if cfg.online_teacher or cfg.kd_targets != "auto" or cfg.kd_top_k or not kd_on:
+            raise ConfigError("--loss token_reverse_kl reads the cached teacher log-prob of each written token: drop "
+                              "--online-teacher, --kd-targets and --kd-top-k, and keep --kd-weight above 0")
+        if cfg.temperature != 1.0:
+            raise ConfigError("--loss token_reverse_kl estimates KL(q || p) at temperature 1, the one the student "
+                              f"sampled at: drop --temperature {cfg.temperature}")
+    if graded and cfg.cross_tokenizer != "none":
+        raise ConfigError("a graded cache (on-policy data) trains students of the cache's tokenizer only: drop "
+                          "--cross-tokenizer")
 
 
 def check_draws_per_epoch(cfg: TrainConfig, capture: dict) -> None:

@@ -58,8 +58,9 @@ def software_versions() -> dict:
     return versions
 
 
-def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
-    """Validate everything and build the manifest skeleton; nothing expensive, no engine."""
+def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object, dict]:
+    """Validate everything and build the manifest skeleton; nothing expensive, no engine. The last item: --graded's
+    per-position arrays [N, T-1] (loss_mask, behaviour_logprob), {} otherwise."""
     from transformers import AutoTokenizer
 
     check_options(cfg)
@@ -73,7 +74,7 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
         raise ConfigError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {teacher_cfg.max_position_embeddings} positions")
     spec = DatasetSpec(cfg.dataset or DEFAULT_DATASET, cfg.dataset_config, cfg.split, cfg.text_column, cfg.sample_by)
     sequences, source = packed_sequences(tokenizer, spec, cfg.max_seq_len, cfg.max_tokens, cfg.token_store,
-                                         cfg.tokenize_processes)  # a read-only memory map of the token store
+                                         cfg.tokenize_processes, cfg.graded)  # a read-only memory map of the token store
     print(f"dataset {spec.path}: {source['note']}")
     check_ids(sequences, vocab, len(tokenizer))
     weights_sha256, weights_source = weights_fingerprint(model_dir, cfg.output.removeprefix("file://"))
@@ -93,7 +94,7 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
             "vocab_size": vocab,
         },
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "capture": capture_fields(cfg, teacher_cfg, targets_from, real),
+        "capture": capture_fields(cfg, teacher_cfg, targets_from, real) | graded_fields(source.get("positions")),
         "dataset": {
             "spec": spec.to_dict(),
             "max_tokens": cfg.max_tokens,
@@ -107,7 +108,15 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object]:
         "shards": [],
         "complete": False,
     }
-    return manifest, sequences, model_dir, tokenizer
+    return manifest, sequences, model_dir, tokenizer, source.get("positions", {})
+
+
+def graded_fields(positions: dict | None) -> dict:
+    """--graded: the manifest says the shards hold a loss mask (and the generator's log-probs); nothing otherwise, so
+    other caches keep their identity."""
+    if positions is None:
+        return {}
+    return {"graded": True, "behaviour_logprobs": "behaviour_logprob" in positions}
 
 
 def check_options(cfg: CaptureConfig) -> None:
@@ -315,7 +324,7 @@ def run(cfg: CaptureConfig, teacher=None) -> dict:
     (it must have been built with the same top-k and hidden layers); it is left open."""
     out = Path(cfg.output.removeprefix("file://"))
     cfg = with_draws(cfg)
-    manifest, sequences, model_dir, tokenizer = prepare(cfg)
+    manifest, sequences, model_dir, tokenizer, positions = prepare(cfg)
     out.mkdir(parents=True, exist_ok=True)
     check_other_jobs(out, manifest)
     job = cache_job(out, cfg, len(sequences))
@@ -334,7 +343,7 @@ def run(cfg: CaptureConfig, teacher=None) -> dict:
         else:  # the targets are made from the pass's outputs: one engine serves any target settings
             teacher.configure(target_spec(cfg, manifest["capture"].get("targets_vocab")), manifest["capture"]["targets_from"], sorted(set(cfg.qkv_layers)))
         try:
-            capture_shards(cfg, teacher, sequences, todo, out, manifest, job.manifest_file)
+            capture_shards(cfg, teacher, sequences, todo, out, manifest, job.manifest_file, positions)
         finally:
             if owned_engine:
                 teacher.close()
@@ -369,8 +378,9 @@ def write_shared_files(out: Path, tokenizer, model_dir: str) -> None:
         atomic_write_bytes(out / schema.TEACHER_CONFIG, (Path(model_dir) / "config.json").read_bytes())
 
 
-def capture_shards(cfg, teacher, sequences, todo, out, manifest, mfile) -> None:
-    """The teacher over shards `todo` (the runner's loop: shard j+1 runs while shard j is written)."""
+def capture_shards(cfg, teacher, sequences, todo, out, manifest, mfile, positions: dict | None = None) -> None:
+    """The teacher over shards `todo` (the runner's loop: shard j+1 runs while shard j is written); `positions`:
+    --graded's per-position arrays, written beside the targets."""
     per = cfg.sequences_per_shard
 
     def rows(j: int) -> tuple[np.ndarray, np.ndarray]:
@@ -383,7 +393,8 @@ def capture_shards(cfg, teacher, sequences, todo, out, manifest, mfile) -> None:
 
     def write(j: int, computed: tuple) -> dict:
         seqs, seq_index, result = computed
-        return write_shard(out, j, manifest, seq_index, seqs, result["targets"], result["hidden"], result.get("qkv"))
+        extra = {k: v[seq_index[0] : seq_index[-1] + 1] for k, v in (positions or {}).items()}
+        return write_shard(out, j, manifest, seq_index, seqs, result["targets"] | extra, result["hidden"], result.get("qkv"))
 
     runner.run_shards(cache_job(out, cfg, len(sequences), mfile), manifest, todo, compute, write,
                       units=lambda j: rows(j)[0].size, desc="capture", unit="tok")

@@ -145,6 +145,7 @@ def generate_rows(engine, ctx: Context, indices: np.ndarray) -> list[dict]:
     cfg, limit = ctx.cfg, ctx.cfg.max_seq_len
     reqs = requests(ctx, indices)
     ids = [list(r.prompt[: limit - 1]) for r in reqs]
+    logprobs = [[float("nan")] * len(x) for x in ids]  # the writer's log-prob of each token it wrote (NaN: prompt)
     finish = ["length"] * len(reqs)
 
     def run(which: list[int], params: list) -> None:
@@ -152,17 +153,19 @@ def generate_rows(engine, ctx: Context, indices: np.ndarray) -> list[dict]:
             return
         outs = engine.generate([TokensPrompt(prompt_token_ids=ids[k]) for k in which], params)
         for k, out in zip(which, outs):
-            ids[k] += list(out.outputs[0].token_ids)
+            written = list(out.outputs[0].token_ids)
+            ids[k] += written
+            logprobs[k] += sampled_logprobs(written, out.outputs[0].logprobs)
             if out.outputs[0].finish_reason == "stop":
                 finish[k] = "stop"
 
     greedy = [k for k, r in enumerate(reqs) if r.greedy_tokens > 0]
     run(greedy, [SamplingParams(temperature=0.0, max_tokens=min(reqs[k].greedy_tokens, limit - len(ids[k])),
-                                detokenize=False) for k in greedy])
+                                logprobs=0, detokenize=False) for k in greedy])
     sampled = [k for k in range(len(reqs)) if finish[k] != "stop" and len(ids[k]) < limit]
     run(sampled, [SamplingParams(
         temperature=cfg.temperature if reqs[k].temperature is None else reqs[k].temperature, top_p=cfg.top_p,
-        max_tokens=limit - len(ids[k]), seed=sample_seed(cfg.seed, int(indices[k])), detokenize=False)
+        max_tokens=limit - len(ids[k]), seed=sample_seed(cfg.seed, int(indices[k])), logprobs=0, detokenize=False)
         for k in sampled])
     rows = []
     vocab = len(ctx.tokenizer)
@@ -176,9 +179,17 @@ def generate_rows(engine, ctx: Context, indices: np.ndarray) -> list[dict]:
             raise CacheError(f"sequence {int(i)} ({r.generator}): the teacher's tokenizer cannot decode what the "
                              f"teacher wrote ({e}); use a teacher whose tokenizer covers its whole output vocabulary") from e
         rows.append({"seq_index": int(i), "generator": r.generator, "prompt_tokens": min(len(r.prompt), limit - 1), "input_ids": ids[k],
-                     "text": text, "finish": finish[k],
+                     "logprobs": logprobs[k], "text": text, "finish": finish[k],
                      "retokenises": ctx.tokenizer(text, add_special_tokens=False)["input_ids"] == ids[k]})
     return rows
+
+
+def sampled_logprobs(tokens: list[int], steps) -> list[float]:
+    """The engine's log-prob of each token it wrote (SamplingParams(logprobs=0): one entry per step holding the
+    sampled token; vLLM's default raw_logprobs mode: the model's log-softmax before temperature and top-p)."""
+    if steps is None:
+        return [float("nan")] * len(tokens)
+    return [float(step[t].logprob) if step and t in step else float("nan") for t, step in zip(tokens, steps)]
 
 
 def write_shard(out: Path, index: int, rows: list[dict], seconds: float) -> dict:

@@ -21,6 +21,11 @@ the tail tokens, g_j for the top-k, + g_y at the true token. Any other target (t
 --online-teacher) takes `autograd_chunk`, the reference losses on each chunk. Both equal kd.py to
 float32 rounding (tests/test_chunked_loss.py).
 
+On-policy targets (--loss token_reverse_kl: the student's own sampled tokens, the teacher's log-prob of each and
+optionally the student's behaviour log-prob) take `token_chunk`: the estimate rho (log q - log p) of
+kd.token_reverse_kl, whose gradient rho (log q - log p)(e_x - softmax(z)) is written directly
+(tests/test_on_policy_loss.py).
+
 Padded vocabularies (LossSpec.vocab = the cache's real tokens, len(tokenizer)): every loss is over the first
 `vocab` logits only. The fused head uses the first `vocab` rows of the weight (tied or untied; the padding rows get
 no gradient), unfused logits and the online teacher's logits are cut to the same columns.
@@ -33,14 +38,22 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import DistilyError
-from stage_student.losses.kd import ce_loss, divergence, kd_loss, kd_loss_full, sampled_kd_loss, teacher_log_probs
+from stage_student.losses.kd import (
+    ce_loss,
+    divergence,
+    kd_loss,
+    kd_loss_full,
+    sampled_kd_loss,
+    teacher_log_probs,
+    token_reverse_kl,
+)
 
 
 @dataclass
 class LossSpec:
     """Which losses the head feeds and how they are weighted into the total."""
 
-    kd: str | None = "forward_kl"  # a kd.KD_LOSSES name, or None for no KD term
+    kd: str | None = "forward_kl"  # a kd.KD_LOSSES name, "token_reverse_kl" (on-policy), or None for no KD term
     kd_weight: float = 1.0
     ce_weight: float = 0.0
     temperature: float = 1.0
@@ -53,7 +66,8 @@ class LossSpec:
 @dataclass
 class Targets:
     """Flattened over the N positions: next tokens [N], and cached top-k [N, k] + tail [N], cached samples
-    (RS-KD) [N, m] or full logits [N, V]."""
+    (RS-KD) [N, m], full logits [N, V], or on-policy grades: the teacher's log-prob of labels[i] [N] and the
+    student's behaviour log-prob of it [N] (None: the current student's)."""
 
     labels: torch.Tensor | None = None
     topk_ids: torch.Tensor | None = None
@@ -63,6 +77,8 @@ class Targets:
     sample_ids: torch.Tensor | None = None
     sample_weights: torch.Tensor | None = None
     teacher_entropy: torch.Tensor | None = None
+    teacher_token_logprob: torch.Tensor | None = None
+    behaviour_logprob: torch.Tensor | None = None
 
 
 def head_losses(hidden, head_weight, head_bias, spec: LossSpec, targets: Targets, chunk_size: int) -> dict:
@@ -74,8 +90,11 @@ def head_losses(hidden, head_weight, head_bias, spec: LossSpec, targets: Targets
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, head_weight, head_bias))
     n = hidden.shape[0]
-    fn = autograd_chunk if targets.teacher_logits is not None else sampled_chunk if targets.sample_ids is not None \
-        else cached_chunk
+    if spec.kd == "token_reverse_kl":
+        fn = token_chunk
+    else:
+        fn = autograd_chunk if targets.teacher_logits is not None else sampled_chunk \
+            if targets.sample_ids is not None else cached_chunk
     names = [name for name, on in (("kd", spec.kd is not None), ("ce", spec.ce_weight > 0)) if on]
 
     def chunk(z, sl):
@@ -263,6 +282,41 @@ def sampled_chunk(z, sl: slice, n: int, spec: LossSpec, t: Targets, need_grad: b
     return values, z
 
 
+def token_chunk(z, sl: slice, n: int, spec: LossSpec, t: Targets, need_grad: bool):
+    """Losses of one chunk against on-policy grades (kd.token_reverse_kl, CE on the same tokens), and dL/dz (z is
+    overwritten). With A = log q(y) - log p(y) and rho = q(y) / q_old(y) at the sampled token y:
+    KD = sum rho A / n, and dL/dz = (kd_w rho A - ce_w) / n * (e_y - softmax(z))."""
+    check_token_targets(spec, t)
+    labels = t.labels[sl].long()
+    lse = torch.logsumexp(z, dim=-1)
+    logq = z.gather(-1, labels[:, None])[:, 0] - lse
+    adv = logq - t.teacher_token_logprob[sl].float()
+    old = t.behaviour_logprob
+    rho = torch.exp(logq - old[sl].float()) if old is not None else torch.ones_like(logq)
+    values = {"kd": (rho * adv).sum() / n}
+    coef = spec.kd_weight * rho * adv / n  # d loss / d log q(y), per position
+    if spec.ce_weight > 0:
+        values["ce"] = -logq.sum() / n
+        coef -= spec.ce_weight / n
+    values["loss"] = spec.kd_weight * values.get("kd", 0.0) + spec.ce_weight * values.get("ce", 0.0)
+    if not need_grad:
+        return values, None
+    z.sub_(lse[:, None]).exp_().mul_(-coef[:, None])
+    z.scatter_add_(-1, labels[:, None], coef[:, None])
+    return values, z
+
+
+def check_token_targets(spec: LossSpec, t: Targets) -> None:
+    """--loss token_reverse_kl grades the student's own samples at temperature 1: the teacher's log-probs must be there."""
+    if t.labels is None or t.teacher_token_logprob is None:
+        raise DistilyError("--loss token_reverse_kl is on-policy distillation: it needs the student's sampled tokens "
+                           "graded by the teacher (its log-prob of each), which these targets (a teacher cache or "
+                           "the online teacher's logits) do not hold")
+    if spec.temperature != 1.0:
+        raise DistilyError("--loss token_reverse_kl estimates KL(q || p) at temperature 1, the one the student "
+                           f"sampled at: --temperature {spec.temperature} does not apply")
+
+
 def _tail_grad(z_tail, lse, g, temp):
     return torch.exp(z_tail / temp - lse[:, None]) * (_zero_if_none(g, lse)[:, None] / temp)
 
@@ -275,7 +329,10 @@ def reference_losses(logits, spec: LossSpec, t: Targets) -> dict:
     """The losses of kd.py on full logits [N, V] (the reference; --loss-chunk-size 0), differentiable."""
     logits, _, _, t = real_tokens(spec.vocab, logits, None, None, t)
     values = {}
-    if spec.kd is not None and t.teacher_logits is not None:
+    if spec.kd == "token_reverse_kl":
+        check_token_targets(spec, t)
+        values["kd"] = token_reverse_kl(logits, t.labels, t.teacher_token_logprob, t.behaviour_logprob)
+    elif spec.kd is not None and t.teacher_logits is not None:
         values["kd"] = kd_loss_full(spec.kd, logits, t.teacher_logits, spec.temperature, spec.beta, spec.gamma)
     elif spec.kd is not None and t.sample_ids is not None:
         values["kd"] = sampled_kd_loss(logits, t.sample_ids, t.sample_weights, t.teacher_entropy)

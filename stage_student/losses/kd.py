@@ -26,6 +26,9 @@ Divergences D(P, Q), summed over buckets and averaged over positions:
   sinkhorn    the Sinkhorn divergence S_eps(P, Q) = OT_eps(P, Q) - OT_eps(P, P)/2 - OT_eps(Q, Q)/2 (Feydy et al.
               2019, geomloss's default), OT_eps the entropic optimal transport cost between the buckets under the
               discrete ground cost c(i, j) = [i != j]; see `sinkhorn`.
+
+On-policy (ON_POLICY_LOSSES, not a divergence over buckets): `token_reverse_kl`, the per-token estimate of
+KL(Q||P) on tokens the student sampled itself, from the teacher's log-prob of each sampled token.
 """
 from __future__ import annotations
 
@@ -43,7 +46,8 @@ TEMPERATURE_WITH_BUCKET = (
     "See tests/bench/bench_temperature.py."
 )
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "cakld", "tvd", "sinkhorn")
-LOSSES = (*KD_LOSSES, "ce")
+ON_POLICY_LOSSES = ("token_reverse_kl",)  # per-token estimates on the student's own samples, not over buckets
+LOSSES = (*KD_LOSSES, "ce", *ON_POLICY_LOSSES)
 TAILS = ("bucket", "renormalize")
 
 
@@ -209,6 +213,22 @@ def sampled_kd_loss(student_logits, sample_ids, sample_weights, teacher_entropy)
     positions: [N, V], [N, m], [N, m], [N]."""
     logq = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, sample_ids.long().clamp_min(0))
     return ((sample_weights.float() * -logq).sum(-1) - teacher_entropy.float()).mean()
+
+
+def token_reverse_kl(student_logits, labels, teacher_logprob, behaviour_logprob=None):
+    """On-policy distillation's per-token reverse KL (GKD, arXiv 2306.13649; Thinking Machines, "On-policy
+    distillation", 2025): the mean over positions of  rho * stopgrad(log q(x) - log p(x)),  rho = q(x) / q_old(x).
+
+    x is the token the student sampled, log p(x) the teacher's log-prob of it (a teacher-forced pass), log q(x)
+    the current student's log-softmax at x, and log q_old(x) its log-prob when it sampled x (None: q_old = q,
+    rho = 1 in value). The value rho (log q - log p) is an unbiased estimate of KL(q || p) at the position, for
+    x ~ q_old; its gradient wrt the logits z, rho (log q - log p)(e_x - softmax(z)), is the policy gradient of
+    that KL (its E[grad log q] term is zero in expectation). Float32. Inputs flattened over positions: [N, V],
+    [N], [N], [N] or None."""
+    logq = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, labels.long()[:, None])[:, 0]
+    old = logq if behaviour_logprob is None else behaviour_logprob.float()
+    rho = torch.exp(logq - old.detach())
+    return (rho * (logq - teacher_logprob.float()).detach()).mean()
 
 
 SAMPLED_LOSSES = ("forward_kl",)  # the losses linear in P, which the sampled estimate keeps unbiased

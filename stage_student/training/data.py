@@ -139,6 +139,9 @@ def collate(rows: list[dict]) -> dict:
         "qkv": {l: {x: torch.from_numpy(np.stack([r["qkv"][l][x] for r in rows])) for x in parts}
                 for l, parts in rows[0].get("qkv", {}).items()},
     }
+    for key in ("loss_mask", "behaviour_logprob"):  # graded caches (on-policy data)
+        if key in rows[0]:
+            batch[key] = stack(key)
     if "topk_ids" in rows[0]:
         batch.update(topk_ids=stack("topk_ids", np.int64), topk_logprobs=stack("topk_logprobs"), tail_mass=stack("tail_mass"))
     if "sample_ids" in rows[0]:

@@ -14,7 +14,7 @@ from pipeline.manifest import targets_vocab
 from stage_student.losses import chunked
 from stage_student.training.data import CacheStream
 from stage_student.training.metrics import Window, memory_mb, reset_peak_memory
-from stage_student.training.step import TeacherBatch
+from stage_student.training.step import CachedTeacher, TeacherBatch, graded_positions
 
 
 @torch.no_grad()
@@ -29,12 +29,16 @@ def evaluate(t) -> dict[str, float]:
     stream = CacheStream(t.cfg.cache, plan.eval_pairs, 1, 0, 1, epochs=1, qkv_layers=t.cached_qkv_layers(),
                          collate_fn=t.cross)
     spec = chunked.LossSpec(kd="forward_kl", ce_weight=1.0, vocab=targets_vocab(plan.manifest))
+    cached = t.cached
+    if cached.kind == "token":  # --loss token_reverse_kl trains on one log-prob per token; eval reads the distributions
+        cached = CachedTeacher("topk" if plan.reader.targets in ("topk", "both") else "sampled", t.device)
     totals: dict[str, float] = {}
     n = 0
     for batch in stream:
         ids = batch["input_ids"].to(t.device)
         qkv = t.teacher(batch, ids, kd=False).qkv if plan.attn_pairs else {}  # online: its forward
-        parts = t.distiller(ids, TeacherBatch(targets=t.cached.targets(batch), qkv=qkv), spec)
+        teacher = TeacherBatch(targets=cached.targets(batch), qkv=qkv, positions=graded_positions(batch, t.device))
+        parts = t.distiller(ids, teacher, spec)
         for k, name in (("attn", "eval/attn"), ("ce", "eval/ce"), ("kd", "eval/forward_kl")):
             if k in parts:
                 totals[name] = totals.get(name, 0.0) + parts[k].item()

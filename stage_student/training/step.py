@@ -35,20 +35,27 @@ class TeacherBatch:
     targets: dict = field(default_factory=dict)
     hidden: dict = field(default_factory=dict)
     qkv: dict = field(default_factory=dict)
+    positions: torch.Tensor | None = None  # graded caches: [N] bool, the positions the token losses learn at
+
+
+def graded_positions(batch: dict, device: torch.device) -> torch.Tensor | None:
+    """A graded cache's loss mask flattened like the logits ([N] bool), or None (every position counts)."""
+    return batch["loss_mask"].reshape(-1).to(device).bool() if "loss_mask" in batch else None
 
 
 class CachedTeacher:
     """The teacher as the cache recorded it: the batch's cached targets, hidden states and Q/K/V on `device`."""
 
     def __init__(self, kind: str, device: torch.device, kd_top_k: int | None = None):
-        self.kind, self.device, self.kd_top_k = kind, device, kd_top_k  # kind: topk | sampled
+        self.kind, self.device, self.kd_top_k = kind, device, kd_top_k  # kind: topk | sampled | token
 
     def __call__(self, batch: dict, ids: torch.Tensor, kd: bool = True) -> TeacherBatch:
         """kd: with the KD targets (else only what the hidden-state and attention losses read)."""
         return TeacherBatch(
             targets=self.targets(batch, self.kd_top_k) if kd or "cross" in batch else {},
             hidden={l: h.to(self.device) for l, h in batch.get("hidden_states", {}).items()},
-            qkv={l: {x: a.to(self.device) for x, a in parts.items()} for l, parts in batch.get("qkv", {}).items()})
+            qkv={l: {x: a.to(self.device) for x, a in parts.items()} for l, parts in batch.get("qkv", {}).items()},
+            positions=graded_positions(batch, self.device))
 
     def targets(self, batch: dict, kd_top_k: int | None = None) -> dict[str, torch.Tensor]:
         """chunked.Targets fields, flattened like the logits: the teacher's top-k ids, log-probs and tail mass
@@ -56,6 +63,11 @@ class CachedTeacher:
         aligned rows and the student's labels instead (cross_tokenizer.py), with or without KD."""
         if "cross" in batch:
             return {"cross": to_device(batch["cross"], self.device)}
+        if self.kind == "token":  # --loss token_reverse_kl: the teacher's log-prob of each written token
+            out = {"teacher_token_logprob": batch["target_logprob"].reshape(-1).to(self.device)}
+            if "behaviour_logprob" in batch:
+                out["behaviour_logprob"] = batch["behaviour_logprob"].reshape(-1).to(self.device)
+            return out
         if self.kind == "sampled":
             m = batch["sample_ids"].shape[-1]
             return {"sample_ids": batch["sample_ids"].reshape(-1, m).to(self.device),
@@ -85,7 +97,13 @@ class OnlineTeacher:
         logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
         return TeacherBatch(targets={"teacher_logits": logits} if kd else {},
                             hidden={l: out.hidden_states[l] for l in self.hidden_layers},
-                            qkv=self.qkv_recorder.out if self.qkv_recorder is not None else {})
+                            qkv=self.qkv_recorder.out if self.qkv_recorder is not None else {},
+                            positions=graded_positions(batch, ids.device))
+
+
+def select_positions(targets: chunked.Targets, keep: torch.Tensor) -> chunked.Targets:
+    """The targets at the kept positions ([N] bool): every per-position field indexed alike."""
+    return chunked.Targets(**{k: None if v is None else v[keep] for k, v in vars(targets).items()})
 
 
 @dataclass
@@ -130,7 +148,10 @@ class Distiller(nn.Module):
                                                teacher.targets["cross"])
             else:
                 targets = chunked.Targets(labels=ids[:, 1:].reshape(-1), **teacher.targets)
-                parts = self.head_losses(out[:, :-1].reshape(-1, out.shape[-1]), targets, spec)
+                flat = out[:, :-1].reshape(-1, out.shape[-1])
+                if teacher.positions is not None:  # a graded cache: only the positions whose next token was written
+                    flat, targets = flat[teacher.positions], select_positions(targets, teacher.positions)
+                parts = self.head_losses(flat, targets, spec)
         self.terms = {"logit": parts["loss"]}  # the weighted terms whose sum is the loss (balance.py reads them)
         if hs:
             parts["hs"] = mapped_hidden_loss(self.hs_pairs, student_hidden, teacher.hidden, self.projectors,
