@@ -106,6 +106,9 @@ class GenerateConfig:
                               shown="embedded Lee corpus")
     prompts_column: str = opt("text", "Column of --prompts holding the text.")
     prefix_tokens: int = opt(16, "prefix/shuffled: prompt length in tokens.")
+    corpus_fraction: float = opt(0.0, "prefix: the share of sequences that continue their prompt with the --prompts "
+                                 "document's own next tokens instead of the model's (off-policy text in on-policy rounds: "
+                                 "GKD's 1 - lambda); those tokens have no writer log-probs (NaN).")
     greedy_tokens: int = opt(3, "random: tokens decoded greedily after the random first token (LLM-QAT uses 3-5).")
     mix: str = opt("prefix=1,random=1,shuffled=1,structured=1", "mix: generator=weight pairs.")
     sequences_per_shard: int = opt(64, "Sequences per shard file (and per engine call).")
@@ -256,6 +259,9 @@ class OnPolicyConfig:
     batch_size: int = opt(4, "Sequences per micro-batch.")
     optimizer: str = opt("adamw8bit", "train-student --optimizer.")
     eval_sequences: int = opt(8, "Sequences of each round's cache held out for its eval loss.")
+    mix: float = opt(1.0, "GKD's lambda: the share of each round's sequences the student writes; the rest continue "
+                     "their prompt with the --prompts document's own text, graded by the teacher alike (< 1 needs a "
+                     "--loss other than token_reverse_kl, which holds on the student's samples only).")
     train_args: list[str] = opt(help="More train-student flags for every round, e.g. '--ce-weight 0.1' (repeatable).",
                                 factory=list, shown="none")
     seed: int = opt(0, "Seed; round r generates with seed x 1000 + r (other prompts each round) and trains with it.")

@@ -10,7 +10,8 @@ Each row: ``seq_index`` int64, ``generator`` string (the generator that made it;
 picked), ``prompt_tokens`` int32 (how many leading ids were the prompt), ``input_ids`` list<int32> (prompt and
 continuation, ending with EOS where the teacher stopped), ``logprobs`` list<float32> (the writer's log-prob of each
 id it wrote, as the engine returned it: the model's log-softmax before temperature and top-p; NaN for the prompt;
-absent in datasets written before it existed), ``text`` string (the ids decoded), ``finish`` string (stop | length). The ids are the data: `teacher-cache --dataset DIR` packs them as they are, so nothing is
+absent in datasets written before it existed), ``text`` string (the ids decoded), ``finish`` string (stop | length | corpus: the document's own text,
+``--corpus-fraction``). The ids are the data: `teacher-cache --dataset DIR` packs them as they are, so nothing is
 re-tokenised (decoding and re-encoding a sample does not always give the same ids back). The files are also
 plain Parquet with a `text` column for any other tool.
 

@@ -45,6 +45,12 @@ def check(cfg: OnPolicyConfig) -> str:
     if not 1 <= cfg.prefix_tokens < cfg.max_seq_len:
         raise ConfigError(f"--prefix-tokens {cfg.prefix_tokens}: prompts must be shorter than --max-seq-len "
                           f"{cfg.max_seq_len} (the student needs room to write)")
+    if not 0 < cfg.mix <= 1:
+        raise ConfigError(f"--mix {cfg.mix} must be in (0, 1]: the share of each round's sequences the student writes")
+    if cfg.loss == "token_reverse_kl" and cfg.mix < 1:
+        raise ConfigError(f"--mix {cfg.mix} puts the documents' own text into the rounds, where the per-token "
+                          "reverse-KL estimator does not hold (the student did not sample it): use --loss forward_kl "
+                          "(or another divergence) with --mix, or --mix 1")
     if cfg.loss == "token_reverse_kl" and cfg.temperature != 1.0:
         raise ConfigError(f"--temperature {cfg.temperature}: the per-token reverse-KL estimator assumes the student "
                           "sampled its own distribution (temperature 1); use --temperature 1 or another --loss")
@@ -81,7 +87,8 @@ def round_commands(cfg: OnPolicyConfig, r: int, student: str) -> dict[str, list[
         "generate": ["generate", "-o", str(out / "generated"), "--teacher", student, "--generator", "prefix", *prompts,
                      "--prompts-column", cfg.prompts_column, "--prefix-tokens", str(cfg.prefix_tokens),
                      "--num-sequences", str(cfg.num_sequences), "--max-seq-len", str(cfg.max_seq_len),
-                     "--temperature", str(cfg.temperature), "--seed", str(cfg.seed * 1000 + r)],
+                     "--temperature", str(cfg.temperature), "--seed", str(cfg.seed * 1000 + r),
+                     *(["--corpus-fraction", str(round(1 - cfg.mix, 6))] if cfg.mix < 1 else [])],
         "teacher-cache": ["teacher-cache", "-o", str(out / "cache"), *teacher, "--dataset", str(out / "generated"),
                           "--graded", "--max-seq-len", str(cfg.max_seq_len), "--targets", cfg.targets],
         "train-student": ["train-student", "--cache", str(out / "cache"), "--student", student, "-o", str(out / "student"),

@@ -71,7 +71,7 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     reader = open_cache(cfg.cache)
     manifest = reader.manifest
     kd_on = cfg.loss != "ce" and cfg.kd_weight > 0
-    check_graded(cfg, manifest["capture"], kd_on)
+    check_graded(cfg, manifest["capture"], manifest["dataset"], kd_on)
     kd_targets = "token" if cfg.loss == "token_reverse_kl" else resolve_kd_targets(cfg, reader.targets, kd_on)
     check_draws_per_epoch(cfg, manifest["capture"])
     check_top_k(cfg, reader, kd_targets)
@@ -181,11 +181,14 @@ def resolve_kd_targets(cfg: TrainConfig, cached: str, kd_on: bool) -> str:
     return want
 
 
-def check_graded(cfg: TrainConfig, capture: dict, kd_on: bool) -> None:
+def check_graded(cfg: TrainConfig, capture: dict, dataset: dict, kd_on: bool) -> None:
     """--loss token_reverse_kl reads a graded cache (the student's own samples: docs/on-policy.md); a graded cache
     trains with any loss (at the written positions only), but not across tokenizers."""
     graded = bool(capture.get("graded"))
     if cfg.loss == "token_reverse_kl":
+        if dataset.get("generated", {}).get("params", {}).get("corpus_fraction", 0) > 0:
+            raise ConfigError("--loss token_reverse_kl holds on the student's own samples, and this graded cache also "
+                              "holds documents' own text (generate --corpus-fraction): use --loss forward_kl")
         if not graded:
             raise ConfigError("--loss token_reverse_kl estimates the reverse KL on tokens the student sampled itself: it "
                               "needs a graded cache (`distily generate --teacher STUDENT`, then `distily teacher-cache "

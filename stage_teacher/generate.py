@@ -60,6 +60,8 @@ def check_options(cfg: GenerateConfig) -> dict[str, float]:
         raise ConfigError(f"--top-p {cfg.top_p} is out of range (0, 1] (1 keeps the whole distribution)")
     if not 1 <= cfg.prefix_tokens < cfg.max_seq_len:
         raise ConfigError(f"--prefix-tokens {cfg.prefix_tokens} must be between 1 and --max-seq-len - 1 ({cfg.max_seq_len - 1})")
+    if not 0 <= cfg.corpus_fraction <= 1 or (cfg.corpus_fraction > 0 and cfg.generator != "prefix"):
+        raise ConfigError(f"--corpus-fraction {cfg.corpus_fraction} must be in [0, 1], and above 0 only with --generator prefix")
     if not 0 <= cfg.greedy_tokens < cfg.max_seq_len:
         raise ConfigError(f"--greedy-tokens {cfg.greedy_tokens} must be between 0 and --max-seq-len - 1")
     if cfg.sequences_per_shard < 1:
@@ -117,7 +119,8 @@ def prepare(cfg: GenerateConfig) -> tuple[dict, Context, str]:
                     "model_type": teacher_cfg.model_type, "vocab_size": teacher_cfg.vocab_size},
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "generator": cfg.generator,
-        "params": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY}
+        "params": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY
+                   and not (k == "corpus_fraction" and v == 0)}  # sets written before it existed keep their identity
         | {"dtype": resolve_dtype(cfg.dtype)},  # auto: the dtype it resolved to on this machine
         "seed": cfg.seed,
         "job": {"num_shards": cfg.num_shards, "shard_index": cfg.shard_index},
@@ -147,6 +150,11 @@ def generate_rows(engine, ctx: Context, indices: np.ndarray) -> list[dict]:
     ids = [list(r.prompt[: limit - 1]) for r in reqs]
     logprobs = [[float("nan")] * len(x) for x in ids]  # the writer's log-prob of each token it wrote (NaN: prompt)
     finish = ["length"] * len(reqs)
+    for k, r in enumerate(reqs):  # --corpus-fraction: the document's own text, no engine
+        if r.continuation is not None:
+            ids[k] += list(r.continuation[: limit - len(ids[k])])
+            logprobs[k] += [float("nan")] * (len(ids[k]) - len(logprobs[k]))
+            finish[k] = "corpus"
 
     def run(which: list[int], params: list) -> None:
         if not which:
@@ -159,10 +167,10 @@ def generate_rows(engine, ctx: Context, indices: np.ndarray) -> list[dict]:
             if out.outputs[0].finish_reason == "stop":
                 finish[k] = "stop"
 
-    greedy = [k for k, r in enumerate(reqs) if r.greedy_tokens > 0]
+    greedy = [k for k, r in enumerate(reqs) if r.greedy_tokens > 0 and r.continuation is None]
     run(greedy, [SamplingParams(temperature=0.0, max_tokens=min(reqs[k].greedy_tokens, limit - len(ids[k])),
                                 logprobs=0, detokenize=False) for k in greedy])
-    sampled = [k for k in range(len(reqs)) if finish[k] != "stop" and len(ids[k]) < limit]
+    sampled = [k for k in range(len(reqs)) if finish[k] == "length" and len(ids[k]) < limit]
     run(sampled, [SamplingParams(
         temperature=cfg.temperature if reqs[k].temperature is None else reqs[k].temperature, top_p=cfg.top_p,
         max_tokens=limit - len(ids[k]), seed=sample_seed(cfg.seed, int(indices[k])), logprobs=0, detokenize=False)

@@ -34,6 +34,7 @@ class Request:
     generator: str  # the generator that made it (mix: the one it picked)
     greedy_tokens: int = 0  # decoded greedily before sampling starts
     temperature: float | None = None  # None: the run's --temperature
+    continuation: list[int] | None = None  # --corpus-fraction: the document's own next tokens, written instead
 
 
 @dataclass
@@ -68,7 +69,10 @@ def random_start(ctx: Context, rng: np.random.Generator) -> Request:
 @register("prefix")
 def prefix(ctx: Context, rng: np.random.Generator) -> Request:
     doc = ctx.documents[int(rng.integers(len(ctx.documents)))]
-    return Request(document_bos(ctx.tokenizer) + doc[: ctx.cfg.prefix_tokens], "prefix")
+    prompt = document_bos(ctx.tokenizer) + doc[: ctx.cfg.prefix_tokens]
+    if ctx.cfg.corpus_fraction > 0 and rng.random() < ctx.cfg.corpus_fraction:  # no draw at 0: older sets unchanged
+        return Request(prompt, "corpus", continuation=doc[ctx.cfg.prefix_tokens :])
+    return Request(prompt, "prefix")
 
 
 @register("shuffled")

@@ -207,3 +207,34 @@ def test_on_policy_round_end_to_end_resumes_after_kill_9_in_each_stage(tmp_path,
     assert check.returncode == 0, check.stderr
     again = subprocess.run(cmd, env=env, capture_output=True, text=True)  # nothing left to do: no stage runs
     assert again.returncode == 0 and "on-policy round 1/1: distily" not in again.stdout
+
+
+def test_mix_puts_documents_own_text_into_a_round(tmp_path, tiny_teacher, text_file, vllm_engine):
+    """GKD's lambda: generate --corpus-fraction continues some prompts with the document's own tokens (no writer
+    log-probs), the graded cache grades them alike, and the estimator that needs the student's samples is refused."""
+    from pipeline.on_policy import check, round_commands
+    from stage_student.plan import plan_run
+
+    gen = tmp_path / "gen"
+    generate.run(GenerateConfig(output=str(gen), teacher=str(tiny_teacher), prompts=str(text_file), generator="prefix",
+                                num_sequences=12, max_seq_len=SEQ, prefix_tokens=6, corpus_fraction=0.5), engine=vllm_engine)
+    rows = generated_rows(gen)
+    _, ctx, _ = generate.prepare(GenerateConfig(output=str(gen), teacher=str(tiny_teacher), prompts=str(text_file),
+                                                generator="prefix", num_sequences=12, max_seq_len=SEQ, prefix_tokens=6,
+                                                corpus_fraction=0.5))
+    corpus = [r for r in rows if r["generator"] == "corpus"]
+    assert 0 < len(corpus) < 12 and all(r["finish"] == "corpus" and np.isnan(r["logprobs"]).all() for r in corpus)
+    for r in corpus:  # prompt + the same document's next tokens
+        assert any(r["input_ids"] == d[: len(r["input_ids"])] for d in ctx.documents)
+    cache = tmp_path / "cache"
+    capture(capture_cfg(tiny_teacher, gen, cache, backend="vllm", max_seq_len=SEQ, max_tokens=None, graded=True),
+            teacher=vllm_engine)
+    for r, g in zip(read_all(cache), rows):
+        assert r["loss_mask"].sum() == len(g["input_ids"]) - g["prompt_tokens"]
+    with pytest.raises(DistilyError, match="also holds documents' own text"):
+        plan_run(TrainConfig(cache=str(cache), loss="token_reverse_kl"))
+    base = dict(output=str(tmp_path / "op"), student=str(tiny_teacher), teacher=str(tiny_teacher))
+    with pytest.raises(ConfigError, match="--mix 0.75 puts the documents' own text"):
+        check(OnPolicyConfig(**base, mix=0.75))
+    cmds = round_commands(OnPolicyConfig(**base, mix=0.75, loss="forward_kl"), 1, "s")
+    assert cmds["generate"][-2:] == ["--corpus-fraction", "0.25"]
