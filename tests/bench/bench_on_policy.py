@@ -3,7 +3,7 @@ teacher tokens (`make bench-on-policy`): prints a table and writes JSON.
 
 Arms, each from --start (the demo's KD student by default):
   off-policy  train-student on the off-policy cache (--cache, teacher-graded text) for rounds x steps steps
-  on-policy   `distily on-policy` for --rounds rounds of --steps steps, --num-sequences x --max-seq-len tokens each
+  on-policy   `distily on-policy` (--loss, --mix) for --rounds rounds of --steps steps, --num-sequences x --max-seq-len tokens each
               (rounds x sequences x length = the off-policy cache's tokens by default: equal teacher tokens)
 
 Measured on prompts the students never trained on: the first --prompt-tokens tokens of the held-out Lee articles
@@ -82,13 +82,15 @@ def train_arms(a, out: Path) -> dict:
                                      "--lr-schedule", "constant", "--warmup-steps", "3", "--batch-size", "4",
                                      "--eval-sequences", "8", "--seed", str(a.seed), "--save-steps", str(steps),
                                      "--logging-steps", "10", "--resume"])
-    on = out / (f"on-policy-seed{a.seed}" if a.loss == "token_reverse_kl" else f"on-policy-{a.loss}-seed{a.seed}")
-    seconds["on-policy"] = run(["on-policy", "-o", str(on), "--loss", a.loss, "--student", a.start, "--rounds", str(a.rounds), "--steps",
+    tag = ("" if a.loss == "token_reverse_kl" else f"-{a.loss}") + ("" if a.mix == 1 else f"-mix{a.mix}")
+    on = out / f"on-policy{tag}-seed{a.seed}"
+    seconds["on-policy"] = run(["on-policy", "-o", str(on), "--loss", a.loss, "--mix", str(a.mix), "--student", a.start, "--rounds", str(a.rounds), "--steps",
                                 str(a.steps), "--num-sequences", str(a.num_sequences), "--max-seq-len", str(a.max_seq_len),
                                 "--prefix-tokens", "32", "--lr", str(a.lr), "--seed", str(a.seed)])
     rounds = json.loads((on / "rounds.json").read_text())["rounds"]
     arms = {"start": a.start, "off-policy": str(off / "final")}
-    arms |= {f"on-policy ({a.loss}) round {e['round']}": e["student_out"] for e in rounds}
+    mix = "" if a.mix == 1 else f", mix {a.mix}"
+    arms |= {f"on-policy ({a.loss}{mix}) round {e['round']}": e["student_out"] for e in rounds}
     return {"arms": arms, "seconds": seconds, "rounds": rounds}
 
 
@@ -104,6 +106,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loss", default="token_reverse_kl", help="the on-policy arm's train-student --loss")
+    p.add_argument("--mix", type=float, default=1.0, help="the on-policy arm's --mix (GKD's lambda)")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=96)
