@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .config import OnPolicyConfig
 from .errors import ConfigError
+from .generated import read_manifests
 from .manifest import atomic_write_json, read_json
 
 ROUNDS = "rounds.json"
@@ -104,8 +105,7 @@ def stage_done(stage: str, cmd: list[str]) -> bool:
     """Whether the stage's output is complete (its command would find nothing to do)."""
     out = Path(cmd[cmd.index("-o") + 1])
     if stage == "generate":
-        parts = [out / "generated.json", *out.glob("generated.part-*.json")]
-        manifests = [read_json(p) for p in parts if p.exists()]
+        manifests = read_manifests(out)
         return bool(manifests) and all(m.get("complete") for m in manifests)
     if stage == "teacher-cache":
         return (out / "manifest.json").exists() and bool(read_json(out / "manifest.json").get("complete"))
