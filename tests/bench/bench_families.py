@@ -248,6 +248,9 @@ def main() -> None:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(out, indent=1, default=str))
     print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    tp = out.get("qwen-tp")
+    if tp and not (tp["ids_equal"] and tp["max_abs_target_logprob_diff"] <= 1e-3 and tp["top1_agreement"] >= 0.999):
+        raise SystemExit("tensor-parallel 2 does not equal 1 (ids, log-probs within 1e-3, top-1 >= 0.999): see the JSON")
 
 
 if __name__ == "__main__":
