@@ -78,8 +78,8 @@ def run(cfg: EvalConfig) -> dict:
     models = dict(zip(labels, paths))
     if teacher:
         models = {"teacher": teacher, **models}
-    for name, path in models.items():  # fail on a bad path before any model is loaded
-        resolve_model(path) if name == "teacher" else _check_dir(path)
+    for name, path in models.items():  # fail on a bad path before any model is loaded (a GGUF is converted once)
+        resolve_model(path) if name == "teacher" or path.lower().endswith(".gguf") else _check_dir(path)
     spec = DatasetSpec(cfg.dataset or DEFAULT_EVAL_DATASET, None, cfg.split, cfg.text_column, cfg.sample_by)
     texts = load_texts(spec)[: cfg.max_documents]
     out = Path(cfg.output)

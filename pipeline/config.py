@@ -217,9 +217,10 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    model: str = opt("runs/student/final", "Student: an HF model dir, or a train-student run dir (its final/).")
+    model: str = opt("runs/student/final", "Student: an HF model dir, a train-student run dir (its final/) or a .gguf file.")
     teacher: str | None = opt(None, "Teacher to compare with.", shown="the student's cache teacher")
-    baseline: list[str] = opt(help="More models for the table (repeatable), e.g. a CE-only student.", factory=list, shown="none")
+    baseline: list[str] = opt(help="More models for the table (repeatable), e.g. a CE-only student or the student's "
+                              "starting point (a model dir or .gguf file).", factory=list, shown="none")
     dataset: str | None = opt(None, "Held-out text: txt/jsonl/parquet file, glob or hub id.", shown="embedded Lee eval text")
     text_column: str = opt("text", "Column holding the text.")
     split: str = opt("test", "Hub dataset split.")
