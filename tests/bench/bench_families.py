@@ -27,8 +27,8 @@ Steps (--steps, comma-separated):
   qwen-tp       the Qwen 0.5B teacher captured at --tensor-parallel-size 1 and 2 (vLLM's mp workers): the same tokens,
                 their top-k and target log-probs compared
   qwen-code     the 1.5B captured over --code-tokens of CPython's standard library on this machine (whole modules
-                held out), then students of --code-tokens / 1,024 steps of 4 x 256 tokens: the pretrained 0.5B with KD
-                and with CE only (--code-lr), and a 14-of-28-layer cut of the 1.5B with KD (lr 1e-4); held-out
+                held out), then students of --code-tokens / 1,024 steps of 4 x 256 tokens: the pretrained 0.5B with KD,
+                CE only and KD + CE (--code-lr), and a 14-of-28-layer cut of the 1.5B with KD (lr 1e-4); held-out
                 perplexity of the teacher, the 0.5B as it starts, and each student
   gguf-vs-hf    each real teacher's cache (the steps above) against transformers' own load of the same GGUF file:
                 target log-probs, top-1 of top-k caches, log-probs of the sampled ids
@@ -290,6 +290,9 @@ def qwen_code(a, runs: Path, teacher: Path, student: Path) -> dict:
     models = [code / "kd-0.5b" / "final", code / "ce-0.5b" / "final", student, code / "kd-cut14" / "final"]
     heldout = ["--dataset", str(heldout_file), "--max-seq-len", "256", "--stride", "256"]
     ev = evaluate_on(code / "eval", str(teacher), models, *heldout)
+    # KD + CE (--ce-weight 1), added after KD alone lost to CE: its own eval (the teacher is scored again)
+    rows["kdce-0.5b"] = train(cache, code / "kdce-0.5b", steps, *small, "--ce-weight", "1")
+    ev.update(evaluate_on(code / "eval-kdce", str(teacher), [code / "kdce-0.5b" / "final"], *heldout))
     return {"cache": stats, "train": rows, "eval": ev, "train_steps": steps}
 
 
