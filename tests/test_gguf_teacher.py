@@ -134,15 +134,19 @@ def test_a_gguf_teachers_cache_equals_transformers_forward_of_the_gguf(gguf_file
     assert top1 / n >= 0.999
 
 
-def test_eval_takes_a_gguf_as_model_or_baseline(gguf_files, text_file, tmp_path):
-    """`distily eval --baseline FILE.gguf` (e.g. a pretrained student's starting point): converted like a teacher,
-    scored like the model it was written from (F32 GGUF: the same perplexity)."""
+@pytest.mark.parametrize("gguf_as", ["baseline", "model"])
+def test_eval_takes_a_gguf_as_model_or_baseline(gguf_files, text_file, tmp_path, gguf_as):
+    """`distily eval --baseline FILE.gguf` (e.g. a pretrained student's starting point) or `--model FILE.gguf`:
+    converted like a teacher, scored like the model it was written from (F32 GGUF: the same perplexity)."""
     from eval.run import run
     from pipeline.config import EvalConfig
 
     src, path = gguf_files["llama"]
-    summary = run(EvalConfig(model=str(src), baseline=[str(path)], tasks=[], dataset=str(text_file), max_documents=4,
-                             max_seq_len=64, stride=32, output=str(tmp_path / "eval")))
-    (name, hf), (_, gguf) = summary["models"].items()
-    assert name == src.name and gguf["path"] == resolve_model(str(path))[0]
-    assert gguf["metrics"]["heldout/perplexity"] == pytest.approx(hf["metrics"]["heldout/perplexity"], rel=1e-5)
+    first, second = (src, path) if gguf_as == "baseline" else (path, src)
+    summary = run(EvalConfig(model=str(first), baseline=[str(second)], tasks=[], dataset=str(text_file),
+                             max_documents=4, max_seq_len=64, stride=32, output=str(tmp_path / "eval")))
+    scored = dict(zip((first, second), summary["models"].values()))
+    assert list(summary["models"]) == [first.name, second.name]
+    assert scored[path]["path"] == resolve_model(str(path))[0]
+    assert scored[path]["metrics"]["heldout/perplexity"] == pytest.approx(scored[src]["metrics"]["heldout/perplexity"],
+                                                                          rel=1e-5)
