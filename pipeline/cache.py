@@ -76,16 +76,20 @@ def ragged_to_padded(lengths: np.ndarray, n: int, t: int):
     return padded
 
 
-def inclusion_probability(logq: np.ndarray, draws: int) -> np.ndarray:
-    """pi = 1 - (1 - q)^draws: the chance that an id of probability q is drawn at least once in `draws` draws."""
+def inclusion_probability(logq: np.ndarray, draws: int, sampling: str = "iid") -> np.ndarray:
+    """The chance that an id of probability q is drawn at least once in `draws` draws: 1 - (1 - q)^draws for
+    independent draws (iid), min(1, draws q) for systematic ones (stage_teacher/targets.py draw)."""
     q = np.exp(np.minimum(logq, 0.0))
+    if sampling == "systematic":
+        return np.minimum(1.0, draws * q)
     return -np.expm1(draws * np.log1p(-np.minimum(q, 1 - 1e-16)))
 
 
-def inclusion_weights(logp: np.ndarray, logq: np.ndarray, draws: int, certain: np.ndarray, valid: np.ndarray) -> np.ndarray:
+def inclusion_weights(logp: np.ndarray, logq: np.ndarray, draws: int, certain: np.ndarray, valid: np.ndarray,
+                      sampling: str = "iid") -> np.ndarray:
     """Horvitz-Thompson weights p / pi of ids seen in `draws` draws from q (inclusion_probability); p itself where
     `certain` (the true next token, always kept), 0 where not `valid`."""
-    pi = np.where(certain, 1.0, np.maximum(inclusion_probability(logq, draws), 1e-300))
+    pi = np.where(certain, 1.0, np.maximum(inclusion_probability(logq, draws, sampling), 1e-300))
     return np.where(valid, np.exp(logp) / pi, 0.0)
 
 
@@ -215,7 +219,8 @@ class CacheReader:
         logq = logp / temperature
         if "sample_logq_norm" in cols:
             logq = logq + cols["sample_logq_norm"].astype(np.float64).reshape(n, t - 1, 1)
-        weights = inclusion_weights(logp, logq, int(cap["samples"]), ids == next_ids[..., None], ids >= 0)
+        weights = inclusion_weights(logp, logq, int(cap["samples"]), ids == next_ids[..., None], ids >= 0,
+                                    cap.get("sampling", "iid"))
         return {"sample_ids": ids, "sample_logprobs": logp.astype(np.float32), "sample_weights": weights.astype(np.float32),
                 "teacher_entropy": -(weights * logp).sum(-1).astype(np.float32)}
 

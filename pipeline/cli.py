@@ -143,8 +143,9 @@ def inspect(cache: str = typer.Argument(..., help="Cache dir or fsspec URL.")):
         rows.append(("top-k", f"{cap['top_k']} as {cap.get('logprob_dtype', 'float32')} log-probs"))
     if targets in ("sampled", "both", "sampled-exact"):
         exact = " with exact log-probs, + the true next token" if targets == "sampled-exact" else ""
-        rows.append(("samples", f"{cap['samples']} draws/position at t={cap['sample_temperature']}, seed {cap['sample_seed']}"
-                                f"{exact}; {stats.get('mean_unique_samples', float('nan')):.1f} unique ids/position"))
+        rows.append(("samples", f"{cap['samples']} {cap.get('sampling', 'iid')} draws/position at "
+                                f"t={cap['sample_temperature']}, seed {cap['sample_seed']}{exact}; "
+                                f"{stats.get('mean_unique_samples', float('nan')):.1f} unique ids/position"))
     if cap.get("graded"):
         rows.append(("graded", "on-policy data: one generated sequence per row, the loss on the written tokens only"
                                + (", with the writer's log-probs" if cap.get("behaviour_logprobs") else "")))

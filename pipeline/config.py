@@ -59,8 +59,12 @@ class CaptureConfig:
     top_k: int = opt(64, "Teacher top-k log-probs per position.")
     logprob_dtype: str = opt("uint8", "Stored form of the top-k log-probs: uint8 (8 bits in log space with a per-position "
                              "scale, KL(stored||exact) ~1e-5) | float16 | float32.")
-    samples: int | None = opt(None, "--targets sampled-exact/sampled/both: draws per position (with replacement).",
-                              shown="56 for sampled-exact, 64 for sampled and both")
+    samples: int | None = opt(None, "--targets sampled-exact/sampled/both: draws per position.",
+                              shown="48 for sampled-exact, 64 for sampled and both")
+    sampling: str = opt("systematic", "--targets sampled-exact/sampled/both: how the --samples draws are made: iid (independent "
+                        "draws with replacement) | systematic (one uniform offset, the draws evenly spaced over the "
+                        "distribution's cumulative sum: an id of probability q is drawn with chance min(1, N q), so every "
+                        "id above 1/N is always kept and the tail's total weight is exact to 1/N). docs/teacher-cache.md.")
     sample_temperature: float = opt(1.0, "--targets sampled-exact/sampled/both: draw from softmax(z / t); t != 1 stores "
                                     "what keeps the estimate unbiased (importance weights p/q, or q's normaliser).")
     graded: bool = opt(False, "A generated --dataset (`distily generate`) as on-policy data: one sequence per row (EOS-padded "

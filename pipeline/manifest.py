@@ -6,7 +6,7 @@ A manifest is a plain JSON dict::
     teacher{source, path, weights_sha256, weights_sha256_source, revision, num_hidden_layers, hidden_size,
             vocab_size}                     # weights_sha256_source: hashed | reused (pipeline/resolve.py)
     tokenizer{sha256, vocab_size, eos_token_id, bos_token_id, pad_token_id}
-    capture{backend, targets_from, targets, top_k, logprob_dtype, samples, sample_temperature, sample_seed,
+    capture{backend, targets_from, targets, top_k, logprob_dtype, samples, sample_temperature, sampling, sample_seed,
             hidden_layers, hidden_dtype, logprobs, max_seq_len, sequences_per_shard,
             targets_vocab}                  # only when the head is padded: see targets_vocab() below
     dataset{spec, fingerprint, num_sequences, num_tokens}
@@ -199,6 +199,8 @@ def identity(manifest: dict) -> dict:
     ident["teacher"] = {k: v for k, v in (ident["teacher"] or {}).items() if k not in ("path", "weights_sha256_source")}
     if ident.get("dataset"):  # caches written before --sample-by existed read text files as `auto` does
         ident["dataset"] = {**ident["dataset"], "spec": {"sample_by": "auto", **ident["dataset"].get("spec", {})}}
+    if ident.get("capture"):  # caches written before --sampling existed drew iid
+        ident["capture"] = {"sampling": "iid", **ident["capture"]}
     return ident
 
 

@@ -91,6 +91,7 @@ PARQUET_COMPRESSION = "zstd"
 ZSTD_LEVEL = 3
 
 TARGETS = ("sampled-exact", "topk", "sampled", "both")
+SAMPLINGS = ("iid", "systematic")  # --sampling: how a sampled kind's draws are made (a manifest without it: iid)
 DEFAULT_TARGETS = "topk"  # what a manifest without a "targets" entry (version 1) holds
 LOGPROB_DTYPES = ("uint8", "float16", "float32")
 HIDDEN_DTYPES = ("float32", "float16", "bfloat16", "int8")

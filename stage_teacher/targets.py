@@ -30,6 +30,7 @@ class TargetSpec:
     targets: str = "topk"  # topk | sampled | both | sampled-exact
     samples: int = 64
     sample_temperature: float = 1.0
+    sampling: str = "iid"  # iid | systematic (draw)
     seed: int = 0
     chunk_positions: int = 512
     vocab: int | None = None  # the real tokens, len(tokenizer): logits beyond are cut (None: the whole head)
@@ -101,7 +102,7 @@ def chunk_targets(z: torch.Tensor, next_ids: torch.Tensor, spec: TargetSpec, gen
         out["teacher_entropy"] = total.log() - torch.linalg.vecdot(e, z, dim=-1) / total
         if t != 1.0:
             e = (z / t).exp_()  # q's unnormalised probabilities, exp((z - max) / t)
-        draws = torch.multinomial(e, spec.samples, replacement=True, generator=gen)
+        draws = draw(e, spec.samples, spec.sampling, gen)
         ids, counts = unique_counts(draws)
         out["sample_ids"], out["sample_counts"] = ids, counts
         if t != 1.0:
@@ -123,19 +124,42 @@ def chunk_targets(z: torch.Tensor, next_ids: torch.Tensor, spec: TargetSpec, gen
 def exact_samples(z: torch.Tensor, next_ids: torch.Tensor, spec: TargetSpec, gen: torch.Generator) -> dict:
     """--targets sampled-exact: N draws from q = softmax(z / t), reduced to their unique ids, joined with the true
     next token, each with its exact teacher log-prob log p (z holds z - max, read only). The reader weights id i by
-    p_i / pi_i, pi_i = 1 - (1 - q_i)^N its chance to be drawn at least once (1 for the true token, which is always
-    there): the Horvitz-Thompson estimate of p, unbiased, and exact for every token likely to be drawn (pi ~ 1).
+    p_i / pi_i, pi_i its chance to be drawn at least once (`draw`: 1 - (1 - q_i)^N iid, min(1, N q_i) systematic;
+    1 for the true token, which is always there): the Horvitz-Thompson estimate of p, unbiased, and exact for every token likely to be drawn (pi ~ 1).
     t != 1 also stores sample_logq_norm, c with log q_i = log p_i / t + c."""
     t = spec.sample_temperature
     log_total = torch.logsumexp(z, dim=-1)
     e = (z / t).exp() if t != 1.0 else z.exp()
-    draws = torch.multinomial(e, spec.samples, replacement=True, generator=gen)
+    draws = draw(e, spec.samples, spec.sampling, gen)
     ids, _ = unique_counts(torch.cat([draws, next_ids[:, None].long()], dim=-1))
     logp = z.gather(-1, ids.clamp_min(0)) - log_total[:, None]
     out = {"sample_ids": ids, "sample_logprobs": torch.where(ids >= 0, logp, 0.0)}
     if t != 1.0:
         out["sample_logq_norm"] = log_total / t - torch.logsumexp(z / t, dim=-1)
     return out
+
+
+SYSTEMATIC_ROWS = 64  # rows per float64 cumulative sum in `draw` (bounds its [rows, V] temporaries)
+
+
+def draw(e: torch.Tensor, n: int, sampling: str, gen: torch.Generator) -> torch.Tensor:
+    """n draws per row from the unnormalised probabilities e [C, V] -> ids [C, n].
+
+    iid: independent draws with replacement; id v appears at least once with chance 1 - (1 - q_v)^n.
+    systematic: one offset u ~ U[0, 1) per row and the points (u + j) / n, j < n, on the cumulative sum of q: id v
+    appears at least once with chance min(1, n q_v) exactly, whatever the ids' order, and its count is floor or
+    ceil of n q_v (Madow's systematic sampling; particle filters' systematic resampling). Every id with q >= 1/n
+    is always drawn, and the draws falling in the tail number its mass times n to within one."""
+    if sampling == "iid":
+        return torch.multinomial(e, n, replacement=True, generator=gen)
+    out = []
+    steps = torch.arange(n, dtype=torch.float64, device=e.device)
+    for rows in e.split(SYSTEMATIC_ROWS):
+        cdf = rows.double().cumsum_(-1)
+        u = torch.rand(rows.shape[0], 1, generator=gen, dtype=torch.float64, device=e.device)
+        points = (u + steps) / n * cdf[:, -1:]
+        out.append(torch.searchsorted(cdf, points, right=True).clamp_max_(rows.shape[-1] - 1))
+    return torch.cat(out)
 
 
 def unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

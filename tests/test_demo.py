@@ -22,7 +22,8 @@ def test_make_demo_tiny(tmp_path, tiny_teacher, text_file):
     assert "demo finished" in r.stdout and f"{runs}/eval/eval.md" in r.stdout
     manifest = json.loads((runs / "cache" / "manifest.json").read_text())
     assert manifest["capture"]["backend"] == "vllm" and manifest["stats"]["tokens"] == 2048
-    assert manifest["capture"]["targets"] == "sampled-exact" and manifest["capture"]["samples"] == 56  # the default
+    cap = manifest["capture"]
+    assert (cap["targets"], cap["samples"], cap["sampling"]) == ("sampled-exact", 48, "systematic")  # the default
     summary = json.loads((runs / "eval" / "eval.json").read_text())
     assert list(summary["models"]) == ["teacher", "student-kd", "student-ce"]
     for name in ("student-kd", "student-ce"):

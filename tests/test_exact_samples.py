@@ -15,7 +15,7 @@ import torch
 from conftest import assert_mean_is_forward_kl, capture_cfg, read_all
 
 from pipeline import schema
-from pipeline.cache import CacheReader, inclusion_weights
+from pipeline.cache import CacheReader, inclusion_probability, inclusion_weights
 from pipeline.cache_write import write_shard
 from stage_student.losses import chunked
 from stage_student.losses import kd as losses
@@ -29,16 +29,17 @@ def manifest(samples: int, temperature: float = 1.0, vocab: int = 40) -> dict:
                         "sample_temperature": temperature, "hidden_dtype": "bfloat16"}}
 
 
-@pytest.mark.parametrize("temperature", [1.0, 1.5])
-def test_exact_sample_estimate_is_unbiased(temperature):
+@pytest.mark.parametrize("temperature,sampling", [(1.0, "iid"), (1.5, "iid"), (1.0, "systematic"), (1.5, "systematic")])
+def test_exact_sample_estimate_is_unbiased(temperature, sampling):
     """Over many independent draws the loss and its gradient (wrt the student's logits) average to the full forward
-    KL's: the Horvitz-Thompson weights p / pi, with pi = 1 - (1 - q)^N and the true token at pi = 1."""
+    KL's: the Horvitz-Thompson weights p / pi, with pi = 1 - (1 - q)^N (iid) or min(1, N q) (systematic) and the
+    true token at pi = 1."""
     g = torch.Generator().manual_seed(0)
     vocab, positions, repeats, draws = 40, 3, 20000, 8
     teacher = torch.randn(positions, vocab, generator=g, dtype=torch.float64) * 2
     student = torch.randn(positions, vocab, generator=g, dtype=torch.float64)
     next_ids = torch.tensor([3, 17, 29])
-    spec = TargetSpec(targets="sampled-exact", samples=draws, sample_temperature=temperature)
+    spec = TargetSpec(targets="sampled-exact", samples=draws, sample_temperature=temperature, sampling=sampling)
     rows = teacher.repeat_interleave(repeats, 0)
     t = chunk_targets(rows.clone(), next_ids.repeat_interleave(repeats), spec, sequence_generator(0, 0, "cpu"))
     ids, logp = t["sample_ids"], t["sample_logprobs"].double()
@@ -48,7 +49,7 @@ def test_exact_sample_estimate_is_unbiased(temperature):
     certain = ids == next_ids.repeat_interleave(repeats)[:, None]
     assert (certain.sum(-1) == 1).all()  # the true next token is always there
     logq = logp / temperature + (t["sample_logq_norm"].double()[:, None] if temperature != 1.0 else 0.0)
-    w = torch.from_numpy(inclusion_weights(logp.numpy(), logq.numpy(), draws, certain.numpy(), valid.numpy()))
+    w = torch.from_numpy(inclusion_weights(logp.numpy(), logq.numpy(), draws, certain.numpy(), valid.numpy(), sampling))
 
     s = student.repeat_interleave(repeats, 0).requires_grad_(True)
     per_row = (w * (logp - torch.log_softmax(s, -1).gather(-1, ids.clamp_min(0)))).sum(-1)
@@ -63,16 +64,19 @@ def test_exact_sample_estimate_is_unbiased(temperature):
     assert grad.var(1).sum() < 0.7 * s2.grad.reshape(positions, repeats, vocab).var(1).sum()
 
 
-def test_reader_weights_equal_float64_reference(tmp_path):
+@pytest.mark.parametrize("sampling", ["iid", "systematic"])
+def test_reader_weights_equal_float64_reference(tmp_path, sampling):
     """A shard round trip: stored codes within 1/32 nat of the exact log-probs, and the reader's weights and entropy
-    estimate equal a float64 computation from the codes (p / (1 - (1 - p)^N), p for the true token)."""
+    estimate equal a float64 computation from the codes (p / (1 - (1 - p)^N) iid, p / min(1, N p) systematic; p for
+    the true token)."""
     g = torch.Generator().manual_seed(3)
     n, t, vocab, draws = 3, 9, 40, 16
     logits = torch.randn(n, t - 1, vocab, generator=g) * 3
     input_ids = torch.randint(0, vocab, (n, t), generator=g)
-    spec = TargetSpec(targets="sampled-exact", samples=draws)
+    spec = TargetSpec(targets="sampled-exact", samples=draws, sampling=sampling)
     per_seq = [sequence_targets(lambda a, b, z=logits[i]: z[a:b].clone(), input_ids[i, 1:], spec, i) for i in range(n)]
     m = manifest(draws)
+    m["capture"]["sampling"] = sampling
     entry = write_shard(tmp_path, 0, m, np.arange(n), input_ids.numpy(), batch_targets(per_seq))
     reader = CacheReader(tmp_path)
     reader.__dict__["manifest"] = m
@@ -87,19 +91,21 @@ def test_reader_weights_equal_float64_reference(tmp_path):
     for i, j in zip(*np.nonzero(valid.any(-1))):
         for k in np.nonzero(valid[i, j])[0]:
             p = math.exp(codes_logp[i, j, k])
-            want = p if certain[i, j, k] else p / (1 - (1 - p) ** draws)
+            pi = 1 - (1 - p) ** draws if sampling == "iid" else min(1.0, draws * p)
+            want = p if certain[i, j, k] else p / pi
             assert got["sample_weights"][i, j, k] == pytest.approx(want, rel=1e-6)
     assert (certain.sum(-1) == 1).all()
     np.testing.assert_allclose(got["teacher_entropy"], -(got["sample_weights"].astype(np.float64) * codes_logp).sum(-1),
                                rtol=1e-5, atol=1e-6)
 
 
-def test_sampled_exact_cache_vllm_equals_hf(tmp_path, tiny_teacher, text_file, vllm_engine):
+@pytest.mark.parametrize("sampling", ["iid", "systematic"])
+def test_sampled_exact_cache_vllm_equals_hf(tmp_path, tiny_teacher, text_file, vllm_engine, sampling):
     """Captured under vLLM (LM-head hooks; the session's one engine) and with the HF reference: the same seeded
     draws, and every stored log-prob within the code's rounding of an independent HF forward's log-softmax."""
     from transformers import AutoModelForCausalLM
 
-    kw = dict(targets="sampled-exact", samples=16)
+    kw = dict(targets="sampled-exact", samples=16, sampling=sampling)
     run(capture_cfg(tiny_teacher, text_file, tmp_path / "vllm", backend="vllm", **kw), teacher=vllm_engine)
     run(capture_cfg(tiny_teacher, text_file, tmp_path / "hf", **kw))
     a, b = read_all(tmp_path / "vllm"), read_all(tmp_path / "hf")
@@ -119,6 +125,36 @@ def test_sampled_exact_cache_vllm_equals_hf(tmp_path, tiny_teacher, text_file, v
         same += int((x["sample_ids"][:, :m] == y["sample_ids"][:, :m]).all(-1).sum())
         total += len(x["sample_ids"])
     assert same / total >= 0.98  # the same seeded draws, but for a rare near-tie of float rounding
+    assert CacheReader(tmp_path / "vllm").manifest["capture"]["sampling"] == sampling
+
+
+def test_systematic_draws_keep_each_id_with_chance_min_1_nq():
+    """--sampling systematic: over many offsets each id is drawn with frequency min(1, N q) (every id above 1/N
+    always), its count is floor or ceil of N q, the draws are N per row; at the same N the estimate of p has less
+    variance than iid draws', and its total weight (sum of p / pi) varies less."""
+    from stage_teacher.targets import draw
+
+    g = torch.Generator().manual_seed(4)
+    vocab, n, repeats = 50, 12, 40000
+    q = torch.softmax(torch.randn(vocab, generator=g, dtype=torch.float64) * 2, -1)
+    draws = draw(q.repeat(repeats, 1), n, "systematic", torch.Generator().manual_seed(5))
+    assert draws.shape == (repeats, n)
+    counts = torch.zeros(repeats, vocab, dtype=torch.long).scatter_add_(1, draws, torch.ones_like(draws))
+    seen = (counts > 0).double().mean(0)
+    pi = torch.clamp(n * q, max=1.0)
+    se = (pi * (1 - pi) / repeats).sqrt()
+    assert ((seen - pi).abs() <= 4 * se + 1e-4).all()
+    assert ((counts >= torch.floor(n * q).long()) & (counts <= torch.ceil(n * q).long())).all()
+    assert (seen[q >= 1 / n] == 1).all()
+    weights = {}
+    for sampling in ("systematic", "iid"):
+        d = draw(q.repeat(repeats, 1), n, sampling, torch.Generator().manual_seed(6))
+        hit = torch.zeros(repeats, vocab, dtype=torch.bool).scatter_(1, d, True)
+        pi = torch.from_numpy(inclusion_probability(q.log().numpy(), n, sampling))
+        weights[sampling] = torch.where(hit, q / pi, 0.0)
+        torch.testing.assert_close(weights[sampling].mean(0), q, atol=4 * float(weights[sampling].std(0).max()) / repeats**0.5, rtol=0)
+    assert weights["systematic"].var(0).sum() < 0.95 * weights["iid"].var(0).sum()
+    assert weights["systematic"].sum(-1).std() < 0.5 * weights["iid"].sum(-1).std()
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +162,26 @@ def exact_cache(tmp_path_factory, tiny_teacher, text_file):
     out = tmp_path_factory.mktemp("cache-exact")
     run(capture_cfg(tiny_teacher, text_file, out, targets="sampled-exact", samples=16, hidden_layers=[]))
     return out
+
+
+def test_a_cache_from_before_sampling_resumes_as_iid(tmp_path, tiny_teacher, text_file, exact_cache):
+    """A manifest without capture.sampling (written before --sampling existed) drew iid: rerunning its capture with
+    --sampling iid finds it complete, with the new default (systematic) it is refused, naming the field."""
+    import json
+    import shutil
+
+    from pipeline.errors import CacheError
+
+    shutil.copytree(exact_cache, tmp_path / "c")
+    path = tmp_path / "c" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["capture"].pop("sampling") == "systematic"  # the default
+    path.write_text(json.dumps(manifest))
+    kw = dict(targets="sampled-exact", samples=16, hidden_layers=[])
+    run(capture_cfg(tiny_teacher, text_file, tmp_path / "c", sampling="iid", **kw))
+    assert CacheReader(tmp_path / "c").manifest["capture"].get("sampling", "iid") == "iid"
+    with pytest.raises(CacheError, match="different settings.*capture.sampling: 'iid' != 'systematic'"):
+        run(capture_cfg(tiny_teacher, text_file, tmp_path / "c", **kw))
 
 
 def test_student_trains_from_sampled_exact_cache(tmp_path, exact_cache):
@@ -248,3 +304,4 @@ def test_ddp_ranks_agree_on_a_sampled_exact_cache(tmp_path, exact_cache):
     rank0, rank1 = torchrun(exact_cache, tmp_path / "ddp", 29551, "--max-steps", "5", "--draws-per-epoch", "6",
                             "--init-layers", "evenly", "--optimizer", "adamw8bit", "--lr", "1e-2")
     assert [l.split()[0] for l in rank0] == ["1", "2", "3", "4", "5"] and rank0 == rank1
+

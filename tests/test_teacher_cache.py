@@ -138,6 +138,7 @@ def test_merge_refuses_missing_parts(tmp_path, tiny_teacher, text_file):
         ({"top_k": 9, "backend": "vllm", "targets_from": "engine"}, "--vllm-max-logprobs 9"),
         ({"top_k": 100000}, "vocab size"),
         ({"backend": "sglang"}, "unknown"),
+        ({"targets": "sampled-exact", "sampling": "stratified"}, "--sampling 'stratified' is unknown"),
         ({"output": "s3://bucket/cache"}, "not to a URL"),
     ],
 )

@@ -64,18 +64,20 @@ def rank_batches(pairs, seed, epoch, buffer, rank, world, batch_size) -> list[li
     return [mine[i * batch_size : (i + 1) * batch_size] for i in range(n)]
 
 
-def epoch_subset(row: dict, draws: int, keep: int, seed: int, epoch: int) -> dict:
+def epoch_subset(row: dict, draws: int, keep: int, seed: int, epoch: int, sampling: str = "iid") -> dict:
     """--draws-per-epoch: the row of a sampled-exact cache (t = 1) as if `keep` of its `draws` draws had been made.
 
-    Each drawn id i stays with probability pi_i(keep) / pi_i(draws), pi_i(n) = 1 - (1 - p_i)^n, so its chance to be
+    Each drawn id i stays with probability pi_i(keep) / pi_i(draws), pi_i(n) = 1 - (1 - p_i)^n (min(1, n p_i) for a
+    systematic cache), so its chance to be
     in the epoch's set is pi_i(keep), and it is weighted p_i / pi_i(keep): the Horvitz-Thompson estimate of a
     keep-draw sample, unbiased. The true next token stays, at weight p. The coins come from (seed, the sequence,
     epoch): every epoch sees another subset, a resumed run the same one, and each sequence lives on one DDP rank."""
     ids, logp = row["sample_ids"], row["sample_logprobs"].astype(np.float64)
     valid, certain = ids >= 0, ids == row["input_ids"][1:, None]
     rng = np.random.default_rng([seed, int(row["seq_index"]), epoch, 0x5EED])
-    stays = certain | (rng.random(ids.shape) * inclusion_probability(logp, draws) < inclusion_probability(logp, keep))
-    weights = inclusion_weights(logp, logp, keep, certain, valid & stays)  # t = 1: q = p
+    pi_draws, pi_keep = (inclusion_probability(logp, n, sampling) for n in (draws, keep))
+    stays = certain | (rng.random(ids.shape) * pi_draws < pi_keep)
+    weights = inclusion_weights(logp, logp, keep, certain, valid & stays, sampling)  # t = 1: q = p
     return {**row, "sample_weights": weights.astype(np.float32),
             "teacher_entropy": -(weights * logp).sum(-1).astype(np.float32)}
 
@@ -101,6 +103,7 @@ class CacheStream(IterableDataset):
         batches, batches_epoch = None, -1
         m = self.start + wid
         draws = int(reader.manifest["capture"].get("samples") or 0)  # --draws-per-epoch subsets these
+        sampling = reader.manifest["capture"].get("sampling", "iid")
         while self.epochs is None or m < self.epochs * self.per_epoch:
             epoch, b = divmod(m, self.per_epoch)
             if epoch != batches_epoch:
@@ -108,7 +111,7 @@ class CacheStream(IterableDataset):
                 batches_epoch = epoch
             rows = [self._row(reader, shards, cache, keep, s, r) for s, r in batches[b]]
             if self.draws_per_epoch:
-                rows = [epoch_subset(row, draws, self.draws_per_epoch, self.seed, epoch) for row in rows]
+                rows = [epoch_subset(row, draws, self.draws_per_epoch, self.seed, epoch, sampling) for row in rows]
             yield self.collate(rows)
             m += nw
 

@@ -37,6 +37,15 @@ BASE = ["--student-layers", "15", "--init", "teacher-layers", "--optimizer", "ad
         "--logging-steps", "5", "--eval-sequences", "16"]  # --warmup-steps: per row, scaled with its batch
 DEMO_LR = "3e-4"  # the demo's learning rate before this study
 
+# more caches of the demo's tokens: placeholder -> (directory under the study's runs, teacher-cache arguments)
+# ({fresh_text}: the regime (i) text, made once). The iid caches name --sampling and --samples: the defaults changed.
+IID = ["--sampling", "iid"]
+SYSTEMATIC = ["--sampling", "systematic", "--samples", "48"]  # the default since issue 27's systematic draws
+FRESH = ["--dataset", "{fresh_text}", "--max-tokens", FRESH_TOKENS, "--max-seq-len", "256"]
+EXTRA_CACHES = {"{exact256_cache}": ("cache-exact256", [*cache_args("sampled-exact"), *IID, "--samples", "256"]),
+                "{sys_cache}": ("cache-sys", [*cache_args("sampled-exact"), *SYSTEMATIC]),
+                "{fresh_sys_cache}": ("cache-fresh-sys", [*FRESH, "--targets", "sampled-exact", *SYSTEMATIC])}
+
 # name, what it tests, extra arguments ({teacher} and {hs_cache} are filled in)
 ROWS = [
     ("ce", "CE only, auto init", ["--loss", "ce", "--lr", DEMO_LR]),
@@ -57,6 +66,12 @@ ROWS = [
      ["--cache", "{exact_cache}", "--lr", "1e-3"]),
     ("kd-auto-exact-seed1", "sampled-exact, 56 draws, auto init, lr 1e-3, --seed 1",
      ["--cache", "{exact_cache}", "--lr", "1e-3", "--seed", "1"]),
+    ("kd-auto-exact256", "sampled-exact, 256 draws (4.6x the default's), lr 1e-3: how much of the gap is the draws' noise",
+     ["--cache", "{exact256_cache}", "--lr", "1e-3"]),
+    ("kd-auto-sys", "sampled-exact, 48 systematic draws (the default), lr 1e-3",
+     ["--cache", "{sys_cache}", "--lr", "1e-3"]),
+    ("kd-auto-sys-seed1", "sampled-exact, 48 systematic draws (the default), lr 1e-3, --seed 1",
+     ["--cache", "{sys_cache}", "--lr", "1e-3", "--seed", "1"]),
     ("kd-auto-exact-dpe28", "sampled-exact, 56 draws, each epoch a seeded subset worth 28 (--draws-per-epoch 28), lr 1e-3",
      ["--cache", "{exact_cache}", "--lr", "1e-3", "--draws-per-epoch", "28"]),
     ("online-auto-lr1e-3-seed1", "online full-vocabulary KD (reference), auto init, lr 1e-3, --seed 1",
@@ -69,6 +84,10 @@ ROWS = [
      ["--cache", "{fresh_topk_cache}", "--lr", "1e-3"]),
     ("fresh-online-seed1", "regime (i): online full-vocabulary KD, lr 1e-3, --seed 1",
      ["--cache", "{fresh_cache}", "--online-teacher", "{teacher}", "--lr", "1e-3", "--seed", "1"]),
+    ("fresh-sys", "regime (i): sampled-exact, 48 systematic draws (the default), lr 1e-3",
+     ["--cache", "{fresh_sys_cache}", "--lr", "1e-3"]),
+    ("fresh-sys-seed1", "regime (i): sampled-exact, 48 systematic draws (the default), lr 1e-3, --seed 1",
+     ["--cache", "{fresh_sys_cache}", "--lr", "1e-3", "--seed", "1"]),
     ("fresh-exact-seed1", "regime (i): sampled-exact, 56 draws, lr 1e-3, --seed 1",
      ["--cache", "{fresh_cache}", "--lr", "1e-3", "--seed", "1"]),
     ("kd-auto-k64-hs", "top-64 KD + hidden MSE (layernormed) on the copied layers, auto init",
@@ -241,13 +260,18 @@ def main() -> None:
             study["both_capture_s"] = distily("teacher-cache", "-o", str(both_cache), *cache_args("both"))
         exact_cache = runs / "cache-exact"
         if "{exact_cache}" in extra and not (exact_cache / "manifest.json").exists():
-            study["exact_capture_s"] = distily("teacher-cache", "-o", str(exact_cache), *cache_args("sampled-exact"))
+            study["exact_capture_s"] = distily("teacher-cache", "-o", str(exact_cache), *cache_args("sampled-exact"), *IID,
+                                               "--samples", "56")
+        for key, (dirname, cache_extra) in EXTRA_CACHES.items():
+            if key in extra and not (runs / dirname / "manifest.json").exists():
+                cache_extra = [str(fresh_text(runs)) if a == "{fresh_text}" else a for a in cache_extra]
+                study[f"{dirname}_capture_s"] = distily("teacher-cache", "-o", str(runs / dirname), *cache_extra)
         fresh = {"{fresh_cache}": (runs / "cache-fresh", "sampled-exact"), "{fresh_topk_cache}": (runs / "cache-fresh-topk", "topk")}
         for key, (path, kind) in fresh.items():
             if key in extra and not (path / "manifest.json").exists():
                 study[f"{path.name}_capture_s"] = distily(
                     "teacher-cache", "-o", str(path), "--dataset", str(fresh_text(runs)), "--max-tokens", FRESH_TOKENS,
-                    "--max-seq-len", "256", "--targets", kind)
+                    "--max-seq-len", "256", "--targets", kind, *(IID + ["--samples", "56"] if kind == "sampled-exact" else []))
         attn_cache = runs / "cache-attn"
         if "{attn_cache}" in extra and not (attn_cache / "manifest.json").exists():
             study["attn_capture_s"] = distily("teacher-cache", "-o", str(attn_cache), *CACHE_ARGS, "--hidden-layers",
@@ -263,6 +287,7 @@ def main() -> None:
                  .replace("{exact_cache}", str(exact_cache)).replace("{fresh_cache}", str(fresh["{fresh_cache}"][0]))
                  .replace("{fresh_topk_cache}", str(fresh["{fresh_topk_cache}"][0]))
                  for a in extra]
+        extra = [str(runs / EXTRA_CACHES[a][0]) if a in EXTRA_CACHES else a for a in extra]
         run_dir = runs / name
         # a row with its own --batch-size sees the same tokens: steps and warm-up scale inversely with the batch
         batch = int(extra[extra.index("--batch-size") + 1]) if "--batch-size" in extra else 4
