@@ -220,7 +220,7 @@ class CacheReader:
         if "sample_logq_norm" in cols:
             logq = logq + cols["sample_logq_norm"].astype(np.float64).reshape(n, t - 1, 1)
         weights = inclusion_weights(logp, logq, int(cap["samples"]), ids == next_ids[..., None], ids >= 0,
-                                    cap.get("sampling", "iid"))
+                                    schema.sampling_of(cap))
         return {"sample_ids": ids, "sample_logprobs": logp.astype(np.float32), "sample_weights": weights.astype(np.float32),
                 "teacher_entropy": -(weights * logp).sum(-1).astype(np.float32)}
 

@@ -111,6 +111,7 @@ def merge_manifests(
 @app.command()
 def inspect(cache: str = typer.Argument(..., help="Cache dir or fsspec URL.")):
     """Print what a cache holds: teacher, tokens, k, layers, size, bytes per token."""
+    from . import schema
     from .cache import CacheReader
 
     try:
@@ -143,7 +144,7 @@ def inspect(cache: str = typer.Argument(..., help="Cache dir or fsspec URL.")):
         rows.append(("top-k", f"{cap['top_k']} as {cap.get('logprob_dtype', 'float32')} log-probs"))
     if targets in ("sampled", "both", "sampled-exact"):
         exact = " with exact log-probs, + the true next token" if targets == "sampled-exact" else ""
-        rows.append(("samples", f"{cap['samples']} {cap.get('sampling', 'iid')} draws/position at "
+        rows.append(("samples", f"{cap['samples']} {schema.sampling_of(cap)} draws/position at "
                                 f"t={cap['sample_temperature']}, seed {cap['sample_seed']}{exact}; "
                                 f"{stats.get('mean_unique_samples', float('nan')):.1f} unique ids/position"))
     if cap.get("graded"):

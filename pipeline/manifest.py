@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from . import schema
 from .errors import CacheError
 
 
@@ -200,7 +201,7 @@ def identity(manifest: dict) -> dict:
     if ident.get("dataset"):  # caches written before --sample-by existed read text files as `auto` does
         ident["dataset"] = {**ident["dataset"], "spec": {"sample_by": "auto", **ident["dataset"].get("spec", {})}}
     if ident.get("capture"):  # caches written before --sampling existed drew iid
-        ident["capture"] = {"sampling": "iid", **ident["capture"]}
+        ident["capture"] = {**ident["capture"], "sampling": schema.sampling_of(ident["capture"])}
     return ident
 
 

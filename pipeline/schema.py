@@ -92,6 +92,11 @@ ZSTD_LEVEL = 3
 
 TARGETS = ("sampled-exact", "topk", "sampled", "both")
 SAMPLINGS = ("iid", "systematic")  # --sampling: how a sampled kind's draws are made (a manifest without it: iid)
+
+
+def sampling_of(capture: dict) -> str:
+    """A manifest's capture.sampling; caches written before --sampling existed (and top-k caches) drew iid."""
+    return capture.get("sampling", SAMPLINGS[0])
 DEFAULT_TARGETS = "topk"  # what a manifest without a "targets" entry (version 1) holds
 LOGPROB_DTYPES = ("uint8", "float16", "float32")
 HIDDEN_DTYPES = ("float32", "float16", "bfloat16", "int8")

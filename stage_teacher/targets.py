@@ -125,7 +125,8 @@ def exact_samples(z: torch.Tensor, next_ids: torch.Tensor, spec: TargetSpec, gen
     """--targets sampled-exact: N draws from q = softmax(z / t), reduced to their unique ids, joined with the true
     next token, each with its exact teacher log-prob log p (z holds z - max, read only). The reader weights id i by
     p_i / pi_i, pi_i its chance to be drawn at least once (`draw`: 1 - (1 - q_i)^N iid, min(1, N q_i) systematic;
-    1 for the true token, which is always there): the Horvitz-Thompson estimate of p, unbiased, and exact for every token likely to be drawn (pi ~ 1).
+    1 for the true token, which is always there): the Horvitz-Thompson estimate of p, unbiased, and exact for every
+    token likely to be drawn (pi ~ 1).
     t != 1 also stores sample_logq_norm, c with log q_i = log p_i / t + c."""
     t = spec.sample_temperature
     log_total = torch.logsumexp(z, dim=-1)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.cache import SAMPLE_KEYS, CacheReader, inclusion_probability, inclusion_weights
 from pipeline.errors import CacheError
-from pipeline.schema import QKV, hidden_key, qkv_key
+from pipeline.schema import QKV, hidden_key, qkv_key, sampling_of
 
 
 def split_eval(shards: list[dict], eval_sequences: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -68,8 +68,7 @@ def epoch_subset(row: dict, draws: int, keep: int, seed: int, epoch: int, sampli
     """--draws-per-epoch: the row of a sampled-exact cache (t = 1) as if `keep` of its `draws` draws had been made.
 
     Each drawn id i stays with probability pi_i(keep) / pi_i(draws), pi_i(n) = 1 - (1 - p_i)^n (min(1, n p_i) for a
-    systematic cache), so its chance to be
-    in the epoch's set is pi_i(keep), and it is weighted p_i / pi_i(keep): the Horvitz-Thompson estimate of a
+    systematic cache), so its chance to be in the epoch's set is pi_i(keep), and it is weighted p_i / pi_i(keep): the Horvitz-Thompson estimate of a
     keep-draw sample, unbiased. The true next token stays, at weight p. The coins come from (seed, the sequence,
     epoch): every epoch sees another subset, a resumed run the same one, and each sequence lives on one DDP rank."""
     ids, logp = row["sample_ids"], row["sample_logprobs"].astype(np.float64)
@@ -103,7 +102,7 @@ class CacheStream(IterableDataset):
         batches, batches_epoch = None, -1
         m = self.start + wid
         draws = int(reader.manifest["capture"].get("samples") or 0)  # --draws-per-epoch subsets these
-        sampling = reader.manifest["capture"].get("sampling", "iid")
+        sampling = sampling_of(reader.manifest["capture"])
         while self.epochs is None or m < self.epochs * self.per_epoch:
             epoch, b = divmod(m, self.per_epoch)
             if epoch != batches_epoch:

@@ -37,14 +37,20 @@ BASE = ["--student-layers", "15", "--init", "teacher-layers", "--optimizer", "ad
         "--logging-steps", "5", "--eval-sequences", "16"]  # --warmup-steps: per row, scaled with its batch
 DEMO_LR = "3e-4"  # the demo's learning rate before this study
 
-# more caches of the demo's tokens: placeholder -> (directory under the study's runs, teacher-cache arguments)
-# ({fresh_text}: the regime (i) text, made once). The iid caches name --sampling and --samples: the defaults changed.
+# caches made on first use: placeholder -> (directory under the study's runs, teacher-cache arguments); a row's
+# argument equal to a placeholder becomes the directory ({fresh_text} in the arguments: the regime (i) text, made
+# once). The iid caches name --sampling and --samples: the defaults changed.
 IID = ["--sampling", "iid"]
 SYSTEMATIC = ["--sampling", "systematic", "--samples", "48"]  # the default since issue 27's systematic draws
 FRESH = ["--dataset", "{fresh_text}", "--max-tokens", FRESH_TOKENS, "--max-seq-len", "256"]
-EXTRA_CACHES = {"{exact256_cache}": ("cache-exact256", [*cache_args("sampled-exact"), *IID, "--samples", "256"]),
-                "{sys_cache}": ("cache-sys", [*cache_args("sampled-exact"), *SYSTEMATIC]),
-                "{fresh_sys_cache}": ("cache-fresh-sys", [*FRESH, "--targets", "sampled-exact", *SYSTEMATIC])}
+CACHES = {"{both_cache}": ("cache-both", cache_args("both")),
+          "{exact_cache}": ("cache-exact", [*cache_args("sampled-exact"), *IID, "--samples", "56"]),
+          "{exact256_cache}": ("cache-exact256", [*cache_args("sampled-exact"), *IID, "--samples", "256"]),
+          "{sys_cache}": ("cache-sys", [*cache_args("sampled-exact"), *SYSTEMATIC]),
+          "{fresh_cache}": ("cache-fresh", [*FRESH, "--targets", "sampled-exact", *IID, "--samples", "56"]),
+          "{fresh_topk_cache}": ("cache-fresh-topk", [*FRESH, "--targets", "topk"]),
+          "{fresh_sys_cache}": ("cache-fresh-sys", [*FRESH, "--targets", "sampled-exact", *SYSTEMATIC]),
+          "{attn_last_cache}": ("cache-attn-last", [*CACHE_ARGS, "--qkv-layers", "30"])}
 
 # name, what it tests, extra arguments ({teacher} and {hs_cache} are filled in)
 ROWS = [
@@ -255,39 +261,20 @@ def main() -> None:
             auto = next(r for r in study["rows"].values() if r.get("teacher_layers") and r["init"] == "auto")
             layers = ",".join(str(l + 1) for l in auto["teacher_layers"])
             study["hs_capture_s"] = distily("teacher-cache", "-o", str(hs_cache), *CACHE_ARGS, "--hidden-layers", layers)
-        both_cache = runs / "cache-both"
-        if "{both_cache}" in extra and not (both_cache / "manifest.json").exists():
-            study["both_capture_s"] = distily("teacher-cache", "-o", str(both_cache), *cache_args("both"))
-        exact_cache = runs / "cache-exact"
-        if "{exact_cache}" in extra and not (exact_cache / "manifest.json").exists():
-            study["exact_capture_s"] = distily("teacher-cache", "-o", str(exact_cache), *cache_args("sampled-exact"), *IID,
-                                               "--samples", "56")
-        for key, (dirname, cache_extra) in EXTRA_CACHES.items():
+        for key, (dirname, cache_extra) in CACHES.items():
             if key in extra and not (runs / dirname / "manifest.json").exists():
                 cache_extra = [str(fresh_text(runs)) if a == "{fresh_text}" else a for a in cache_extra]
                 study[f"{dirname}_capture_s"] = distily("teacher-cache", "-o", str(runs / dirname), *cache_extra)
-        fresh = {"{fresh_cache}": (runs / "cache-fresh", "sampled-exact"), "{fresh_topk_cache}": (runs / "cache-fresh-topk", "topk")}
-        for key, (path, kind) in fresh.items():
-            if key in extra and not (path / "manifest.json").exists():
-                study[f"{path.name}_capture_s"] = distily(
-                    "teacher-cache", "-o", str(path), "--dataset", str(fresh_text(runs)), "--max-tokens", FRESH_TOKENS,
-                    "--max-seq-len", "256", "--targets", kind, *(IID + ["--samples", "56"] if kind == "sampled-exact" else []))
         attn_cache = runs / "cache-attn"
         if "{attn_cache}" in extra and not (attn_cache / "manifest.json").exists():
             study["attn_capture_s"] = distily("teacher-cache", "-o", str(attn_cache), *CACHE_ARGS, "--hidden-layers",
                                               ATTN_LAYER, "--qkv-layers", ATTN_LAYER)
-        attn_last_cache = runs / "cache-attn-last"
-        if "{attn_last_cache}" in extra and not (attn_last_cache / "manifest.json").exists():
-            study["attn_last_capture_s"] = distily("teacher-cache", "-o", str(attn_last_cache), *CACHE_ARGS, "--qkv-layers", "30")
         if "{attn_cache}" in extra and "qkv_bytes_per_token_layer" not in study:
             shards = json.loads((attn_cache / "manifest.json").read_text())["shards"]
             tokens = sum(s["tokens"] for s in shards)
             study["qkv_bytes_per_token_layer"] = sum(s["hidden_bytes"] * s["qkv_share"] for s in shards) / tokens
-        extra = [a.replace("{attn_cache}", str(attn_cache)).replace("{attn_last_cache}", str(attn_last_cache)).replace("{teacher}", teacher).replace("{hs_cache}", str(hs_cache)).replace("{both_cache}", str(both_cache))
-                 .replace("{exact_cache}", str(exact_cache)).replace("{fresh_cache}", str(fresh["{fresh_cache}"][0]))
-                 .replace("{fresh_topk_cache}", str(fresh["{fresh_topk_cache}"][0]))
-                 for a in extra]
-        extra = [str(runs / EXTRA_CACHES[a][0]) if a in EXTRA_CACHES else a for a in extra]
+        extra = [str(runs / CACHES[a][0]) if a in CACHES else a.replace("{attn_cache}", str(attn_cache))
+                 .replace("{teacher}", teacher).replace("{hs_cache}", str(hs_cache)) for a in extra]
         run_dir = runs / name
         # a row with its own --batch-size sees the same tokens: steps and warm-up scale inversely with the batch
         batch = int(extra[extra.index("--batch-size") + 1]) if "--batch-size" in extra else 4
