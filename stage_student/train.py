@@ -173,8 +173,7 @@ class Trainer:
         else:
             if cfg.resume and rank == 0:
                 print(f"--resume: no checkpoint in {self.out / 'checkpoints'}, starting from step 0")
-            for name in (f"data-rank{rank}.log", f"digest-rank{rank}.log", *(["log.jsonl"] if rank == 0 else [])):
-                (self.out / name).unlink(missing_ok=True)
+            checkpoint.clear_logs(self.out, rank)
         self.log = RunLog(self.out, rank, purge_step=self.step + 1 if state else None)
         if rank == 0:
             self.write_run_config(first=not state)

@@ -71,6 +71,19 @@ def test_a_job_removes_only_its_own_stale_temporaries(tmp_path, tiny_teacher, te
     assert (tmp_path / "tokenizer" / "tokenizer.json").exists() and not list(tmp_path.glob(".tokenizer.*"))
 
 
+def test_a_run_killed_before_its_first_checkpoint_restarts_with_one_event_per_step(tmp_path, hf_cache):
+    """kill -9 after step 1 was logged but before any checkpoint: --resume starts afresh, and TensorBoard (as its
+    reader shows it) holds each step once, like log.jsonl (no purge step covers a run that resumes nothing)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "tb")) as tb:  # what the killed run left: its step-1 record, no checkpoint
+        tb.add_scalar("loss", 9.0, 1)
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    train(cfg_for(hf_cache, tmp_path, max_steps=3, resume=True))
+    assert faults.tensorboard_steps(tmp_path / "tb", "loss") == [1, 2, 3] and [r["step"] for r in log(tmp_path)] == [1, 2, 3]
+    assert 9.0 not in [r["loss"] for r in log(tmp_path)]
+
+
 def test_partial_checkpoints_are_never_loaded(tmp_path, hf_cache):
     train(cfg_for(hf_cache, tmp_path, max_steps=3, save_steps=2, stop_after_steps=2))
     ckpt = tmp_path / "checkpoints"

@@ -157,6 +157,15 @@ def load(t) -> dict | None:
     return state
 
 
+def clear_logs(out: Path, rank: int) -> None:
+    """Before a fresh start: drop every log of an earlier run, TensorBoard's too (a run killed before its first
+    checkpoint left events that no purge step covers)."""
+    for name in (f"data-rank{rank}.log", f"digest-rank{rank}.log", *(["log.jsonl"] if rank == 0 else [])):
+        (out / name).unlink(missing_ok=True)
+    if rank == 0:
+        shutil.rmtree(out / "tb", ignore_errors=True)
+
+
 def truncate_logs(out: Path, rank: int, step: int) -> None:
     """After a resume: drop what the killed run logged past the checkpoint, so each step appears once."""
     for path in [out / f"data-rank{rank}.log"] + ([out / "log.jsonl"] if rank == 0 else []):
