@@ -12,7 +12,8 @@ Public API (used by the trainer, by users and by our checks)::
         seq["sample_ids"], seq["sample_counts"]  # RS-KD caches: [T-1, m], padding id -1 with count 0; also
         seq["sample_weights"], seq["teacher_entropy"]  # count / N (x p/q at t != 1); H(p) per position [T-1]
         seq["sample_logprobs"]                 # sampled-exact caches: exact log p of each id, weights p / pi,
-                                               # teacher_entropy the matching estimate -sum w log p
+                                               # teacher_entropy exact (systematic, t = 1) or the estimate -sum w log p;
+                                               # an id below 1/N of a systematic cache reads log p = -log N (weight 1/N)
 
     reader.read_hidden(shard, layers=[16], rows=slice(3, 4))  # {16: [1, T, H]}: reads and decodes only that
                                                                # (format 3; older files are decompressed whole)
@@ -91,6 +92,31 @@ def inclusion_weights(logp: np.ndarray, logq: np.ndarray, draws: int, certain: n
     `certain` (the true next token, always kept), 0 where not `valid`."""
     pi = np.where(certain, 1.0, np.maximum(inclusion_probability(logq, draws, sampling), 1e-300))
     return np.where(valid, np.exp(logp) / pi, 0.0)
+
+
+def decode_exact_samples(cols: dict, n: int, t: int, next_ids: np.ndarray, cap: dict) -> dict:
+    """sampled-exact columns -> padded [N, T-1, m] ids, exact log-probs and Horvitz-Thompson weights p / pi
+    (pi = 1 - (1 - q)^N iid, min(1, N q) systematic, 1 for the true next token), and teacher_entropy: the stored
+    exact H(p), or else -sum_i w_i log p_i, the matching estimate of H(p), so that the loss's value estimates the KL
+    (stage_student/losses/chunked.py sampled_chunk). A drawn id stored without its log-prob (SAMPLE_TAIL_CODE)
+    reads as log p = -log N, the p that gives it its weight 1/N (and, under --draws-per-epoch, its share)."""
+    padded = ragged_to_padded(cols["sample_lengths"], n, t)
+    ids = padded(undelta_ids(cols["sample_ids"], cols["sample_lengths"]), -1, np.int64)
+    codes = cols["sample_logprobs"]
+    logp = decode_sample_logprobs(codes)
+    if not schema.tail_logprobs_of(cap):
+        logp[codes == schema.SAMPLE_TAIL_CODE] = -np.log(cap["samples"])
+    logp = padded(logp, 0.0, np.float64)
+    temperature = float(cap["sample_temperature"])
+    logq = logp / temperature
+    if "sample_logq_norm" in cols:
+        logq = logq + cols["sample_logq_norm"].astype(np.float64).reshape(n, t - 1, 1)
+    weights = inclusion_weights(logp, logq, int(cap["samples"]), ids == next_ids[..., None], ids >= 0,
+                                schema.sampling_of(cap))
+    entropy = (cols["teacher_entropy"].reshape(n, t - 1) if "teacher_entropy" in cols
+               else -(weights * logp).sum(-1))
+    return {"sample_ids": ids, "sample_logprobs": logp.astype(np.float32), "sample_weights": weights.astype(np.float32),
+            "teacher_entropy": entropy.astype(np.float32)}
 
 
 class CacheReader:
@@ -183,7 +209,7 @@ class CacheReader:
             out["topk_logprobs"] = decode_logprobs(lp)
             out["tail_mass"] = per_position(cols["tail_mass"]).astype(np.float32)
         if "sample_logprobs" in cols:
-            out.update(self._decode_exact_samples(cols, n, t, input_ids[:, 1:]))
+            out.update(decode_exact_samples(cols, n, t, input_ids[:, 1:], self.manifest["capture"]))
         elif "sample_ids" in cols:
             out.update(self._decode_samples(cols, n, t))
         if hidden and shard.get("hidden_file"):
@@ -206,23 +232,6 @@ class CacheReader:
             "sample_weights": weights.astype(np.float32),
             "teacher_entropy": cols["teacher_entropy"].astype(np.float32).reshape(n, t - 1),
         }
-
-    def _decode_exact_samples(self, cols: dict, n: int, t: int, next_ids: np.ndarray) -> dict:
-        """sampled-exact columns -> padded [N, T-1, m] ids, exact log-probs and Horvitz-Thompson weights p / pi
-        (pi = 1 - (1 - q)^N, 1 for the true next token), and teacher_entropy = -sum_i w_i log p_i, the matching
-        estimate of H(p), so that the loss's value estimates the KL (stage_student/losses/chunked.py sampled_chunk)."""
-        padded = ragged_to_padded(cols["sample_lengths"], n, t)
-        cap = self.manifest["capture"]
-        ids = padded(undelta_ids(cols["sample_ids"], cols["sample_lengths"]), -1, np.int64)
-        logp = padded(decode_sample_logprobs(cols["sample_logprobs"]), 0.0, np.float64)
-        temperature = float(cap["sample_temperature"])
-        logq = logp / temperature
-        if "sample_logq_norm" in cols:
-            logq = logq + cols["sample_logq_norm"].astype(np.float64).reshape(n, t - 1, 1)
-        weights = inclusion_weights(logp, logq, int(cap["samples"]), ids == next_ids[..., None], ids >= 0,
-                                    schema.sampling_of(cap))
-        return {"sample_ids": ids, "sample_logprobs": logp.astype(np.float32), "sample_weights": weights.astype(np.float32),
-                "teacher_entropy": -(weights * logp).sum(-1).astype(np.float32)}
 
     @property
     def qkv_layers(self) -> list[int]:

@@ -68,7 +68,7 @@ def shard_columns(manifest: dict, file_schema: pa.Schema, seq_index: np.ndarray,
     if "sample_lengths" not in file_schema.names:
         return columns
     if "sample_logprobs" in file_schema.names:  # sampled kinds: ragged per-position entries (pipeline/schema.py)
-        columns.update(exact_sample_columns(targets, file_schema.names, id_dtype))
+        columns.update(exact_sample_columns(targets, file_schema.names, id_dtype, manifest["capture"], input_ids[:, 1:]))
     else:
         columns.update(rskd_sample_columns(targets, file_schema.names, id_dtype))
     return columns
@@ -80,15 +80,23 @@ def topk_columns(targets: dict, id_dtype, logprob_dtype: str) -> dict:
     return {"topk_ids": targets["topk_ids"].astype(id_dtype), **encode_logprobs(lp, logprob_dtype), "tail_mass": tail_mass(lp)}
 
 
-def exact_sample_columns(targets: dict, names: list[str], id_dtype) -> dict:
-    """sampled-exact: per-position lengths, delta-coded ids, uint8 log-prob codes (and the proposal's log-norm)."""
+def exact_sample_columns(targets: dict, names: list[str], id_dtype, cap: dict, next_ids: np.ndarray) -> dict:
+    """sampled-exact: per-position lengths, delta-coded ids, uint8 log-prob codes (and the proposal's log-norm).
+    Without tail log-probs (schema.tail_logprobs_of): a drawn id below 1/N other than the true next token gets
+    SAMPLE_TAIL_CODE, every other id its code (at most SAMPLE_TAIL_CODE - 1), and H(p) is stored per position."""
     ids = targets["sample_ids"]
     valid = ids >= 0
     lengths = valid.sum(-1).astype(np.uint16)
+    codes = encode_sample_logprobs(targets["sample_logprobs"])
+    if not schema.tail_logprobs_of(cap):
+        tail = (targets["sample_logprobs"] < -np.log(cap["samples"])) & (ids != next_ids[..., None])
+        codes = np.where(tail, schema.SAMPLE_TAIL_CODE, np.minimum(codes, schema.SAMPLE_TAIL_CODE - 1)).astype(np.uint8)
     columns = {"sample_lengths": lengths, "sample_ids": delta_ids(ids[valid], lengths).astype(id_dtype),
-               "sample_logprobs": encode_sample_logprobs(targets["sample_logprobs"][valid])}
+               "sample_logprobs": codes[valid]}
     if "sample_logq_norm" in names:
         columns["sample_logq_norm"] = targets["sample_logq_norm"].astype(np.float32)
+    if "teacher_entropy" in names:
+        columns["teacher_entropy"] = targets["teacher_entropy"].astype(np.float16)
     return columns
 
 

@@ -143,7 +143,8 @@ def inspect(cache: str = typer.Argument(..., help="Cache dir or fsspec URL.")):
     if targets in ("topk", "both"):
         rows.append(("top-k", f"{cap['top_k']} as {cap.get('logprob_dtype', 'float32')} log-probs"))
     if targets in ("sampled", "both", "sampled-exact"):
-        exact = " with exact log-probs, + the true next token" if targets == "sampled-exact" else ""
+        exact = (" with exact log-probs" + ("" if schema.tail_logprobs_of(cap) else " above 1/N (below: weight 1/N, exact H)")
+                 + ", + the true next token") if targets == "sampled-exact" else ""
         rows.append(("samples", f"{cap['samples']} {schema.sampling_of(cap)} draws/position at "
                                 f"t={cap['sample_temperature']}, seed {cap['sample_seed']}{exact}; "
                                 f"{stats.get('mean_unique_samples', float('nan')):.1f} unique ids/position"))

@@ -200,8 +200,9 @@ def identity(manifest: dict) -> dict:
     ident["teacher"] = {k: v for k, v in (ident["teacher"] or {}).items() if k not in ("path", "weights_sha256_source")}
     if ident.get("dataset"):  # caches written before --sample-by existed read text files as `auto` does
         ident["dataset"] = {**ident["dataset"], "spec": {"sample_by": "auto", **ident["dataset"].get("spec", {})}}
-    if ident.get("capture"):  # caches written before --sampling existed drew iid
-        ident["capture"] = {**ident["capture"], "sampling": schema.sampling_of(ident["capture"])}
+    if ident.get("capture"):  # caches written before --sampling existed drew iid and kept every log-prob
+        cap = ident["capture"]
+        ident["capture"] = {**cap, "sampling": schema.sampling_of(cap), "tail_logprobs": schema.tail_logprobs_of(cap)}
     return ident
 
 
@@ -218,12 +219,20 @@ def describe_difference(a: dict, b: dict, prefix: str = "") -> str:
     return ""
 
 
+# how to resume a cache written before a default changed, by the field that differs
+RESUME_OLDER = {"capture.sampling": "--sampling iid --samples 56 resumes a cache written before --sampling",
+                "capture.tail_logprobs": "--tail-logprobs --samples 48 resumes a systematic cache written before the tail "
+                                         "rule"}
+
+
 def check_same_cache(existing: dict, wanted: dict, where: str) -> None:
     a, b = identity(existing), identity(wanted)
     if a != b:
+        diff = describe_difference(a, b)
+        hint = RESUME_OLDER.get(diff.split(":")[0])
         raise CacheError(
             f"{where} already holds a cache made with different settings "
-            f"({describe_difference(a, b)}). Use a new --output directory, or delete the old cache."
+            f"({diff}). Use a new --output directory, or delete the old cache{'; ' + hint if hint else ''}."
         )
 
 

@@ -46,8 +46,13 @@ one contiguous buffer; the reader reshapes them with the manifest's ``top_k``. F
                                                (SAMPLE_LOGPROB_STEPS per nat, down to -15.94; one rounding of at most
                                                1/32 nat, 3% of p, against a sampling noise of sqrt(p (1 - p) / N))
     sample_logq_norm   list<float32>[T-1]      t != 1 only: c, with log q_i = log p_i / t + c
-  The reader weights id i by p_i / pi_i, pi_i = 1 - (1 - q_i)^N (1 for the true next token): a Horvitz-Thompson
-  estimate of p, unbiased, exact on every token drawn almost surely (pi_i ~ 1); see stage_teacher/targets.py.
+    teacher_entropy    list<float16>[T-1]      systematic draws at t = 1 only: H(p) of the full teacher distribution
+  The reader weights id i by p_i / pi_i, pi_i = 1 - (1 - q_i)^N iid, min(1, N q_i) systematic (1 for the true next
+  token): a Horvitz-Thompson estimate of p, unbiased, exact on every token drawn almost surely (pi_i ~ 1); see
+  stage_teacher/targets.py. Systematic draws at t = 1 (the default; the manifest's capture.tail_logprobs is false)
+  keep no log-prob for a drawn id below 1/N: its weight is p / (N p) = 1/N whatever p is, so its code is
+  SAMPLE_TAIL_CODE, and the entropy column gives the loss's value its exact H(p). The true next token and every id of
+  p >= 1/N keep their codes (at most SAMPLE_TAIL_CODE - 1). This makes the log-prob column about 60% smaller.
 
 ``CacheReader`` returns the decoded values (float32 log-probs, int64-safe ids, padded [T-1, m] sample arrays and
 their estimator weights)
@@ -97,6 +102,19 @@ SAMPLINGS = ("iid", "systematic")  # --sampling: how a sampled kind's draws are 
 def sampling_of(capture: dict) -> str:
     """A manifest's capture.sampling; caches written before --sampling existed (and top-k caches) drew iid."""
     return capture.get("sampling", SAMPLINGS[0])
+
+
+def tail_logprobs_of(capture: dict) -> bool:
+    """Whether a sampled-exact cache stores the log-prob of every drawn id (caches written before the tail rule: yes)."""
+    return capture.get("tail_logprobs", True)
+
+
+def can_drop_tail_logprobs(targets: str, sampling: str, temperature: float) -> bool:
+    """Only sampled-exact with systematic draws at t = 1 weighs every drawn id below 1/N by 1/N alone, whatever its
+    log-prob: only there does the capture drop those log-probs (unless --tail-logprobs)."""
+    return targets == "sampled-exact" and sampling == "systematic" and temperature == 1.0
+
+
 DEFAULT_TARGETS = "topk"  # what a manifest without a "targets" entry (version 1) holds
 LOGPROB_DTYPES = ("uint8", "float16", "float32")
 HIDDEN_DTYPES = ("float32", "float16", "bfloat16", "int8")
@@ -104,6 +122,7 @@ HIDDEN_DTYPES = ("float32", "float16", "bfloat16", "int8")
 # streams before zstd): 14% fewer bytes than plain on the embedded teacher; any Parquet reader decodes it
 BYTE_STREAM_SPLIT = ("sample_ids",)
 SAMPLE_LOGPROB_STEPS = 16  # sampled-exact: log p stored as uint8 c = round(-16 log p), log p = -c / 16
+SAMPLE_TAIL_CODE = 255  # sampled-exact without tail log-probs: a drawn id below 1/N, weight 1/N, log-prob not stored
 HIDDEN_INT8_OUTLIERS = 4  # int8 hidden states: each token's 4 largest-magnitude values are kept in bfloat16
 
 SCHEMA_V1 = pa.schema(
@@ -145,6 +164,7 @@ def parquet_schema(manifest: dict) -> pa.Schema:
         if cap["targets"] == "sampled-exact":
             fields += [("sample_logprobs", pa.list_(pa.uint8()))]
             fields += [("sample_logq_norm", pa.list_(pa.float32()))] if tempered else []
+            fields += [] if tail_logprobs_of(cap) else [("teacher_entropy", pa.list_(pa.float16()))]
         else:
             fields += [("sample_counts", pa.list_(pa.uint16()))]
             fields += [("sample_iw", pa.list_(pa.float32()))] if tempered else []

@@ -180,6 +180,11 @@ def check_top_k(cfg: CaptureConfig, real: int, targets_from: str) -> None:
         )
 
 
+def drops_tail_logprobs(cfg: CaptureConfig) -> bool:
+    """Whether the cache stores no log-prob for drawn ids below 1/N (pipeline/schema.py): where it can, by default."""
+    return not cfg.tail_logprobs and schema.can_drop_tail_logprobs(cfg.targets, cfg.sampling, cfg.sample_temperature)
+
+
 def capture_fields(cfg: CaptureConfig, teacher_cfg, targets_from: str, real: int) -> dict:
     """The manifest's "capture" entry: how the targets and hidden states were made and stored."""
     return {
@@ -193,6 +198,8 @@ def capture_fields(cfg: CaptureConfig, teacher_cfg, targets_from: str, real: int
         "samples": cfg.samples,
         "sample_temperature": cfg.sample_temperature,
         **({"sampling": cfg.sampling} if cfg.targets != "topk" else {}),  # none: iid (caches before --sampling)
+        # none: every drawn id's log-prob is stored (--tail-logprobs, caches before the rule, other kinds)
+        **({"tail_logprobs": False} if drops_tail_logprobs(cfg) else {}),
         "sample_seed": cfg.seed,
         "logprobs": "raw (temperature 1), natural log",
         "hidden_layers": sorted(cfg.hidden_layers),
@@ -241,13 +248,14 @@ def qkv_fields(cfg: CaptureConfig, teacher_cfg) -> dict:
     return {"qkv_layers": sorted(set(cfg.qkv_layers)), "qkv": {**qkv_widths(teacher_cfg), "what": what}}
 
 
-DEFAULT_DRAWS = {"sampled-exact": 48, "sampled": 64, "both": 64, "topk": 64}
+DEFAULT_DRAWS = {"sampled-exact": 72, "sampled": 64, "both": 64, "topk": 64}
 
 
 def with_draws(cfg: CaptureConfig) -> CaptureConfig:
-    """cfg with --samples resolved: DEFAULT_DRAWS of its --targets when not given. sampled-exact's 48 systematic draws
-    fill the bytes of 56 iid ones (about 60 per token on the embedded teacher, under issue 27's 64) with a gradient
-    closer to online KD's (docs/benchmarks.md, make bench-fidelity); RS-KD keeps the paper's 64."""
+    """cfg with --samples resolved: DEFAULT_DRAWS of its --targets when not given. sampled-exact's 72 systematic draws
+    (their ids below 1/N stored without log-probs) fill the bytes that 48 did with every log-prob, and 56 iid draws
+    did before: about 60 per token on the embedded teacher, under issue 27's 64 (docs/benchmarks.md, make
+    bench-fidelity); RS-KD keeps the paper's 64."""
     if cfg.samples is not None:
         return cfg
     return dataclasses.replace(cfg, samples=DEFAULT_DRAWS.get(cfg.targets, 64))

@@ -119,13 +119,21 @@ def test_sampled_exact_cache_vllm_equals_hf(tmp_path, tiny_teacher, text_file, v
             ids = seq["sample_ids"]
             valid = ids >= 0
             ref = np.take_along_axis(lp, np.maximum(ids, 0), -1)
-            assert np.abs(np.clip(ref, -255 / 16, 0) - seq["sample_logprobs"])[valid].max() <= 1 / 32 + 1e-4
-            assert ((ids == x["input_ids"][1:, None]).sum(-1) == 1).all()
+            certain = ids == x["input_ids"][1:, None]
+            assert (certain.sum(-1) == 1).all()
+            # systematic (the default): an id below 1/N other than the true token reads -log N, weight 1/N
+            tail = valid & ~certain & (ref < -math.log(16)) if sampling == "systematic" else np.zeros_like(valid)
+            np.testing.assert_allclose(seq["sample_logprobs"][tail], -math.log(16), rtol=1e-6)
+            np.testing.assert_allclose(seq["sample_weights"][tail], 1 / 16, rtol=1e-5)
+            assert np.abs(np.clip(ref, -255 / 16, 0) - seq["sample_logprobs"])[valid & ~tail].max() <= 1 / 32 + 1e-4
+            if sampling == "systematic":  # the stored entropy: H(p) of the HF forward, to float16's rounding
+                np.testing.assert_allclose(seq["teacher_entropy"], -(np.exp(lp) * lp).sum(-1), rtol=2e-3, atol=2e-3)
         m = min(x["sample_ids"].shape[-1], y["sample_ids"].shape[-1])
         same += int((x["sample_ids"][:, :m] == y["sample_ids"][:, :m]).all(-1).sum())
         total += len(x["sample_ids"])
     assert same / total >= 0.98  # the same seeded draws, but for a rare near-tie of float rounding
-    assert CacheReader(tmp_path / "vllm").manifest["capture"]["sampling"] == sampling
+    cap = CacheReader(tmp_path / "vllm").manifest["capture"]
+    assert cap["sampling"] == sampling and schema.tail_logprobs_of(cap) == (sampling == "iid")
 
 
 def test_systematic_draws_keep_each_id_with_chance_min_1_nq():
@@ -176,12 +184,106 @@ def test_a_cache_from_before_sampling_resumes_as_iid(tmp_path, tiny_teacher, tex
     path = tmp_path / "c" / "manifest.json"
     manifest = json.loads(path.read_text())
     assert manifest["capture"].pop("sampling") == "systematic"  # the default
+    assert manifest["capture"].pop("tail_logprobs") is False  # (its rule came later still)
     path.write_text(json.dumps(manifest))
     kw = dict(targets="sampled-exact", samples=16, hidden_layers=[])
     run(capture_cfg(tiny_teacher, text_file, tmp_path / "c", sampling="iid", **kw))
     assert CacheReader(tmp_path / "c").manifest["capture"].get("sampling", "iid") == "iid"
     with pytest.raises(CacheError, match="different settings.*capture.sampling: 'iid' != 'systematic'"):
         run(capture_cfg(tiny_teacher, text_file, tmp_path / "c", **kw))
+    # a systematic cache from before the tail rule kept every log-prob: the default now would store it otherwise
+    manifest["capture"]["sampling"] = "systematic"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="different settings.*capture.tail_logprobs: True != False.*--tail-logprobs"):
+        run(capture_cfg(tiny_teacher, text_file, tmp_path / "c", **kw))
+    run(capture_cfg(tiny_teacher, text_file, tmp_path / "c", tail_logprobs=True, **kw))  # what the error says
+
+
+def tail_manifest(draws: int, vocab: int = 40) -> dict:
+    """A default cache's manifest: sampled-exact, systematic draws at t = 1, no log-probs below 1/N."""
+    m = manifest(draws, vocab=vocab)
+    m["capture"].update(sampling="systematic", tail_logprobs=False)
+    return m
+
+
+def test_ids_below_one_over_n_are_stored_without_logprobs_and_weigh_one_over_n(tmp_path):
+    """The default cache (systematic, t = 1): a drawn id below 1/N other than the true token is stored as
+    SAMPLE_TAIL_CODE and read at weight 1/N; every other id keeps its code and weight p (the true token: p); the
+    weights equal those of the same draws stored with every log-prob (where rounding does not cross 1/N); the stored
+    entropy equals a float64 H(p); the log-prob column shrinks."""
+    from pipeline.cache_write import column_bytes
+
+    g = torch.Generator().manual_seed(6)
+    n, t, vocab, draws = 6, 33, 400, 16
+    logits = torch.randn(n, t - 1, vocab, generator=g) * 3
+    input_ids = torch.randint(0, vocab, (n, t), generator=g)
+    spec = TargetSpec(targets="sampled-exact", samples=draws, sampling="systematic")
+    per_seq = batch_targets([sequence_targets(lambda a, b, z=logits[i]: z[a:b].clone(), input_ids[i, 1:], spec, i)
+                             for i in range(n)])
+    got = {}
+    for name, m in (("all", manifest(draws, vocab=vocab)), ("tail", tail_manifest(draws, vocab))):
+        m["capture"]["sampling"] = "systematic"
+        (tmp_path / name).mkdir()
+        entry = write_shard(tmp_path / name, 0, m, np.arange(n), input_ids.numpy(), per_seq)
+        reader = CacheReader(tmp_path / name)
+        reader.__dict__["manifest"] = m
+        got[name] = reader.read_shard(entry, hidden=False)
+        got[name]["bytes"] = column_bytes((tmp_path / name / entry["file"]).read_bytes())["sample_logprobs"]
+    a, b = got["all"], got["tail"]
+    np.testing.assert_array_equal(a["sample_ids"], b["sample_ids"])
+    ids, valid = b["sample_ids"], b["sample_ids"] >= 0
+    exact = torch.log_softmax(logits.double(), -1).numpy()
+    logp = np.take_along_axis(exact, np.maximum(ids, 0), -1)
+    certain = ids == input_ids.numpy()[:, 1:, None]
+    tail = valid & ~certain & (logp < -math.log(draws))
+    assert tail.sum() > 0.3 * valid.sum() and (~tail & valid).sum() > n * (t - 1)
+    np.testing.assert_allclose(b["sample_weights"][tail], 1 / draws, rtol=1e-6)
+    np.testing.assert_allclose(b["sample_weights"][valid & ~tail], np.exp(b["sample_logprobs"][valid & ~tail]), rtol=1e-6)
+    floor = -(schema.SAMPLE_TAIL_CODE - 1) / schema.SAMPLE_LOGPROB_STEPS  # the lowest code left
+    assert np.abs(b["sample_logprobs"] - np.maximum(logp, floor))[valid & ~tail].max() <= 1 / 32 + 1e-6
+    near = np.abs(logp + math.log(draws)) < 1 / 32 + 1e-6  # rounding may cross 1/N there in the stored-codes cache
+    np.testing.assert_allclose(b["sample_weights"][valid & ~near], a["sample_weights"][valid & ~near], rtol=1e-6, atol=1e-6)
+    entropy = -(np.exp(exact) * exact).sum(-1)
+    np.testing.assert_allclose(b["teacher_entropy"], entropy, rtol=2e-3, atol=2e-3)  # float16
+    assert b["bytes"] < 0.6 * a["bytes"]
+
+
+def test_a_default_cache_read_back_is_an_unbiased_estimate():
+    """Through the writer and the reader (ids below 1/N at weight 1/N, the stored exact entropy), over many draws: each
+    id's mean weight is its p (the stored code's p where the id is always there: above 1/N, or the true token), and
+    the loss's mean is the KL with that distribution, within 4 standard errors."""
+    import tempfile
+
+    g = torch.Generator().manual_seed(7)
+    vocab, positions, repeats, draws = 40, 3, 20000, 8
+    teacher = torch.randn(positions, vocab, generator=g, dtype=torch.float64) * 2
+    student = torch.randn(positions, vocab, generator=g, dtype=torch.float64)
+    next_ids = torch.tensor([3, 17, 29])
+    spec = TargetSpec(targets="sampled-exact", samples=draws, sampling="systematic")
+    input_ids = torch.cat([torch.zeros(1, dtype=torch.long), next_ids]).repeat(repeats, 1)
+    per_seq = [sequence_targets(lambda a, b: teacher[a:b].float().clone(), next_ids, spec, i) for i in range(repeats)]
+    m = tail_manifest(draws)
+    with tempfile.TemporaryDirectory() as d:
+        entry = write_shard(d, 0, m, np.arange(repeats), input_ids.numpy(), batch_targets(per_seq))
+        reader = CacheReader(d)
+        reader.__dict__["manifest"] = m
+        got = reader.read_shard(entry, hidden=False)
+    ids, w = got["sample_ids"], got["sample_weights"].astype(np.float64)
+    full = np.zeros((repeats, positions, vocab))
+    np.add.at(full, (*np.nonzero(ids >= 0)[:2], ids[ids >= 0]), w[ids >= 0])
+    logp = torch.log_softmax(teacher, -1).numpy()
+    coded = -np.minimum(np.rint(-logp * schema.SAMPLE_LOGPROB_STEPS), 254) / schema.SAMPLE_LOGPROB_STEPS
+    always = (draws * np.exp(logp) >= 1) | (np.arange(vocab) == next_ids.numpy()[:, None])
+    expected = np.where(always, np.exp(coded), np.exp(logp))
+    se = full.std(0) / repeats**0.5
+    assert (np.abs(full.mean(0) - expected) <= 4 * se + 1e-6).all()
+    assert (se[~always] > 0).all()  # the tail is sampled, the rest exact
+    neg_logq = -torch.log_softmax(student, -1).numpy()
+    estimate = (full * neg_logq).sum(-1) - got["teacher_entropy"]
+    exact_entropy = -(np.exp(logp) * logp).sum(-1)
+    np.testing.assert_allclose(got["teacher_entropy"][0], exact_entropy, rtol=1e-3)
+    want = (expected * neg_logq).sum(-1) - exact_entropy
+    assert (np.abs(estimate.mean(0) - want) <= 4 * estimate.std(0) / repeats**0.5 + 2e-3).all()
 
 
 def test_student_trains_from_sampled_exact_cache(tmp_path, exact_cache):
@@ -241,9 +343,11 @@ def test_a_cache_of_an_unknown_kind_is_refused_naming_it(tmp_path, exact_cache):
                             eval_sequences=2))
 
 
-def test_draws_per_epoch_is_an_unbiased_fresh_subset_each_epoch():
+@pytest.mark.parametrize("sampling", ["iid", "systematic"])
+def test_draws_per_epoch_is_an_unbiased_fresh_subset_each_epoch(sampling):
     """--draws-per-epoch: over many epochs the subset's weights average to the stored estimate's (both estimate p),
-    the subsets differ between epochs, repeat for the same (seed, sequence, epoch), and keep the true token."""
+    the subsets differ between epochs, repeat for the same (seed, sequence, epoch), and keep the true token.
+    Systematic rows come as the default cache's reader gives them: ids below 1/N at log p = -log N."""
     from stage_student.training.data import epoch_subset
 
     g = torch.Generator().manual_seed(5)
@@ -251,15 +355,17 @@ def test_draws_per_epoch_is_an_unbiased_fresh_subset_each_epoch():
     logits = torch.randn(positions, vocab, generator=g, dtype=torch.float64) * 2
     next_ids = torch.tensor([1, 7, 7, 20])
     p = torch.softmax(logits, -1).numpy()
-    spec = TargetSpec(targets="sampled-exact", samples=draws)
+    spec = TargetSpec(targets="sampled-exact", samples=draws, sampling=sampling)
     totals = np.zeros((positions, vocab))
     repeats = 600
     for rep in range(repeats):  # fresh caches, each thinned in a fresh epoch: the mean weight per token -> p
         t = chunk_targets(logits.clone(), next_ids, spec, sequence_generator(rep, 0, "cpu"))
-        ids = t["sample_ids"].numpy()
-        row = {"sample_ids": ids, "sample_logprobs": t["sample_logprobs"].numpy(), "seq_index": np.int64(3),
+        ids, logp = t["sample_ids"].numpy(), t["sample_logprobs"].numpy()
+        if sampling == "systematic":
+            logp = np.where((logp < -math.log(draws)) & (ids != next_ids.numpy()[:, None]), -math.log(draws), logp)
+        row = {"sample_ids": ids, "sample_logprobs": logp, "seq_index": np.int64(3),
                "input_ids": np.concatenate([[0], next_ids.numpy()])}
-        sub = epoch_subset(row, draws, keep, seed=0, epoch=rep)
+        sub = epoch_subset(row, draws, keep, seed=0, epoch=rep, sampling=sampling)
         np.add.at(totals, (np.repeat(np.arange(positions), ids.shape[1]), np.maximum(ids, 0).reshape(-1)),
                   np.where(ids >= 0, sub["sample_weights"], 0).reshape(-1))
         assert (sub["sample_weights"][ids == next_ids.numpy()[:, None]] > 0).all()  # the true token always stays

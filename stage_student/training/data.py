@@ -70,15 +70,17 @@ def epoch_subset(row: dict, draws: int, keep: int, seed: int, epoch: int, sampli
     Each drawn id i stays with probability pi_i(keep) / pi_i(draws), pi_i(n) = 1 - (1 - p_i)^n (min(1, n p_i) for a
     systematic cache), so its chance to be in the epoch's set is pi_i(keep), and it is weighted p_i / pi_i(keep): the Horvitz-Thompson estimate of a
     keep-draw sample, unbiased. The true next token stays, at weight p. The coins come from (seed, the sequence,
-    epoch): every epoch sees another subset, a resumed run the same one, and each sequence lives on one DDP rank."""
+    epoch): every epoch sees another subset, a resumed run the same one, and each sequence lives on one DDP rank.
+    The row's teacher_entropy (exact, or the estimate from all the draws) stays: only the loss's value reads it. An id
+    stored without its log-prob reads log p = -log N (pipeline/cache.py): it stays with chance keep / N and weighs
+    1 / keep, as any systematic id below 1/N does."""
     ids, logp = row["sample_ids"], row["sample_logprobs"].astype(np.float64)
     valid, certain = ids >= 0, ids == row["input_ids"][1:, None]
     rng = np.random.default_rng([seed, int(row["seq_index"]), epoch, 0x5EED])
     pi_draws, pi_keep = (inclusion_probability(logp, n, sampling) for n in (draws, keep))
     stays = certain | (rng.random(ids.shape) * pi_draws < pi_keep)
     weights = inclusion_weights(logp, logp, keep, certain, valid & stays, sampling)  # t = 1: q = p
-    return {**row, "sample_weights": weights.astype(np.float32),
-            "teacher_entropy": -(weights * logp).sum(-1).astype(np.float32)}
+    return {**row, "sample_weights": weights.astype(np.float32)}
 
 
 class CacheStream(IterableDataset):

@@ -50,6 +50,9 @@ CACHES = {"{both_cache}": ("cache-both", cache_args("both")),
           "{fresh_cache}": ("cache-fresh", [*FRESH, "--targets", "sampled-exact", *IID, "--samples", "56"]),
           "{fresh_topk_cache}": ("cache-fresh-topk", [*FRESH, "--targets", "topk"]),
           "{fresh_sys_cache}": ("cache-fresh-sys", [*FRESH, "--targets", "sampled-exact", *SYSTEMATIC]),
+          "{sys72_cache}": ("cache-sys72", [*cache_args("sampled-exact"), "--sampling", "systematic", "--samples", "72"]),
+          "{fresh_sys72_cache}": ("cache-fresh-sys72", [*FRESH, "--targets", "sampled-exact", "--sampling", "systematic",
+                                                        "--samples", "72"]),
           "{attn_last_cache}": ("cache-attn-last", [*CACHE_ARGS, "--qkv-layers", "30"])}
 
 # name, what it tests, extra arguments ({teacher} and {hs_cache} are filled in)
@@ -94,6 +97,12 @@ ROWS = [
      ["--cache", "{fresh_sys_cache}", "--lr", "1e-3"]),
     ("fresh-sys-seed1", "regime (i): sampled-exact, 48 systematic draws (the default), lr 1e-3, --seed 1",
      ["--cache", "{fresh_sys_cache}", "--lr", "1e-3", "--seed", "1"]),
+    ("kd-auto-sys72", "sampled-exact, 72 systematic draws, lr 1e-3", ["--cache", "{sys72_cache}", "--lr", "1e-3"]),
+    ("kd-auto-sys72-seed1", "sampled-exact, 72 systematic draws, lr 1e-3, --seed 1",
+     ["--cache", "{sys72_cache}", "--lr", "1e-3", "--seed", "1"]),
+    ("fresh-sys72", "regime (i): sampled-exact, 72 systematic draws, lr 1e-3", ["--cache", "{fresh_sys72_cache}", "--lr", "1e-3"]),
+    ("fresh-sys72-seed1", "regime (i): sampled-exact, 72 systematic draws, lr 1e-3, --seed 1",
+     ["--cache", "{fresh_sys72_cache}", "--lr", "1e-3", "--seed", "1"]),
     ("fresh-exact-seed1", "regime (i): sampled-exact, 56 draws, lr 1e-3, --seed 1",
      ["--cache", "{fresh_cache}", "--lr", "1e-3", "--seed", "1"]),
     ("kd-auto-k64-hs", "top-64 KD + hidden MSE (layernormed) on the copied layers, auto init",
