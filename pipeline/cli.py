@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import inspect as pyinspect
 import json
+import os
+import sys
 import typing
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -166,6 +168,23 @@ def inspect(cache: str = typer.Argument(..., help="Cache dir or fsspec URL.")):
     ]
     for k, v in rows:
         typer.echo(f"{k:>26}  {v}")
+    leave()
+
+
+EXIT_EARLY = False  # main() sets it: a console command, not an in-process call (a test's CliRunner)
+
+
+def leave(code: int = 0) -> None:
+    """A console command exits now, without the interpreter's teardown: native worker threads (vLLM's; Arrow's Parquet
+    readers, apache/arrow#34314) occasionally abort it ("terminate called without an active exception") after the
+    command has done its work. Everything the command writes is on disk (atomic renames) before this."""
+    if not EXIT_EARLY:
+        if code:
+            raise typer.Exit(code)
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 PARTS = {"seq_index": "tokens", "input_ids": "tokens", "target_logprob": "target", "tail_mass": "top-k"}
@@ -187,11 +206,11 @@ def verify(cache: str = typer.Argument(..., help="Cache dir or fsspec URL.")):
     from .cache import CacheReader
 
     problems = CacheReader(cache).verify()
-    if problems:
-        for p in problems:
-            typer.secho(f"BAD  {p}", fg="red", err=True)
-        raise typer.Exit(1)
-    typer.echo(f"OK   {cache}: every shard matches its checksum and the schema")
+    for p in problems:
+        typer.secho(f"BAD  {p}", fg="red", err=True)
+    if not problems:
+        typer.echo(f"OK   {cache}: every shard matches its checksum and the schema")
+    leave(1 if problems else 0)
 
 
 def load_commands() -> None:
@@ -213,6 +232,8 @@ def run_on_policy(cfg) -> None:
 
 
 def main() -> None:  # pragma: no cover
+    global EXIT_EARLY
+    EXIT_EARLY = True
     app()
 
 

@@ -1,12 +1,9 @@
 """`distily teacher-cache`: its options are the fields of pipeline.config.CaptureConfig."""
 from __future__ import annotations
 
-import os
-import sys
-
 import typer
 
-from pipeline.cli import Command
+from pipeline.cli import Command, leave
 from pipeline.config import CaptureConfig, GenerateConfig
 
 
@@ -31,13 +28,6 @@ def generate(cfg: GenerateConfig) -> None:
     typer.echo(f"next: distily teacher-cache --dataset {cfg.output} --max-seq-len N ...")
     leave()
 
-
-def leave() -> None:
-    """vLLM's worker threads occasionally abort the interpreter at exit after a successful run: the outputs
-    and manifest are on disk, so leave without running their finalisers."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 COMMAND = Command("teacher-cache", CaptureConfig, "teacher_cache", run,
