@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline import schema
+
 
 @dataclass
 class TargetSpec:
@@ -135,8 +137,8 @@ def exact_samples(z: torch.Tensor, next_ids: torch.Tensor, spec: TargetSpec, gen
     ids, _ = unique_counts(torch.cat([draws, next_ids[:, None].long()], dim=-1))
     logp = z.gather(-1, ids.clamp_min(0)) - log_total[:, None]
     out = {"sample_ids": ids, "sample_logprobs": torch.where(ids >= 0, logp, 0.0)}
-    if t == 1.0:  # H(p), which a cache without the tail's log-probs stores (pipeline/schema.py): e = exp(z - max)
-        out["teacher_entropy"] = log_total - torch.linalg.vecdot(e, z, dim=-1) / e.sum(-1)
+    if schema.can_drop_tail_logprobs(spec.targets, spec.sampling, t):  # H(p), which such a cache stores (e = exp(z))
+        out["teacher_entropy"] = log_total - torch.linalg.vecdot(e, z, dim=-1) * torch.exp(-log_total)
     if t != 1.0:
         out["sample_logq_norm"] = log_total / t - torch.logsumexp(z / t, dim=-1)
     return out
