@@ -60,7 +60,7 @@ class CaptureConfig:
     logprob_dtype: str = opt("uint8", "Stored form of the top-k log-probs: uint8 (8 bits in log space with a per-position "
                              "scale, KL(stored||exact) ~1e-5) | float16 | float32.")
     samples: int | None = opt(None, "--targets sampled-exact/sampled/both: draws per position.",
-                              shown="72 for sampled-exact, 64 for sampled and both")
+                              shown="88 for sampled-exact, 64 for sampled and both")
     sampling: str = opt("systematic", "--targets sampled-exact/sampled/both: how the --samples draws are made: iid (independent "
                         "draws with replacement) | systematic (one uniform offset, the draws evenly spaced over the "
                         "distribution's cumulative sum: an id of probability q is drawn with chance min(1, N q), so every "

@@ -220,7 +220,9 @@ def describe_difference(a: dict, b: dict, prefix: str = "") -> str:
 
 
 # how to resume a cache written before a default changed, by the field that differs
-RESUME_OLDER = {"capture.sampling": "--sampling iid --samples 56 resumes a cache written before --sampling",
+RESUME_OLDER = {"capture.samples": "--samples with the cache's number (the first above) resumes it; the default was 72 "
+                                   "before 2026-12-06",
+                "capture.sampling": "--sampling iid --samples 56 resumes a cache written before --sampling",
                 "capture.tail_logprobs": "--tail-logprobs --samples 48 resumes a systematic cache written before the tail "
                                          "rule"}
 

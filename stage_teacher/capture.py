@@ -248,14 +248,13 @@ def qkv_fields(cfg: CaptureConfig, teacher_cfg) -> dict:
     return {"qkv_layers": sorted(set(cfg.qkv_layers)), "qkv": {**qkv_widths(teacher_cfg), "what": what}}
 
 
-DEFAULT_DRAWS = {"sampled-exact": 72, "sampled": 64, "both": 64, "topk": 64}
+DEFAULT_DRAWS = {"sampled-exact": 88, "sampled": 64, "both": 64, "topk": 64}
 
 
 def with_draws(cfg: CaptureConfig) -> CaptureConfig:
-    """cfg with --samples resolved: DEFAULT_DRAWS of its --targets when not given. sampled-exact's 72 systematic draws
-    (their ids below 1/N stored without log-probs) fill the bytes that 48 did with every log-prob, and 56 iid draws
-    did before: about 60 per token on the embedded teacher, under issue 27's 64 (docs/benchmarks.md, make
-    bench-fidelity); RS-KD keeps the paper's 64."""
+    """cfg with --samples resolved: DEFAULT_DRAWS of its --targets when not given. sampled-exact's 88 systematic draws
+    (their ids below 1/N stored without log-probs, every column byte-stream split) fill about 61 bytes per token on
+    the embedded teacher, under issue 27's 64 (docs/benchmarks.md, make bench-fidelity); RS-KD keeps the paper's 64."""
     if cfg.samples is not None:
         return cfg
     return dataclasses.replace(cfg, samples=DEFAULT_DRAWS.get(cfg.targets, 64))

@@ -23,7 +23,7 @@ def test_make_demo_tiny(tmp_path, tiny_teacher, text_file):
     manifest = json.loads((runs / "cache" / "manifest.json").read_text())
     assert manifest["capture"]["backend"] == "vllm" and manifest["stats"]["tokens"] == 2048
     cap = manifest["capture"]
-    assert (cap["targets"], cap["samples"], cap["sampling"], cap["tail_logprobs"]) == ("sampled-exact", 72, "systematic", False)  # the default
+    assert (cap["targets"], cap["samples"], cap["sampling"], cap["tail_logprobs"]) == ("sampled-exact", 88, "systematic", False)  # the default
     summary = json.loads((runs / "eval" / "eval.json").read_text())
     assert list(summary["models"]) == ["teacher", "student-kd", "student-ce"]
     for name in ("student-kd", "student-ce"):

@@ -2,7 +2,8 @@
 
 Writes synthetic caches of a 4,096-wide teacher with a 128,256-token vocabulary through the real writer
 (pipeline.cache.write_shard: random tensors, Gaussian hidden states, which zstd compresses like real ones):
-top-64 targets, sampled targets (64 draws a position), and top-64 plus one bfloat16 hidden layer in the new
+top-64 targets, sampled targets (64 draws a position), sampled-exact targets as the capture's default writes them
+(88 systematic draws, no log-prob below 1/N), and top-64 plus one bfloat16 hidden layer in the new
 layout (format 3, row frames) and the old one (format 2, one zstd frame per file); and a file holding four
 layers of which the loader reads one, both layouts. Then it times one worker's decoding, the trainer's own path
 (CacheStream + collate, --num-workers 0), over every batch of an epoch, shard reads included.
@@ -35,6 +36,7 @@ from stage_student.training.data import CacheStream  # noqa: E402
 
 GPU_TOKENS_PER_S = 30_000  # a 1B student on one H100 (the issue's figure)
 GPUS_PER_NODE = 8
+EXACT_DRAWS = 88  # teacher-cache's default (stage_teacher/capture.py DEFAULT_DRAWS)
 
 
 def synthetic_manifest(version: int, targets: str, hidden_layers=(), hidden_dtype: str = "bfloat16", top_k: int = 64,
@@ -42,6 +44,8 @@ def synthetic_manifest(version: int, targets: str, hidden_layers=(), hidden_dtyp
     """The fields of a capture's manifest that the writer and the reader use."""
     capture = {"targets": targets, "top_k": top_k, "logprob_dtype": "uint8", "samples": samples, "sample_temperature": 1.0,
                "hidden_layers": sorted(hidden_layers), "hidden_dtype": hidden_dtype}
+    if targets == "sampled-exact":  # as the capture's default writes it: systematic, no log-prob below 1/N
+        capture.update(sampling="systematic", tail_logprobs=False)
     if qkv_layers:
         capture.update(qkv_layers=sorted(qkv_layers), qkv={k: {"width": w} for k, w in qkv_widths.items()})
     return {"format_version": version, "teacher": {"vocab_size": vocab, "hidden_size": width}, "capture": capture,
@@ -80,7 +84,8 @@ def synthetic_shard(rng, rows: int, seq_len: int, manifest: dict, width: int = 4
         m = int((ids >= 0).sum(-1).max())
         targets.update(sample_ids=ids[:, :m].reshape(rows, p, m),
                        sample_logprobs=np.where(ids[:, :m] >= 0, -rng.exponential(4.0, ids[:, :m].shape), 0.0)
-                       .astype(np.float32).reshape(rows, p, m))
+                       .astype(np.float32).reshape(rows, p, m),
+                       teacher_entropy=rng.uniform(0, 5, (rows, p)).astype(np.float32))
     randn = lambda *shape: torch.randn(*shape, generator=torch.Generator().manual_seed(int(rng.integers(1 << 31))))  # noqa: E731
     scale = torch.linspace(0.2, 3.0, width)  # channels of different scales, as residual streams have
     hidden = {l: randn(rows, seq_len, width) * scale for l in cap["hidden_layers"]}
@@ -182,7 +187,7 @@ def main() -> None:
     cases = [  # name, targets, stored layers, format, shards
         ("top-64", "topk", [], 3, args.shards),
         ("sampled (64 draws)", "sampled", [], 3, args.shards),
-        ("sampled-exact (56 draws)", "sampled-exact", [], 3, args.shards),
+        (f"sampled-exact ({EXACT_DRAWS} systematic draws)", "sampled-exact", [], 3, args.shards),
         ("top-64 + 1 hidden layer, format 3 (row frames)", "topk", [layer], 3, args.hidden_shards),
         ("top-64 + 1 hidden layer, format 2 (whole-file zstd)", "topk", [layer], 2, args.hidden_shards),
         ("top-64 + 1 of 4 stored layers, format 3", "topk", [4, 8, 12, layer], 3, 2),
@@ -191,7 +196,7 @@ def main() -> None:
     data: dict = {}
     rows = []
     for name, targets, stored, version, shards in cases:
-        manifest = synthetic_manifest(version, targets, stored, width=args.width, samples=56 if targets == "sampled-exact" else 64)
+        manifest = synthetic_manifest(version, targets, stored, width=args.width, samples=EXACT_DRAWS if targets == "sampled-exact" else 64)
         key = (targets, tuple(stored), shards)
         if key not in data:  # the two layouts of a case hold the same data
             t0 = time.perf_counter()
