@@ -121,7 +121,7 @@ def parquet_file(columns: dict, n: int, file_schema: pa.Schema, cap: dict) -> by
     # Parquet names a list column's values by their path, "NAME.list.element"
     split = [f"{n}.list.element" for n in schema.BYTE_STREAM_SPLIT if n in file_schema.names and cap.get("targets") == "sampled-exact"]
     pq.write_table(table, buf, compression=schema.PARQUET_COMPRESSION, compression_level=schema.ZSTD_LEVEL,
-                   use_dictionary=not split,  # (with the split ids, plain values were smaller for every column)
+                   use_dictionary=not split,  # (byte-stream split beat a dictionary on every column, the codes' too)
                    column_encoding={n: "BYTE_STREAM_SPLIT" for n in split} or None)
     return buf.getvalue()
 

@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_init import report_targets  # noqa: E402
 
 from pipeline import schema  # noqa: E402
+from stage_teacher.capture import DEFAULT_DRAWS  # noqa: E402
 
 DEFAULT_KINDS = ("topk:16,topk:64,topk:256,sampled:16,sampled:64,sampled-exact:16,sampled-exact:24,sampled-exact:32,"
                  "sampled-exact:48,sampled-exact:56,sampled-exact:64,sampled-exact:128,sampled-exact:32:t1.5,"
@@ -221,7 +222,7 @@ def main() -> int:
     return report_targets(targets(rows), rows, Path(args.json))
 
 
-DEFAULT_KIND = "sampled-exact:88:sys"  # the capture's default (stage_teacher/capture.py DEFAULT_DRAWS, --sampling)
+DEFAULT_KIND = f"sampled-exact:{DEFAULT_DRAWS['sampled-exact']}:sys"  # the capture's default (--samples, --sampling)
 
 
 def targets(rows: list[dict]) -> dict[str, bool]:
