@@ -166,7 +166,8 @@ faults: setup
 # Which recipe gives the best student at the demo's budget (about 70 min here); resumable, row by row.
 # STUDY_STEPS=200: a second budget in its own dirs (bench-results/study-200), the rows study.py's LONG_ROWS names;
 # rows already done are skipped, so it can run in parts (STUDY_ROWS=ce,bitnet-30 runs only those, in that order,
-# and skips the temperature and cross-tokenizer parts).
+# and skips the temperature and cross-tokenizer parts). A row name ending in -seedN runs that row with --seed N;
+# study.md's seed table reads each seed against online KD's same seed.
 STUDY_STEPS ?= $(STEPS)
 STUDY_ROWS ?=
 STUDY_DIR = study$(if $(filter-out 30,$(STUDY_STEPS)),-$(STUDY_STEPS))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -76,48 +77,24 @@ ROWS = [
     # issue 27: samples with exact probabilities (Horvitz-Thompson weights, the true token always in), the default
     ("kd-auto-exact", "sampled-exact (the default): 56 draws with exact log-probs + the true token, auto init, lr 1e-3",
      ["--cache", "{exact_cache}", "--lr", "1e-3"]),
-    ("kd-auto-exact-seed1", "sampled-exact, 56 draws, auto init, lr 1e-3, --seed 1",
-     ["--cache", "{exact_cache}", "--lr", "1e-3", "--seed", "1"]),
     ("kd-auto-exact256", "sampled-exact, 256 draws (4.6x the default's), lr 1e-3: how much of the gap is the draws' noise",
      ["--cache", "{exact256_cache}", "--lr", "1e-3"]),
     ("kd-auto-sys", "sampled-exact, 48 systematic draws (the default), lr 1e-3",
      ["--cache", "{sys_cache}", "--lr", "1e-3"]),
-    ("kd-auto-sys-seed1", "sampled-exact, 48 systematic draws (the default), lr 1e-3, --seed 1",
-     ["--cache", "{sys_cache}", "--lr", "1e-3", "--seed", "1"]),
     ("kd-auto-exact-dpe28", "sampled-exact, 56 draws, each epoch a seeded subset worth 28 (--draws-per-epoch 28), lr 1e-3",
      ["--cache", "{exact_cache}", "--lr", "1e-3", "--draws-per-epoch", "28"]),
-    ("online-auto-lr1e-3-seed1", "online full-vocabulary KD (reference), auto init, lr 1e-3, --seed 1",
-     ["--online-teacher", "{teacher}", "--lr", "1e-3", "--seed", "1"]),
-    ("online-auto-lr1e-3-seed2", "online full-vocabulary KD (reference), auto init, lr 1e-3, --seed 2",
-     ["--online-teacher", "{teacher}", "--lr", "1e-3", "--seed", "2"]),
     ("fresh-online", "regime (i), one pass over fresh Wikipedia tokens: online full-vocabulary KD, lr 1e-3",
      ["--cache", "{fresh_cache}", "--online-teacher", "{teacher}", "--lr", "1e-3"]),
     ("fresh-exact", "regime (i), one pass over fresh Wikipedia tokens: sampled-exact, 56 draws, lr 1e-3",
      ["--cache", "{fresh_cache}", "--lr", "1e-3"]),
     ("fresh-k64", "regime (i), one pass over fresh Wikipedia tokens: top-64 + rest bucket, lr 1e-3",
      ["--cache", "{fresh_topk_cache}", "--lr", "1e-3"]),
-    ("fresh-online-seed1", "regime (i): online full-vocabulary KD, lr 1e-3, --seed 1",
-     ["--cache", "{fresh_cache}", "--online-teacher", "{teacher}", "--lr", "1e-3", "--seed", "1"]),
     ("fresh-sys", "regime (i): sampled-exact, 48 systematic draws (the default), lr 1e-3",
      ["--cache", "{fresh_sys_cache}", "--lr", "1e-3"]),
-    ("fresh-sys-seed1", "regime (i): sampled-exact, 48 systematic draws (the default), lr 1e-3, --seed 1",
-     ["--cache", "{fresh_sys_cache}", "--lr", "1e-3", "--seed", "1"]),
     ("kd-auto-sys72", "sampled-exact, 72 systematic draws, lr 1e-3", ["--cache", "{sys72_cache}", "--lr", "1e-3"]),
-    ("kd-auto-sys72-seed1", "sampled-exact, 72 systematic draws, lr 1e-3, --seed 1",
-     ["--cache", "{sys72_cache}", "--lr", "1e-3", "--seed", "1"]),
     ("fresh-sys72", "regime (i): sampled-exact, 72 systematic draws, lr 1e-3", ["--cache", "{fresh_sys72_cache}", "--lr", "1e-3"]),
-    ("fresh-sys72-seed1", "regime (i): sampled-exact, 72 systematic draws, lr 1e-3, --seed 1",
-     ["--cache", "{fresh_sys72_cache}", "--lr", "1e-3", "--seed", "1"]),
     ("kd-auto-sys88", "sampled-exact, 88 systematic draws, lr 1e-3", ["--cache", "{sys88_cache}", "--lr", "1e-3"]),
-    ("kd-auto-sys88-seed1", "sampled-exact, 88 systematic draws, lr 1e-3, --seed 1",
-     ["--cache", "{sys88_cache}", "--lr", "1e-3", "--seed", "1"]),
-    ("kd-auto-sys88-seed2", "sampled-exact, 88 systematic draws, lr 1e-3, --seed 2",
-     ["--cache", "{sys88_cache}", "--lr", "1e-3", "--seed", "2"]),
     ("fresh-sys88", "regime (i): sampled-exact, 88 systematic draws, lr 1e-3", ["--cache", "{fresh_sys88_cache}", "--lr", "1e-3"]),
-    ("fresh-sys88-seed1", "regime (i): sampled-exact, 88 systematic draws, lr 1e-3, --seed 1",
-     ["--cache", "{fresh_sys88_cache}", "--lr", "1e-3", "--seed", "1"]),
-    ("fresh-exact-seed1", "regime (i): sampled-exact, 56 draws, lr 1e-3, --seed 1",
-     ["--cache", "{fresh_cache}", "--lr", "1e-3", "--seed", "1"]),
     ("kd-auto-k64-hs", "top-64 KD + hidden MSE (layernormed) on the copied layers, auto init",
      ["--cache", "{hs_cache}", "--hs-weight", "1", "--layer-mapper", "copied", "--hs-norm", "layernorm", "--lr", DEMO_LR]),
     # 2310.08797's losses at equal tokens, side by side on one cache holding teacher layer 27's hidden state and Q/K/V
@@ -167,14 +144,12 @@ ROWS += [
       "--loss-balance", "gradnorm", "--lr", DEMO_LR]),
 ]
 ROWS += [
-    # issue 22 section 2: embedding noise (NEFTune) and gradient noise against kd-auto-k64-lr1e-3; a second seed of
-    # that row (data order) to read differences against
+    # issue 22 section 2: embedding noise (NEFTune) and gradient noise against kd-auto-k64-lr1e-3 (and its seeds,
+    # kd-auto-k64-lr1e-3-seed1, to read differences against)
     ("kd-auto-k64-neftune5", "top-64 KD, auto init, lr 1e-3, NEFTune embedding noise alpha 5",
      ["--lr", "1e-3", "--embedding-noise", "5"]),
     ("kd-auto-k64-gradnoise0.5", "top-64 KD, auto init, lr 1e-3, gradient noise of 0.5x the gradient's norm (annealed)",
      ["--lr", "1e-3", "--gradient-noise", "0.5"]),
-    ("kd-auto-k64-lr1e-3-seed1", "top-64 KD, auto init, lr 1e-3, --seed 1 (the seed-to-seed noise of the row above)",
-     ["--lr", "1e-3", "--seed", "1"]),
     # issue 22 section 6: the online reference at the lr of the top-64 and RS-KD rows it is read against
     ("online-auto-lr1e-3", "online full-vocabulary KD (reference), auto init, lr 1e-3",
      ["--online-teacher", "{teacher}", "--lr", "1e-3"]),
@@ -192,6 +167,15 @@ LONG_ROWS = ["kd-auto-k64-lr1e-3", "ce", "bitnet-30", "kd-auto-k64-lr1e-3-seed1"
              "kd-auto-k64-hs", "kd-auto-k64-hs-pcgrad", "kd-auto-k64-hs-gradnorm", "kd-auto-k64-neftune5",
              "kd-auto-k64-gradnoise0.5"]
 ATTN_LAYER = "27"  # upper-middle of the teacher's 30: the layer 2310.08797 and MiniLMv2 transfer from
+
+
+def find_row(name: str) -> tuple[str, str, list[str]] | None:
+    """A row of ROWS by name; NAME-seedN is row NAME with --seed N (init and data order), for any N."""
+    row = next((r for r in ROWS if r[0] == name), None)
+    base, sep, seed = name.rpartition("-seed")
+    if row is None and sep and seed.isdigit() and (b := find_row(base)) and "--seed" not in b[2]:
+        row = (name, f"{b[1]}, --seed {seed}", [*b[2], "--seed", seed])
+    return row
 
 
 def distily(*args: str) -> float:
@@ -246,12 +230,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench-results/study")
     ap.add_argument("--runs", default="runs/study")
-    ap.add_argument("--rows", default="", help="comma-separated row names, run in this order (default: all; at "
-                    "--steps other than 30, LONG_ROWS)")
+    ap.add_argument("--rows", default="", help="comma-separated row names, run in this order; NAME-seedN runs row "
+                    "NAME with --seed N (default: all; at --steps other than 30, LONG_ROWS)")
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per row [30, the demo's]")
     args = ap.parse_args()
     names = args.rows.split(",") if args.rows else LONG_ROWS if args.steps != 30 else [r[0] for r in ROWS]
-    unknown = sorted(set(names) - {r[0] for r in ROWS})
+    unknown = sorted(n for n in names if find_row(n) is None)
     if unknown:
         raise SystemExit(f"--rows: unknown row(s) {unknown}; the rows are {', '.join(r[0] for r in ROWS)}")
     from pipeline.resolve import DatasetSpec, load_texts, resolve_model
@@ -273,8 +257,7 @@ def main() -> None:
     if "teacher" not in study:
         study["teacher"] = perplexity(teacher, texts)
         save()
-    wanted = sorted((r for r in ROWS if r[0] in names), key=lambda r: names.index(r[0]))  # in the order asked
-    for name, what, extra in wanted:
+    for name, what, extra in map(find_row, dict.fromkeys(names)):  # in the order asked
         if name in study["rows"]:
             continue
         hs_cache = runs / "cache-hs"
@@ -333,6 +316,51 @@ def main() -> None:
     report(study, out)
 
 
+# Each seeded reference (online KD) and the cache rows read against it, seed by seed (the same seed is the same init
+# and data order on both sides); issue 27 regime (ii) over the demo text and regime (i) over fresh text
+SEEDED = {"online-auto-lr1e-3": ("kd-auto-sys88", "kd-auto-sys72", "kd-auto-sys", "kd-auto-exact", "kd-auto-k64-lr1e-3"),
+          "fresh-online": ("fresh-sys88", "fresh-sys72", "fresh-sys", "fresh-exact", "fresh-k64")}
+T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student's t, two-sided 95%
+
+
+def by_seed(rows: dict, base: str) -> dict[int, float]:
+    """{seed: held-out perplexity} of row `base` (seed 0) and its `base-seedN` rows."""
+    seeds = {0: rows[base]["perplexity"]} if base in rows else {}
+    seeds.update({int(n.rpartition("-seed")[2]): r["perplexity"] for n, r in rows.items()
+                  if n.rpartition("-seed")[0] == base and n.rpartition("-seed")[2].isdigit()})
+    return dict(sorted(seeds.items()))
+
+
+def seed_lines(rows: dict) -> tuple[list[str], dict]:
+    """Per seeded group: mean and spread of its seeds; against its reference, the ratio of the means and the paired
+    ratio (each seed against the reference's same seed) with a 95% t-interval over the seeds both have."""
+    lines = ["", "| rows | seeds | mean ppl | sd / mean | / reference: ratio of means (common seeds) | paired: mean ratio [95% interval] |",
+             "|---|---|---|---|---|---|"]
+    summary = {}
+    for ref, others in SEEDED.items():
+        r = by_seed(rows, ref)
+        for name in (ref, *others):
+            s = by_seed(rows, name)
+            if len(s) < 2:
+                continue
+            v = list(s.values())
+            mean = sum(v) / len(v)
+            sd = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5
+            entry = {"seeds": s, "mean": mean, "sd_over_mean": sd / mean}
+            cols = [name, ",".join(map(str, s)), f"{mean:.2f}", f"{sd / mean:.1%}", "1", "-"]
+            common = [k for k in s if k in r]
+            if name != ref and len(common) >= 2:
+                logs = [math.log(s[k] / r[k]) for k in common]
+                m = sum(logs) / len(logs)
+                half = T975[len(logs) - 1] * (sum((x - m) ** 2 for x in logs) / (len(logs) - 1) / len(logs)) ** 0.5
+                ratio = sum(s[k] for k in common) / sum(r[k] for k in common)
+                entry.update(ratio_of_means=ratio, paired_ratio=math.exp(m), paired_95=[math.exp(m - half), math.exp(m + half)])
+                cols[4:] = [f"{ratio:.3f}x", f"{math.exp(m):.3f}x [{math.exp(m - half):.3f}, {math.exp(m + half):.3f}] over {len(common)}"]
+            lines.append("| " + " | ".join(cols) + " |")
+            summary[name] = entry
+    return (lines, {"seeds": summary}) if summary else ([], {})
+
+
 def report(study: dict, out: Path) -> None:
     t = study["teacher"]["perplexity"]
     rows = study["rows"]
@@ -384,7 +412,9 @@ def report(study: dict, out: Path) -> None:
     sel = next((r["selection"] for r in rows.values() if r.get("selection")), None)
     if sel:
         summary["selection"] = sel
-    study["summary"] = summary
+    more, seeded = seed_lines(rows)
+    lines += more
+    study["summary"] = summary = {**summary, **seeded}
     if summary:
         lines += [""] + [f"- {k}: {json.dumps(v) if isinstance(v, dict) else (f'{v:.3f}' if isinstance(v, float) else v)}"
                          for k, v in summary.items()]
