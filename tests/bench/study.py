@@ -421,7 +421,7 @@ def report(study: dict, out: Path) -> None:
     study["summary"] = summary = {**summary, **seeded}
     if summary:
         lines += [""] + [f"- {k}: {json.dumps(v) if isinstance(v, dict) else (f'{v:.3f}' if isinstance(v, float) else v)}"
-                         for k, v in summary.items()]
+                         for k, v in summary.items() if k != "seeds"]  # the seeds: the table above
     (out / "study.json").write_text(json.dumps(study, indent=2))
     (out / "study.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
