@@ -35,11 +35,14 @@ def test_the_seed_table_pairs_each_seed_with_the_reference_of_the_same_seed():
     got = summary["seeds"]["kd-auto-sys88"]
     logs = [math.log(94.5 / 90.0), math.log(99.0 / 100.0)]
     m, sd = sum(logs) / 2, abs(logs[0] - logs[1]) / math.sqrt(2)
-    half = 12.71 * sd / math.sqrt(2)
+    half = math.tan(math.pi * 0.475) * sd / math.sqrt(2)  # Student's t (1 degree of freedom: Cauchy), two-sided 95%
     assert got["paired_ratio"] == pytest.approx(math.exp(m), rel=1e-12)
     assert got["paired_95"] == pytest.approx([math.exp(m - half), math.exp(m + half)], rel=1e-12)
     assert got["ratio_of_means"] == pytest.approx((94.5 + 99.0) / 190.0, rel=1e-12)
     assert got["seeds"] == {0: 94.5, 1: 99.0, 3: 50.0}
     assert summary["seeds"]["online-auto-lr1e-3"]["mean"] == pytest.approx(95.0)
+    many = {**rows, **{f"kd-auto-sys88-seed{i}": {"perplexity": 99.0} for i in range(4, 16)},
+            **{f"online-auto-lr1e-3-seed{i}": {"perplexity": 100.0} for i in range(3, 16)}}
+    assert study.seed_lines(many)[1]["seeds"]["kd-auto-sys88"]["paired_95"][0] < 1  # 15 pairs: past any small table
     assert "fresh-online" not in summary["seeds"]  # a group of fewer than two seeds has no row
     assert sum(line.startswith("| kd-auto-sys88 |") for line in lines) == 1

@@ -172,12 +172,18 @@ LONG_ROWS = ["kd-auto-k64-lr1e-3", "ce", "bitnet-30", "kd-auto-k64-lr1e-3-seed1"
 ATTN_LAYER = "27"  # upper-middle of the teacher's 30: the layer 2310.08797 and MiniLMv2 transfer from
 
 
+def split_seed(name: str) -> tuple[str, int | None]:
+    """("NAME", N) for "NAME-seedN"; (name, None) for any other name."""
+    base, sep, seed = name.rpartition("-seed")
+    return (base, int(seed)) if sep and seed.isdigit() else (name, None)
+
+
 def find_row(name: str) -> tuple[str, str, list[str]] | None:
     """A row of ROWS by name; NAME-seedN is row NAME with --seed N (init and data order), for any N."""
     row = next((r for r in ROWS if r[0] == name), None)
-    base, sep, seed = name.rpartition("-seed")
-    if row is None and sep and seed.isdigit() and (b := find_row(base)) and "--seed" not in b[2]:
-        row = (name, f"{b[1]}, --seed {seed}", [*b[2], "--seed", seed])
+    base, seed = split_seed(name)
+    if row is None and seed is not None and (b := find_row(base)) and "--seed" not in b[2]:
+        row = (name, f"{b[1]}, --seed {seed}", [*b[2], "--seed", str(seed)])
     return row
 
 
@@ -324,20 +330,19 @@ def main() -> None:
 SEEDED = {"online-auto-lr1e-3": ("kd-auto-sys128", "kd-auto-sys88", "kd-auto-sys72", "kd-auto-sys", "kd-auto-exact",
                                  "kd-auto-k64-lr1e-3"),
           "fresh-online": ("fresh-sys88", "fresh-sys72", "fresh-sys", "fresh-exact", "fresh-k64")}
-T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student's t, two-sided 95%
 
 
 def by_seed(rows: dict, base: str) -> dict[int, float]:
     """{seed: held-out perplexity} of row `base` (seed 0) and its `base-seedN` rows."""
     seeds = {0: rows[base]["perplexity"]} if base in rows else {}
-    seeds.update({int(n.rpartition("-seed")[2]): r["perplexity"] for n, r in rows.items()
-                  if n.rpartition("-seed")[0] == base and n.rpartition("-seed")[2].isdigit()})
+    seeds.update({seed: r["perplexity"] for n, r in rows.items() for b, seed in [split_seed(n)] if b == base and seed is not None})
     return dict(sorted(seeds.items()))
 
 
 def seed_lines(rows: dict) -> tuple[list[str], dict]:
     """Per seeded group: mean and spread of its seeds; against its reference, the ratio of the means and the paired
     ratio (each seed against the reference's same seed) with a 95% t-interval over the seeds both have."""
+    from scipy.stats import t as student_t  # scipy: lm-eval's scikit-learn brings it
     lines = ["", "| rows | seeds | mean ppl | sd / mean | / reference: ratio of means (common seeds) | paired: mean ratio [95% interval] |",
              "|---|---|---|---|---|---|"]
     summary = {}
@@ -356,7 +361,7 @@ def seed_lines(rows: dict) -> tuple[list[str], dict]:
             if name != ref and len(common) >= 2:
                 logs = [math.log(s[k] / r[k]) for k in common]
                 m = sum(logs) / len(logs)
-                half = T975[len(logs) - 1] * (sum((x - m) ** 2 for x in logs) / (len(logs) - 1) / len(logs)) ** 0.5
+                half = student_t.ppf(0.975, len(logs) - 1) * (sum((x - m) ** 2 for x in logs) / (len(logs) - 1) / len(logs)) ** 0.5
                 ratio = sum(s[k] for k in common) / sum(r[k] for k in common)
                 entry.update(ratio_of_means=ratio, paired_ratio=math.exp(m), paired_95=[math.exp(m - half), math.exp(m + half)])
                 cols[4:] = [f"{ratio:.3f}x", f"{math.exp(m):.3f}x [{math.exp(m - half):.3f}, {math.exp(m + half):.3f}] over {len(common)}"]
