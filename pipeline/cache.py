@@ -14,8 +14,6 @@ Public API (used by the trainer, by users and by our checks)::
         seq["sample_logprobs"]                 # sampled-exact caches: exact log p of each id, weights p / pi,
                                                # teacher_entropy exact (systematic, t = 1) or the estimate -sum w log p;
                                                # an id below 1/N of a systematic cache reads log p = -log N (weight 1/N)
-        seq["sample_noisy"]                    # sampled-exact caches: True where an id was drawn by chance (pi < 1, not
-                                               # the true next token): the random part of the estimate
 
     reader.read_hidden(shard, layers=[16], rows=slice(3, 4))  # {16: [1, T, H]}: reads and decodes only that
                                                                # (format 3; older files are decompressed whole)
@@ -42,7 +40,7 @@ from .errors import CacheError
 from .hidden_file import HiddenFile, RowFrames, WholeFile
 from .manifest import read_manifest, sha256_file, stats_from_shards
 
-SAMPLE_KEYS = ("sample_ids", "sample_counts", "sample_weights", "sample_logprobs", "sample_noisy")  # [.., m] per-sample arrays
+SAMPLE_KEYS = ("sample_ids", "sample_counts", "sample_weights", "sample_logprobs")  # [.., m] per-sample arrays
 
 
 def undelta_ids(deltas: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -101,27 +99,24 @@ def decode_exact_samples(cols: dict, n: int, t: int, next_ids: np.ndarray, cap: 
     (pi = 1 - (1 - q)^N iid, min(1, N q) systematic, 1 for the true next token), and teacher_entropy: the stored
     exact H(p), or else -sum_i w_i log p_i, the matching estimate of H(p), so that the loss's value estimates the KL
     (stage_student/losses/chunked.py sampled_chunk). A drawn id stored without its log-prob (SAMPLE_TAIL_CODE)
-    reads as log p = -log N, the p that gives it its weight 1/N (and, under --draws-per-epoch, its share).
-    sample_noisy marks the ids in by chance (inclusion probability below 1, not the true next token): the estimate's
-    random part, which --draw-weight shrinks."""
+    reads as log p = -log N, the p that gives it its weight 1/N (and, under --draws-per-epoch, its share)."""
     padded = ragged_to_padded(cols["sample_lengths"], n, t)
     ids = padded(undelta_ids(cols["sample_ids"], cols["sample_lengths"]), -1, np.int64)
     codes = cols["sample_logprobs"]
     logp = decode_sample_logprobs(codes)
-    tail_coded = np.zeros(codes.shape, bool) if schema.tail_logprobs_of(cap) else codes == schema.SAMPLE_TAIL_CODE
-    logp[tail_coded] = -np.log(cap["samples"])
-    logp, tail_coded = padded(logp, 0.0, np.float64), padded(tail_coded, False, bool)
+    if not schema.tail_logprobs_of(cap):
+        logp[codes == schema.SAMPLE_TAIL_CODE] = -np.log(cap["samples"])
+    logp = padded(logp, 0.0, np.float64)
     temperature = float(cap["sample_temperature"])
     logq = logp / temperature
     if "sample_logq_norm" in cols:
         logq = logq + cols["sample_logq_norm"].astype(np.float64).reshape(n, t - 1, 1)
-    draws, sampling, certain, valid = int(cap["samples"]), schema.sampling_of(cap), ids == next_ids[..., None], ids >= 0
-    weights = inclusion_weights(logp, logq, draws, certain, valid, sampling)
-    noisy = valid & ~certain & (tail_coded | (inclusion_probability(logq, draws, sampling) < 1))
+    weights = inclusion_weights(logp, logq, int(cap["samples"]), ids == next_ids[..., None], ids >= 0,
+                                schema.sampling_of(cap))
     entropy = (cols["teacher_entropy"].reshape(n, t - 1) if "teacher_entropy" in cols
                else -(weights * logp).sum(-1))
     return {"sample_ids": ids, "sample_logprobs": logp.astype(np.float32), "sample_weights": weights.astype(np.float32),
-            "sample_noisy": noisy, "teacher_entropy": entropy.astype(np.float32)}
+            "teacher_entropy": entropy.astype(np.float32)}
 
 
 class CacheReader:

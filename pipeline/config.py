@@ -163,10 +163,6 @@ class TrainConfig:
     draws_per_epoch: int = opt(0, "A sampled-exact cache of N draws: each epoch trains on a seeded subset worth this many "
                                "draws (< N; unbiased, another subset every epoch, so repeated tokens see fresh noise). "
                                "0: all N every epoch.")
-    draw_weight: float = opt(1.0, "Cached samples: the weight, in (0, 1], of the ids drawn by chance (those below 1/N); "
-                             "the rest of their mass is spread over the tail in the student's own proportions. Keeps "
-                             "the head and the tail's mass exact and damps the draws' noise, biased toward the "
-                             "student's tail. 1: the unbiased estimate. docs/train-student.md.")
     kd_top_k: int | None = opt(None, "Use only the teacher's top N of the cached top-k (tail mass recomputed).",
                                shown="all cached")
     tail: str = opt("bucket", "Teacher tail outside the top-k: bucket | renormalize.")

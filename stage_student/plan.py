@@ -143,8 +143,6 @@ def validate_numbers(cfg: TrainConfig) -> None:
                           "and the noise would have to be drawn per shard to equal one process's): use --parallel ddp")
     if cfg.temperature <= 0:
         raise ConfigError("--temperature must be > 0")
-    if not 0 < cfg.draw_weight <= 1:
-        raise ConfigError(f"--draw-weight {cfg.draw_weight} must be in (0, 1] (the chance-drawn ids' weight; 1: unbiased)")
     if not 0 <= cfg.beta <= 1:
         raise ConfigError(f"--beta {cfg.beta} must be in [0, 1] (JSD's mixture weight, skew KL's alpha)")
     if cfg.loss_chunk_size < 0:
@@ -180,10 +178,6 @@ def resolve_kd_targets(cfg: TrainConfig, cached: str, kd_on: bool) -> str:
         if cfg.temperature != 1.0 or cfg.kd_top_k:
             raise DistilyError("--temperature and --kd-top-k apply to top-k targets; sampled targets are drawn from the "
                                "teacher's distribution (set the draw temperature with teacher-cache --sample-temperature)")
-    if cfg.draw_weight != 1.0 and (want != "sampled" or cfg.online_teacher or not kd_on):
-        raise DistilyError(f"--draw-weight {cfg.draw_weight} weighs the draws of sampled targets; this run's KD reads "
-                           f"{'the online teacher' if cfg.online_teacher else want if kd_on else 'no'} targets: drop "
-                           "--draw-weight, or train from a sampled-exact cache")
     return want
 
 

@@ -122,8 +122,7 @@ class Trainer:
         plan, cfg = self.plan, self.cfg
         self.loss_spec = chunked.LossSpec(
             kd=cfg.loss if plan.kd else None, kd_weight=cfg.kd_weight, ce_weight=1.0 if cfg.loss == "ce" else cfg.ce_weight,
-            temperature=cfg.temperature, tail=cfg.tail, beta=cfg.beta, gamma=plan.gamma, vocab=targets_vocab(plan.manifest),
-            draw_weight=cfg.draw_weight)
+            temperature=cfg.temperature, tail=cfg.tail, beta=cfg.beta, gamma=plan.gamma, vocab=targets_vocab(plan.manifest))
         self.cached = CachedTeacher(plan.kd_targets, self.device, cfg.kd_top_k)
         self.teacher = self.cached if self.online is None else OnlineTeacher(
             self.online, required_teacher_layers(plan.pairs), self.teacher_qkv, plan.bf16)

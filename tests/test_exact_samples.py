@@ -8,7 +8,6 @@ trains from it end to end.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -423,50 +422,11 @@ def test_resume_equals_the_uninterrupted_run_across_epochs(tmp_path, exact_cache
 
 
 def test_ddp_ranks_agree_on_a_sampled_exact_cache(tmp_path, exact_cache):
-    """Two torchrun ranks on disjoint sequences, with per-epoch subsets over 2 epochs and --draw-weight: identical
-    parameters and optimizer state after every step."""
+    """Two torchrun ranks on disjoint sequences, with per-epoch subsets over 2 epochs: identical parameters and
+    optimizer state after every step."""
     from test_parallel_train import torchrun
 
     rank0, rank1 = torchrun(exact_cache, tmp_path / "ddp", 29551, "--max-steps", "5", "--draws-per-epoch", "6",
-                            "--draw-weight", "0.5", "--init-layers", "evenly", "--optimizer", "adamw8bit", "--lr", "1e-2")
+                            "--init-layers", "evenly", "--optimizer", "adamw8bit", "--lr", "1e-2")
     assert [l.split()[0] for l in rank0] == ["1", "2", "3", "4", "5"] and rank0 == rank1
 
-
-
-def test_the_reader_marks_the_chance_drawn_ids_and_draw_weight_trains_from_them(tmp_path, exact_cache):
-    """sample_noisy (what --draw-weight shrinks) is exactly the ids of weight 1/N other than the true token (a systematic
-    cache: an id below 1/N is drawn with chance N p and weighs 1/N; the rest weigh their exact p); a --draw-weight 0.5
-    run trains from the real cache with the fused loss equal to the reference on its batch; a resume with another
-    weight and a top-k-reading run are refused by name."""
-    from pipeline.config import TrainConfig
-    from pipeline.errors import DistilyError
-    from stage_student.train import Trainer, train
-    from stage_student.training.data import CacheStream
-    from test_train_student import cfg_for
-
-    draws = CacheReader(exact_cache).manifest["capture"]["samples"]
-    seen = 0
-    for seq in CacheReader(exact_cache).iter_sequences():
-        ids, w = seq["sample_ids"], seq["sample_weights"]
-        one_in_n = (ids >= 0) & (ids != seq["input_ids"][1:, None]) & np.isclose(w, 1 / draws, rtol=1e-6)
-        np.testing.assert_array_equal(seq["sample_noisy"], one_in_n)
-        seen += int(one_in_n.sum())
-    assert seen > 0
-    cfg = TrainConfig(cache=str(exact_cache), output=str(tmp_path / "run"), student_layers=1, init_layers="evenly",
-                      max_steps=4, batch_size=2, eval_sequences=2, optimizer="adamw", draw_weight=0.5)
-    trainer = Trainer(cfg)
-    batch = next(iter(CacheStream(str(exact_cache), trainer.plan.train_pairs, 2, 0, 16)))
-    targets = chunked.Targets(**trainer.cached.targets(batch))
-    assert targets.sample_noisy is not None and targets.sample_noisy.any()
-    logits = torch.randn(targets.sample_ids.shape[0], 384, generator=torch.Generator().manual_seed(0))
-    spec = replace(trainer.loss_spec, vocab=None)
-    fused, ref = chunked.head_losses(logits, None, None, spec, targets, 7), chunked.reference_losses(logits, spec, targets)
-    assert fused["kd"].item() == pytest.approx(ref["kd"].item(), rel=1e-5)
-    assert fused["kd"].item() != pytest.approx(losses.sampled_kd_loss(logits, targets.sample_ids, targets.sample_weights,
-                                                                      targets.teacher_entropy).item(), rel=1e-3)
-    train(cfg_for(exact_cache, tmp_path / "a", max_steps=4, save_steps=2, draw_weight=0.5))
-    with pytest.raises(DistilyError, match="draw_weight"):
-        train(cfg_for(exact_cache, tmp_path / "a", resume=True, max_steps=6, draw_weight=0.75))
-    with pytest.raises(DistilyError, match="--draw-weight 0.5 weighs the draws of sampled targets"):
-        Trainer(TrainConfig(cache=str(exact_cache), output=str(tmp_path / "o"), student_layers=1, init_layers="evenly",
-                            eval_sequences=2, draw_weight=0.5, loss="ce"))

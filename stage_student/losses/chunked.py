@@ -44,7 +44,6 @@ from stage_student.losses.kd import (
     kd_loss,
     kd_loss_full,
     sampled_kd_loss,
-    shrunk_sampled_kd_loss,
     teacher_log_probs,
     token_reverse_kl,
 )
@@ -62,7 +61,6 @@ class LossSpec:
     beta: float = 0.5
     gamma: float = 0.5
     vocab: int | None = None  # the real tokens: logits beyond (padding rows of a head) are cut; None: the whole head
-    draw_weight: float = 1.0  # cached samples: the weight of the ids drawn by chance (kd.shrunk_sampled_kd_loss)
 
 
 @dataclass
@@ -78,7 +76,6 @@ class Targets:
     teacher_logits: torch.Tensor | None = None
     sample_ids: torch.Tensor | None = None
     sample_weights: torch.Tensor | None = None
-    sample_noisy: torch.Tensor | None = None  # True where a sampled id was drawn by chance (None: every id)
     teacher_entropy: torch.Tensor | None = None
     teacher_token_logprob: torch.Tensor | None = None
     behaviour_logprob: torch.Tensor | None = None
@@ -257,23 +254,15 @@ def sampled_chunk(z, sl: slice, n: int, spec: LossSpec, t: Targets, need_grad: b
     """Losses of one chunk against cached RS-KD samples (forward KL estimate, CE), and dL/dz (z is overwritten).
 
     KD = sum_i w_i (lse - z_i) - H(p) and CE = lse - z_y are linear in z's gathered entries and its
-    log-sum-exp, so dL/dz = (kd_w sum_i w_i + ce_w) softmax(z) - kd_w sum_i w_i e_{x_i} - ce_w e_y (over n).
-    --draw-weight a < 1 (kd.shrunk_sampled_kd_loss): the ids drawn by chance weigh a w_i, and (1 - a) M goes to the
-    ids outside the exact ones E in the student's proportions r there (`shrink_draws`), so dL/dz gains
-    -kd_w (1 - a) M r, and the value (1 - a) M (lse - lse_r + H(r))."""
+    log-sum-exp, so dL/dz = (kd_w sum_i w_i + ce_w) softmax(z) - kd_w sum_i w_i e_{x_i} - ce_w e_y (over n)."""
     kd, ce = spec.kd is not None, spec.ce_weight > 0
     lse = torch.logsumexp(z, dim=-1)
-    values, rest = {}, None
+    values = {}
     if kd:
         ids = t.sample_ids[sl].long().clamp_min(0)
         w = t.sample_weights[sl].float()
         picked = z.gather(-1, ids)
-        total = w.sum(-1)  # the target's total mass, whatever --draw-weight
-        values["kd"] = -t.teacher_entropy[sl].float().sum() / n
-        if spec.draw_weight < 1:
-            w, rest, rest_value = shrink_draws(z, lse, w, t, sl, spec.draw_weight)
-            values["kd"] = values["kd"] + rest_value / n
-        values["kd"] = values["kd"] + (w * (lse[:, None] - picked)).sum() / n
+        values["kd"] = ((w * (lse[:, None] - picked)).sum() - t.teacher_entropy[sl].float().sum()) / n
     if ce:
         labels = t.labels[sl].long()
         values["ce"] = (lse - z.gather(-1, labels[:, None])[:, 0]).sum() / n
@@ -282,32 +271,15 @@ def sampled_chunk(z, sl: slice, n: int, spec: LossSpec, t: Targets, need_grad: b
         return values, None
     g_lse = torch.zeros_like(lse)
     if kd:
-        g_lse += spec.kd_weight * total / n
+        g_lse += spec.kd_weight * w.sum(-1) / n
     if ce:
         g_lse += spec.ce_weight / n
     z.sub_(lse[:, None]).exp_().mul_(g_lse[:, None])
-    if rest is not None:
-        z.sub_(rest.mul_(spec.kd_weight / n))
     if kd:
         z.scatter_add_(-1, ids, -spec.kd_weight * w / n)
     if ce:
         z.scatter_add_(-1, labels[:, None], torch.full_like(lse[:, None], -spec.ce_weight / n))
     return values, z
-
-
-def shrink_draws(z, lse, w, t: Targets, sl: slice, draw_weight: float):
-    """--draw-weight a < 1 on one chunk: the weights with the chance-drawn ones times a; the spread target
-    (1 - a) M r [C, V], r = softmax of z outside the exact ids E (a masked log-sum-exp: no cancellation when the
-    student's mass sits on E); and its summed value sum (1 - a) M (lse - lse_r + H(r)) = sum_j (1 - a) M r_j (lse - z_j)."""
-    valid = t.sample_ids[sl] >= 0
-    noisy = valid if t.sample_noisy is None else t.sample_noisy[sl].bool() & valid
-    in_e = torch.zeros_like(z).scatter_add_(-1, t.sample_ids[sl].long().clamp_min(0), (valid & ~noisy).float()) > 0
-    masked = z.masked_fill(in_e, -torch.inf)
-    lse_r = torch.logsumexp(masked, dim=-1)
-    rest = masked.sub_(lse_r[:, None]).exp_()  # r, 0 on E
-    spread = (1 - draw_weight) * (w * noisy).sum(-1)
-    value = (spread * (lse - (rest * z).sum(-1))).sum()  # sum_j r_j (lse - z_j) = lse - sum_j r_j z_j
-    return w * torch.where(noisy, draw_weight, 1.0), rest.mul_(spread[:, None]), value
 
 
 def token_chunk(z, sl: slice, n: int, spec: LossSpec, t: Targets, need_grad: bool):
@@ -362,10 +334,6 @@ def reference_losses(logits, spec: LossSpec, t: Targets) -> dict:
         values["kd"] = token_reverse_kl(logits, t.labels, t.teacher_token_logprob, t.behaviour_logprob)
     elif spec.kd is not None and t.teacher_logits is not None:
         values["kd"] = kd_loss_full(spec.kd, logits, t.teacher_logits, spec.temperature, spec.beta, spec.gamma)
-    elif spec.kd is not None and t.sample_ids is not None and spec.draw_weight < 1:
-        noisy = t.sample_noisy if t.sample_noisy is not None else t.sample_ids >= 0
-        values["kd"] = shrunk_sampled_kd_loss(logits, t.sample_ids, t.sample_weights, noisy, t.teacher_entropy,
-                                              spec.draw_weight)
     elif spec.kd is not None and t.sample_ids is not None:
         values["kd"] = sampled_kd_loss(logits, t.sample_ids, t.sample_weights, t.teacher_entropy)
     elif spec.kd is not None:

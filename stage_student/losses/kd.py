@@ -215,29 +215,6 @@ def sampled_kd_loss(student_logits, sample_ids, sample_weights, teacher_entropy)
     return ((sample_weights.float() * -logq).sum(-1) - teacher_entropy.float()).mean()
 
 
-def shrunk_sampled_kd_loss(student_logits, sample_ids, sample_weights, sample_noisy, teacher_entropy,
-                           draw_weight: float):
-    """sampled_kd_loss with the ids drawn by chance shrunk toward the student's own shape (--draw-weight a < 1).
-
-    The estimate of P splits into its exact part E (ids whose weight is their exact p: those certain to be drawn and
-    the true next token) and its random part, the ids in by chance (sample_noisy), of total weight M. The target
-    keeps E, gives the random ids a x their weight, and spreads the other (1 - a) M over every id outside E in the
-    proportions of the student's own distribution there, r = softmax of its logits outside E (detached):
-    P_a = P_E + a P_noisy + (1 - a) M r. This is the posterior mean of the tail under a Dirichlet prior centred on
-    the student: it keeps the head and the tail's total mass, and learns the tail's shape a times as fast, with a^2
-    of the draws' variance. Biased (toward the student's tail) for a < 1; a = 1 is sampled_kd_loss. Returns the
-    mean over positions of CE(P_a, Q) - H(p); its gradient wrt the logits is sum(P_a) q - P_a. Shapes as
-    sampled_kd_loss, noisy [N, m]."""
-    logq = torch.log_softmax(student_logits.float(), dim=-1)
-    ids, w = sample_ids.long().clamp_min(0), sample_weights.float()
-    noisy = sample_noisy.bool() & (sample_ids >= 0)
-    in_e = torch.zeros_like(logq).scatter_add(-1, ids, ((sample_ids >= 0) & ~noisy).float()) > 0
-    rest = torch.softmax(logq.detach().masked_fill(in_e, -torch.inf), dim=-1)
-    target = torch.zeros_like(logq).scatter_add(-1, ids, w * torch.where(noisy, draw_weight, 1.0))
-    target = target + ((1 - draw_weight) * (w * noisy).sum(-1))[:, None] * rest
-    return ((target * -logq).sum(-1) - teacher_entropy.float()).mean()
-
-
 def token_reverse_kl(student_logits, labels, teacher_logprob, behaviour_logprob=None):
     """On-policy distillation's per-token reverse KL (GKD, arXiv 2306.13649; Thinking Machines, "On-policy
     distillation", 2025): the mean over positions of  rho * stopgrad(log q(x) - log p(x)),  rho = q(x) / q_old(x).

@@ -32,7 +32,7 @@ SHAPE_FIELDS = ("student_quant", "batch_size", "grad_accum", "seed", "shuffle_bu
                 "temperature", "tail", "kd_top_k", "beta", "kd_weight", "ce_weight", "hs_weight", "hs_loss", "hs_norm",
                 "layer_mapper", "layer_mapper_k", "projector", "online_teacher", "attn_loss", "attn_weight",
                 "attn_relation_loss", "relation_weights", "attn_layer_mapper", "cross_tokenizer", "parallel",
-                "loss_balance", "embedding_noise", "gradient_noise", "draws_per_epoch", "draw_weight")
+                "loss_balance", "embedding_noise", "gradient_noise", "draws_per_epoch")
 
 
 def complete_checkpoints(directory: Path) -> list[Path]:

@@ -80,7 +80,7 @@ def epoch_subset(row: dict, draws: int, keep: int, seed: int, epoch: int, sampli
     pi_draws, pi_keep = (inclusion_probability(logp, n, sampling) for n in (draws, keep))
     stays = certain | (rng.random(ids.shape) * pi_draws < pi_keep)
     weights = inclusion_weights(logp, logp, keep, certain, valid & stays, sampling)  # t = 1: q = p
-    return {**row, "sample_weights": weights.astype(np.float32), "sample_noisy": valid & stays & ~certain & (pi_keep < 1)}
+    return {**row, "sample_weights": weights.astype(np.float32)}
 
 
 class CacheStream(IterableDataset):

@@ -70,12 +70,9 @@ class CachedTeacher:
             return out
         if self.kind == "sampled":
             m = batch["sample_ids"].shape[-1]
-            out = {"sample_ids": batch["sample_ids"].reshape(-1, m).to(self.device),
-                   "sample_weights": batch["sample_weights"].reshape(-1, m).to(self.device),
-                   "teacher_entropy": batch["teacher_entropy"].reshape(-1).to(self.device)}
-            if "sample_noisy" in batch:  # sampled-exact caches (--draw-weight)
-                out["sample_noisy"] = batch["sample_noisy"].reshape(-1, m).to(self.device)
-            return out
+            return {"sample_ids": batch["sample_ids"].reshape(-1, m).to(self.device),
+                    "sample_weights": batch["sample_weights"].reshape(-1, m).to(self.device),
+                    "teacher_entropy": batch["teacher_entropy"].reshape(-1).to(self.device)}
         k = batch["topk_ids"].shape[-1]
         ids, logprobs = batch["topk_ids"].reshape(-1, k), batch["topk_logprobs"].reshape(-1, k)
         tail = batch["tail_mass"].reshape(-1)
