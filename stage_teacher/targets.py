@@ -33,7 +33,6 @@ class TargetSpec:
     samples: int = 64
     sample_temperature: float = 1.0
     sampling: str = "iid"  # iid | systematic (draw)
-    order: torch.Tensor | None = None  # systematic draws: the vocabulary's order along the cumulative sum (vocab_order.py)
     seed: int = 0
     chunk_positions: int = 512
     vocab: int | None = None  # the real tokens, len(tokenizer): logits beyond are cut (None: the whole head)
@@ -134,7 +133,7 @@ def exact_samples(z: torch.Tensor, next_ids: torch.Tensor, spec: TargetSpec, gen
     t = spec.sample_temperature
     log_total = torch.logsumexp(z, dim=-1)
     e = (z / t).exp() if t != 1.0 else z.exp()
-    draws = draw(e, spec.samples, spec.sampling, gen, spec.order)
+    draws = draw(e, spec.samples, spec.sampling, gen)
     ids, _ = unique_counts(torch.cat([draws, next_ids[:, None].long()], dim=-1))
     logp = z.gather(-1, ids.clamp_min(0)) - log_total[:, None]
     out = {"sample_ids": ids, "sample_logprobs": torch.where(ids >= 0, logp, 0.0)}
@@ -148,7 +147,7 @@ def exact_samples(z: torch.Tensor, next_ids: torch.Tensor, spec: TargetSpec, gen
 SYSTEMATIC_ROWS = 64  # rows per float64 cumulative sum in `draw` (bounds its [rows, V] temporaries)
 
 
-def draw(e: torch.Tensor, n: int, sampling: str, gen: torch.Generator, order: torch.Tensor | None = None) -> torch.Tensor:
+def draw(e: torch.Tensor, n: int, sampling: str, gen: torch.Generator) -> torch.Tensor:
     """n draws per row from the unnormalised probabilities e [C, V] -> ids [C, n].
 
     iid: independent draws with replacement; id v appears at least once with chance 1 - (1 - q_v)^n.
@@ -161,12 +160,11 @@ def draw(e: torch.Tensor, n: int, sampling: str, gen: torch.Generator, order: to
     out = []
     steps = torch.arange(n, dtype=torch.float64, device=e.device)
     for rows in e.split(SYSTEMATIC_ROWS):
-        cdf = (rows if order is None else rows[:, order.to(e.device)]).double().cumsum_(-1)
+        cdf = rows.double().cumsum_(-1)
         u = torch.rand(rows.shape[0], 1, generator=gen, dtype=torch.float64, device=e.device)
         points = (u + steps) / n * cdf[:, -1:]
         out.append(torch.searchsorted(cdf, points, right=True).clamp_max_(rows.shape[-1] - 1))
-    drawn = torch.cat(out)
-    return drawn if order is None else order.to(e.device)[drawn]
+    return torch.cat(out)
 
 
 def unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

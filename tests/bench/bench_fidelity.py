@@ -54,8 +54,6 @@ DEFAULT_KINDS = ("topk:16,topk:64,topk:256,sampled:16,sampled:64,sampled-exact:1
                  "sampled-exact:32:sys,sampled-exact:40:sys,sampled-exact:48:sys,sampled-exact:56:sys,sampled-exact:64:sys,"
                  "sampled-exact:72:sys,sampled-exact:80:sys,sampled-exact:88:sys,sampled-exact:96:sys")
 DEMO_LAYERS = [0, 1, 2, 3, 4, *range(20, 30)]
-HIDDEN = bool(os.environ.get("FIDELITY_HIDDEN"))  # the gradient reaching the final hidden state instead
-ORDER: dict[str, torch.Tensor] = {}  # a kind's :emb suffix: systematic draws along the teacher's embedding order
 
 
 def parse_kind(kind: str) -> dict:
@@ -66,8 +64,6 @@ def parse_kind(kind: str) -> dict:
             out["temperature"] = float(p[1:])
         if p == "sys":
             out["sampling"] = "systematic"
-        if p == "emb":
-            out["order"] = "embedding"
     return out
 
 
@@ -101,7 +97,7 @@ def cached_targets(kind: dict, logits: list[torch.Tensor], ids: list[torch.Tenso
 
     targets = "topk" if kind["targets"] == "topk" else kind["targets"]
     spec = TargetSpec(top_k=kind["size"], targets=targets, samples=kind["size"], sample_temperature=kind["temperature"],
-                      sampling=kind["sampling"], seed=seed, order=ORDER.get(kind.get("order")))
+                      sampling=kind["sampling"], seed=seed)
     manifest = manifest_for(kind, logits[0].shape[-1])
     reader = CacheReader(work)
     reader.__dict__["manifest"] = manifest
@@ -135,8 +131,6 @@ def gradient(student, ids: torch.Tensor, targets: dict) -> torch.Tensor:
     spec = chunked.LossSpec(kd="forward_kl", vocab=student.lm_head.weight.shape[0])
     t = chunked.Targets(labels=ids[:, 1:].reshape(-1), **targets)
     loss = chunked.head_losses(hidden, student.lm_head.weight, None, spec, t, 1024)["loss"]
-    if HIDDEN:
-        return torch.autograd.grad(loss, hidden)[0].reshape(-1)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
 
@@ -200,9 +194,6 @@ def main() -> int:
     students = {"init": cut_student(teacher, DEMO_LAYERS)}
     if args.student:
         students["trained"] = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
-    from stage_teacher.vocab_order import embedding_order
-
-    ORDER["embedding"] = embedding_order(teacher.lm_head.weight)
     del teacher
     work = Path(tempfile.mkdtemp(prefix="distily-fidelity-"))
     kinds = args.kinds.split(",")
