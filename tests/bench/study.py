@@ -98,6 +98,16 @@ ROWS = [
     ("fresh-sys88", "regime (i): sampled-exact, 88 systematic draws, lr 1e-3", ["--cache", "{fresh_sys88_cache}", "--lr", "1e-3"]),
     ("kd-auto-sys128", "sampled-exact, 128 systematic draws (over the 64-byte budget), lr 1e-3",
      ["--cache", "{sys128_cache}", "--lr", "1e-3"]),
+    ("kd-auto-sys88-lr1.5e-3", "sampled-exact, 88 systematic draws, lr 1.5e-3", ["--cache", "{sys88_cache}", "--lr", "1.5e-3"]),
+    ("kd-auto-sys88-lr7e-4", "sampled-exact, 88 systematic draws, lr 7e-4", ["--cache", "{sys88_cache}", "--lr", "7e-4"]),
+    ("online-auto-lr7e-4", "online full-vocabulary KD (reference), auto init, lr 7e-4",
+     ["--online-teacher", "{teacher}", "--lr", "7e-4"]),
+    ("kd-auto-sys88-gn0.5", "sampled-exact, 88 systematic draws, lr 1e-3, gradient noise 0.5",
+     ["--cache", "{sys88_cache}", "--lr", "1e-3", "--gradient-noise", "0.5"]),
+    ("online-auto-lr1e-3-gn0.5", "online full-vocabulary KD (reference), auto init, lr 1e-3, gradient noise 0.5",
+     ["--online-teacher", "{teacher}", "--lr", "1e-3", "--gradient-noise", "0.5"]),
+    ("fresh-sys88-gn0.5", "regime (i): sampled-exact, 88 systematic draws, lr 1e-3, gradient noise 0.5",
+     ["--cache", "{fresh_sys88_cache}", "--lr", "1e-3", "--gradient-noise", "0.5"]),
     ("kd-auto-k64-hs", "top-64 KD + hidden MSE (layernormed) on the copied layers, auto init",
      ["--cache", "{hs_cache}", "--hs-weight", "1", "--layer-mapper", "copied", "--hs-norm", "layernorm", "--lr", DEMO_LR]),
     # 2310.08797's losses at equal tokens, side by side on one cache holding teacher layer 27's hidden state and Q/K/V
@@ -327,9 +337,9 @@ def main() -> None:
 
 # Each seeded reference (online KD) and the cache rows read against it, seed by seed (the same seed is the same init
 # and data order on both sides); issue 27 regime (ii) over the demo text and regime (i) over fresh text
-SEEDED = {"online-auto-lr1e-3": ("kd-auto-sys128", "kd-auto-sys88", "kd-auto-sys72", "kd-auto-sys", "kd-auto-exact",
-                                 "kd-auto-k64-lr1e-3"),
-          "fresh-online": ("fresh-sys88", "fresh-sys72", "fresh-sys", "fresh-exact", "fresh-k64")}
+SEEDED = {"online-auto-lr1e-3": ("kd-auto-sys128", "kd-auto-sys88", "kd-auto-sys88-gn0.5", "kd-auto-sys72", "kd-auto-sys",
+                                 "kd-auto-exact", "kd-auto-k64-lr1e-3"),
+          "fresh-online": ("fresh-sys88", "fresh-sys88-gn0.5", "fresh-sys72", "fresh-sys", "fresh-exact", "fresh-k64")}
 
 
 def by_seed(rows: dict, base: str) -> dict[int, float]:
