@@ -138,9 +138,6 @@ def validate_numbers(cfg: TrainConfig) -> None:
         raise ConfigError(f"--embedding-noise {cfg.embedding_noise} must be >= 0 (NEFTune's alpha; 0: off)")
     if cfg.gradient_noise < 0:
         raise ConfigError(f"--gradient-noise {cfg.gradient_noise} must be >= 0 (the noise's norm over the gradient's; 0: off)")
-    if cfg.gradient_noise > 0 and cfg.parallel == "fsdp":
-        raise ConfigError("--gradient-noise is not implemented for --parallel fsdp (each rank holds a shard of the gradient, "
-                          "and the noise would have to be drawn per shard to equal one process's): use --parallel ddp")
     if cfg.temperature <= 0:
         raise ConfigError("--temperature must be > 0")
     if not 0 <= cfg.beta <= 1:

@@ -1,5 +1,5 @@
 """Sharded students (--parallel fsdp, PyTorch's fully_shard) under torchrun with 2 gloo ranks: the losses of
-every step equal DDP's and one process's on the same global batch; a run killed with SIGKILL resumes from
+every step equal DDP's and one process's on the same global batch (gradient noise included); a run killed with SIGKILL resumes from
 its sharded checkpoint as if never stopped; final/ is one plain model dir; optimizers that cannot hold
 DTensor shards are refused before anything loads."""
 from __future__ import annotations
@@ -65,11 +65,12 @@ def losses(rows: list[dict]) -> list[float]:
 def test_fsdp_losses_equal_ddp_and_one_process(tmp_path, full_cache):
     """One process with batch 4 and 2 ranks with batch 2 each see the same 4 sequences per step (rank r takes
     every 2nd of the one shuffled order): the logged loss (mean over ranks) of every step, the held-out eval
-    and the final weights agree."""
-    one = train(full_cache, tmp_path / "one", 1, 0, "--batch-size", "4", "--optimizer", "adamw")
-    ddp = train(full_cache, tmp_path / "ddp", 2, 29541, "--batch-size", "2", "--optimizer", "adamw")
-    fsdp = train(full_cache, tmp_path / "fsdp", 2, 29542, "--batch-size", "2", "--optimizer", "adamw",
-                 "--parallel", "fsdp")
+    and the final weights agree. With gradient noise: under FSDP each rank adds its shard of the noise one process
+    draws, so the noise changes nothing in the comparison."""
+    noise = ("--optimizer", "adamw", "--gradient-noise", "0.5")
+    one = train(full_cache, tmp_path / "one", 1, 0, "--batch-size", "4", *noise)
+    ddp = train(full_cache, tmp_path / "ddp", 2, 29541, "--batch-size", "2", *noise)
+    fsdp = train(full_cache, tmp_path / "fsdp", 2, 29542, "--batch-size", "2", *noise, "--parallel", "fsdp")
     assert [r["step"] for r in fsdp] == list(range(1, STEPS + 1))
     assert len(set(losses(fsdp))) == STEPS and losses(fsdp)[-1] < losses(fsdp)[0]  # it trains
     for other in (ddp, one):

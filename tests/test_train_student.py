@@ -282,5 +282,3 @@ def test_gradient_noise_changes_training_and_bad_values_are_refused(tmp_path, hf
     assert a[-1]["loss"] != b[-1]["loss"] and all(math.isfinite(r["loss"]) for r in b)
     with pytest.raises(ConfigError, match="--gradient-noise -1"):
         Trainer(cfg_for(hf_cache, tmp_path / "bad", gradient_noise=-1.0))
-    with pytest.raises(ConfigError, match="--gradient-noise is not implemented for --parallel fsdp"):
-        Trainer(cfg_for(hf_cache, tmp_path / "bad", gradient_noise=0.5, parallel="fsdp", optimizer="adamw"))

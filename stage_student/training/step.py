@@ -246,12 +246,20 @@ def add_gradient_noise(grads: list[torch.Tensor], ratio: float, norm: torch.Tens
     noise's expected norm is ratio x `norm` (the clipped gradient's) at step 0 and its variance decays as the
     paper's (1 + t)^-0.55. The paper's absolute variance (eta in 0.01-1) would swamp a 135M-parameter gradient
     clipped to norm 1, hence relative. The draw comes from a generator seeded by (seed, step) alone: every DDP
-    rank adds the same noise to the same averaged gradient, and a resumed run draws what an uninterrupted one did."""
-    n = sum(g.numel() for g in grads)
+    rank adds the same noise to the same averaged gradient, and a resumed run draws what an uninterrupted one did.
+    Under FSDP each gradient is a DTensor shard: every rank draws the whole tensor, as one process would, and adds
+    its own shard of it."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    n = sum(g.numel() for g in grads)  # a DTensor's numel is the whole tensor's
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
     sigma = ratio * norm / n ** 0.5 * (1 + step) ** -0.275
     gen = torch.Generator(device=grads[0].device).manual_seed(seed * 1_000_003 + step)
     for g in grads:
-        g.add_(torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype) * sigma.to(g.dtype))
+        noise = torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype) * sigma.to(g.dtype)
+        if isinstance(g, DTensor):  # no communication: each rank keeps its shard of the same draw
+            noise = distribute_tensor(noise, g.device_mesh, g.placements, src_data_rank=None)
+        g.add_(noise)
 
 
 def balanced_backward(model: Distiller, n: int, method: str) -> None:
