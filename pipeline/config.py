@@ -215,8 +215,9 @@ class TrainConfig:
     num_workers: int | None = opt(None, "DataLoader workers decoding shards.", shown="1 on GPUs, 0 on CPUs without a spare core")
     embedding_noise: float = opt(0.0, "NEFTune (arXiv 2310.05914): uniform noise in +-alpha/sqrt(T x H) on the student's "
                                  "input embeddings while training (transformers' hook); alpha, e.g. 5. 0: off.")
-    gradient_noise: float = opt(0.0, "Annealed Gaussian gradient noise (arXiv 1511.06807), relative: after clipping, noise of "
-                                "expected norm RATIO x the gradient's, its variance decaying as (1 + step)^-0.55; e.g. 0.5. 0: off.")
+    gradient_noise: float = opt(0.5, "Annealed Gaussian gradient noise (arXiv 1511.06807), relative: after clipping, noise of "
+                                "expected norm RATIO x the gradient's, its variance decaying as (1 + step)^-0.55; it keeps a "
+                                "student that reads its tokens for several epochs from fitting them. 0: off.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward (less memory).")
     compile: bool = opt(False, "torch.compile the student's forward (inductor; CPUs need a C compiler).")
     bf16: bool | None = opt(None, "bf16 autocast.", shown="on when CUDA is available")

@@ -205,7 +205,11 @@ def test_bitnet_training_learns_saves_and_exports(tmp_path, hf_cache, eager_tran
     sizes = json.loads((tmp_path / "exp" / "export.json").read_text())
     print(f"trained student (logits up to {want.abs().max():.3g}): final/ vs training max abs diff {diff_final:.3g}; "
           f"export {diff_export:.3g}; {sizes}")
-    assert diff_final < 1e-4 and diff_export < 1e-4 and sizes["bits_per_linear_param"] <= 2.1
+    # final/ is the training model itself. The export holds the same codes and scales (bit for bit: the tests above),
+    # but transformers' offline layer divides by the scales after its integer matmul where training divides before,
+    # so an activation level on a .5 boundary may round the other way in a later layer: one int8 level moves the
+    # logits by ~1e-3 (measured 1.4e-3 of logits up to 5.9 once in this run; wrong codes would move them by ~1)
+    assert diff_final < 1e-4 and diff_export < 5e-3 and sizes["bits_per_linear_param"] <= 2.1
     assert (tmp_path / "exp" / "tokenizer.json").exists() or (tmp_path / "exp" / "tokenizer_config.json").exists()
 
 

@@ -275,10 +275,11 @@ def test_gradient_noise_has_the_stated_norm_decay_and_seed():
 
 
 def test_gradient_noise_changes_training_and_bad_values_are_refused(tmp_path, hf_cache):
-    train(cfg_for(hf_cache, tmp_path / "a", max_steps=3, init="random", lr=1e-2))
+    train(cfg_for(hf_cache, tmp_path / "a", max_steps=3, init="random", lr=1e-2, gradient_noise=0.0))
     train(cfg_for(hf_cache, tmp_path / "b", max_steps=3, init="random", lr=1e-2, gradient_noise=1.0))
     a, b = log(tmp_path / "a"), log(tmp_path / "b")
     assert a[0]["loss"] == b[0]["loss"]  # the first step's loss comes before any noise
     assert a[-1]["loss"] != b[-1]["loss"] and all(math.isfinite(r["loss"]) for r in b)
+    assert json.loads((tmp_path / "b" / "run_config.json").read_text())["config"]["gradient_noise"] == 1.0
     with pytest.raises(ConfigError, match="--gradient-noise -1"):
         Trainer(cfg_for(hf_cache, tmp_path / "bad", gradient_noise=-1.0))
