@@ -339,8 +339,10 @@ def main() -> None:
 
 # Each seeded reference (online KD) and the cache rows read against it, seed by seed (the same seed is the same init
 # and data order on both sides); issue 27 regime (ii) over the demo text and regime (i) over fresh text
-SEEDED = {"online-auto-lr1e-3": ("kd-auto-sys128", "kd-auto-sys88", "kd-auto-sys88-gn0.5", "kd-auto-sys72", "kd-auto-sys",
-                                 "kd-auto-exact", "kd-auto-k64-lr1e-3"),
+SEEDED = {"online-auto-lr1e-3": ("kd-auto-sys128", "kd-auto-sys88", "kd-auto-sys88-gn0.5", "online-auto-lr1e-3-gn0.5",
+                                 "kd-auto-sys72", "kd-auto-sys", "kd-auto-exact", "kd-auto-k64-lr1e-3"),
+          # like for like: the cache students with the default gradient noise against online KD with it
+          "online-auto-lr1e-3-gn0.5": ("kd-auto-sys88-gn0.5",),
           "fresh-online": ("fresh-sys88", "fresh-sys88-gn0.5", "fresh-sys72", "fresh-sys", "fresh-exact", "fresh-k64")}
 
 
