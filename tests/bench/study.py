@@ -299,7 +299,7 @@ def main() -> None:
             study["qkv_bytes_per_token_layer"] = sum(s["hidden_bytes"] * s["qkv_share"] for s in shards) / tokens
         extra = [str(runs / CACHES[a][0]) if a in CACHES else a.replace("{attn_cache}", str(attn_cache))
                  .replace("{teacher}", teacher).replace("{hs_cache}", str(hs_cache)) for a in extra]
-        if "--gradient-noise" not in extra:  # rows from before it was a cache student's default mean what they measured
+        if "--gradient-noise" not in extra:  # rows from before the noise was the default keep meaning what they measured
             extra = [*extra, "--gradient-noise", "0"]
         run_dir = runs / name
         # a row with its own --batch-size sees the same tokens: steps and warm-up scale inversely with the batch
