@@ -40,8 +40,10 @@ CACHE_ARGS = -o $(RUNS)/cache $(call opt,--teacher,$(TEACHER)) $(call opt,--data
 	--max-tokens $(TOKENS) --max-seq-len $(SEQ_LEN) $(call opt,--targets,$(TARGETS)) --top-k $(TOP_K) \
 	$(call opt,--hidden-layers,$(HIDDEN_LAYERS)) \
 	$(call opt,--qkv-layers,$(QKV_LAYERS))
+# --resume: a second `make demo` continues a killed student and leaves a finished one as it is
 TRAIN_ARGS = --cache $(RUNS)/cache --student-layers $(STUDENT_LAYERS) --init teacher-layers --init-layers $(INIT_LAYERS) --optimizer $(OPTIMIZER) \
-	--max-steps $(STEPS) --batch-size $(BATCH) --lr $(LR) --warmup-steps 5 --save-steps 20 --logging-steps 5 --eval-sequences 16
+	--max-steps $(STEPS) --batch-size $(BATCH) --lr $(LR) --warmup-steps 5 --save-steps 20 --logging-steps 5 --eval-sequences 16 \
+	--resume
 
 .PHONY: setup demo generate teacher-cache train-student train-student-ce eval on-policy bench-on-policy bench-families test bench bench-scale bench-reader bench-capture-memory bench-fidelity gpu-check faults study study-generate clean
 

@@ -317,4 +317,4 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> dict:
-    return Trainer(cfg).run()
+    return checkpoint.finished_result(cfg) or Trainer(cfg).run()

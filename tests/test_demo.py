@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -16,8 +17,9 @@ def test_make_demo_tiny(tmp_path, tiny_teacher, text_file):
     args = [f"RUNS={runs}", f"TEACHER={tiny_teacher}", f"DATASET={text_file}", "TOKENS=2048", "SEQ_LEN=64",
             "TOP_K=8", "STUDENT_LAYERS=2", "STEPS=4", "BATCH=2", "EVAL_LIMIT=3", "LR=3e-3"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    r = subprocess.run(["make", "-C", str(ROOT), "--no-print-directory", "demo", *args], capture_output=True,
-                       text=True, env=env, timeout=1200)
+    demo = lambda: subprocess.run(["make", "-C", str(ROOT), "--no-print-directory", "demo", *args],  # noqa: E731
+                                  capture_output=True, text=True, env=env, timeout=1200)
+    r = demo()
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "demo finished" in r.stdout and f"{runs}/eval/eval.md" in r.stdout
     manifest = json.loads((runs / "cache" / "manifest.json").read_text())
@@ -31,6 +33,14 @@ def test_make_demo_tiny(tmp_path, tiny_teacher, text_file):
         assert (runs / name / "final" / "model.safetensors").exists()
     assert "| heldout/bits_per_byte |" in r.stdout  # the table is printed
     assert (runs / "student-kd" / "final" / "README.md").exists()
+    # a second `make demo` (a newcomer's rerun, or after a kill) captures and trains nothing again
+    weights = {n: (runs / n / "final" / "model.safetensors").read_bytes() for n in ("student-kd", "student-ce")}
+    r = demo()
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("finished at step 4 already") == 2
+    assert re.search(r"(\d+) shards for this job, \1 already done", r.stdout)
+    assert weights == {n: (runs / n / "final" / "model.safetensors").read_bytes() for n in weights}
+    assert "demo finished" in r.stdout
 
 
 @pytest.mark.slow

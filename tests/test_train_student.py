@@ -87,6 +87,15 @@ def test_resume_equals_uninterrupted_run(tmp_path, hf_cache):
     # a later --max-steps extends the run
     result = train(cfg_for(hf_cache, tmp_path / "b", resume=True, max_steps=8, **kw))
     assert result["step"] == 8 and result["finished"]
+    # --resume of a finished run: nothing trains, nothing is rewritten, the stored result comes back
+    written = [tmp_path / "b/result.json", *(tmp_path / "b/final").iterdir()]
+    kept = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in written}
+    logged = (tmp_path / "b/log.jsonl").read_text()
+    assert train(cfg_for(hf_cache, tmp_path / "b", resume=True, max_steps=8, **kw)) == result
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in written} == kept
+    assert (tmp_path / "b/log.jsonl").read_text() == logged
+    with pytest.raises(DistilyError, match=r"finished run trained with lr=0.003 \(now 0.001\)"):  # not that run
+        train(cfg_for(hf_cache, tmp_path / "b", resume=True, max_steps=8, **{**kw, "lr": 1e-3}))
 
 
 def test_loader_order_is_deterministic_disjoint_and_streams_from_fsspec(hf_cache):

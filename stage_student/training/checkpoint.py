@@ -14,12 +14,14 @@ import json
 import os
 import random
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.cache import CacheReader
 from pipeline.errors import DistilyError
 from pipeline.manifest import atomic_write_bytes, fsync_dir, fsync_tree, identity
 from stage_student.training.metrics import memory_mb, reset_peak_memory
@@ -33,6 +35,11 @@ SHAPE_FIELDS = ("student_quant", "batch_size", "grad_accum", "seed", "shuffle_bu
                 "layer_mapper", "layer_mapper_k", "projector", "online_teacher", "attn_loss", "attn_weight",
                 "attn_relation_loss", "relation_weights", "attn_layer_mapper", "cross_tokenizer", "parallel",
                 "loss_balance", "embedding_noise", "gradient_noise", "draws_per_epoch")
+
+
+# settings a finished run may be asked for again with other values and still be that run (see finished_result)
+RUN_MECHANICS = ("output", "cache", "resume", "max_steps", "stop_after_steps", "save_steps", "logging_steps",
+                 "eval_steps", "num_workers", "loss_chunk_size", "gradient_checkpointing", "compile")
 
 
 def complete_checkpoints(directory: Path) -> list[Path]:
@@ -155,6 +162,32 @@ def load(t) -> dict | None:
     t.scheduler.lr_lambdas = lambdas  # a later --max-steps extends the schedule
     set_rng_state(blob["rng"], plan.rank, plan.world)
     return state
+
+
+def finished_result(cfg) -> dict | None:
+    """--resume of a run that already reached --max-steps: its result.json, and nothing to train (final/, the result
+    and the logs stay as they are). None when there is something to train. A finished run asked for again with other
+    settings (or another cache) is refused, before any model is built: they are not its settings."""
+    out = Path(cfg.output)
+    done = complete_checkpoints(out / "checkpoints")
+    paths = (out / "result.json", out / "run_config.json", out / "final" / "config.json")
+    if not (cfg.resume and done and all(p.exists() for p in paths)):
+        return None
+    result, run = json.loads(paths[0].read_text()), json.loads(paths[1].read_text())
+    if not (result.get("finished") and result.get("step") == json.loads((done[-1] / DONE).read_text())["step"] >= cfg.max_steps):
+        return None
+    asked = json.loads(json.dumps(asdict(cfg), default=str))
+    changed = [f"{k}={v!r} (now {asked.get(k)!r})" for k, v in run["config"].items()
+               if k not in RUN_MECHANICS and asked.get(k) != v]
+    if cache_fingerprint(run["cache_manifest"]) != cache_fingerprint(CacheReader(cfg.cache).manifest):
+        changed.append(f"the cache {run['config']['cache']} (now {cfg.cache}, with other contents)")
+    if changed:
+        raise DistilyError(f"{out} holds a finished run trained with {', '.join(changed)}: pass a new --output for "
+                           "these settings (make demo: RUNS=another-dir), or the finished run's settings")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{out} finished at step {result['step']} already (--max-steps {cfg.max_steps}): nothing to train, its "
+              "final/ is in place; a larger --max-steps extends the run")
+    return result
 
 
 def clear_logs(out: Path, rank: int) -> None:
