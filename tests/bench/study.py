@@ -108,6 +108,8 @@ ROWS = [
      ["--online-teacher", "{teacher}", "--lr", "1e-3", "--gradient-noise", "0.5"]),
     ("fresh-sys88-gn0.5", "regime (i): sampled-exact, 88 systematic draws, lr 1e-3, gradient noise 0.5",
      ["--cache", "{fresh_sys88_cache}", "--lr", "1e-3", "--gradient-noise", "0.5"]),
+    ("fresh-online-gn0.5", "regime (i): online full-vocabulary KD, lr 1e-3, gradient noise 0.5",
+     ["--cache", "{fresh_cache}", "--online-teacher", "{teacher}", "--lr", "1e-3", "--gradient-noise", "0.5"]),
     ("kd-auto-k64-hs", "top-64 KD + hidden MSE (layernormed) on the copied layers, auto init",
      ["--cache", "{hs_cache}", "--hs-weight", "1", "--layer-mapper", "copied", "--hs-norm", "layernorm", "--lr", DEMO_LR]),
     # 2310.08797's losses at equal tokens, side by side on one cache holding teacher layer 27's hidden state and Q/K/V
@@ -343,6 +345,7 @@ SEEDED = {"online-auto-lr1e-3": ("kd-auto-sys128", "kd-auto-sys88", "kd-auto-sys
                                  "kd-auto-sys72", "kd-auto-sys", "kd-auto-exact", "kd-auto-k64-lr1e-3"),
           # like for like: the cache students with the default gradient noise against online KD with it
           "online-auto-lr1e-3-gn0.5": ("kd-auto-sys88-gn0.5",),
+          "fresh-online-gn0.5": ("fresh-sys88-gn0.5",),
           "fresh-online": ("fresh-sys88", "fresh-sys88-gn0.5", "fresh-sys72", "fresh-sys", "fresh-exact", "fresh-k64")}
 
 
