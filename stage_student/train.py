@@ -172,7 +172,7 @@ class Trainer:
             checkpoint.truncate_logs(self.out, rank, self.step)
         else:
             if cfg.resume and rank == 0:
-                print(f"--resume: no checkpoint in {self.out / 'checkpoints'}, starting from step 0")
+                print(f"starting from step 0 (--resume: no checkpoint in {self.out / 'checkpoints'} yet)")
             checkpoint.clear_logs(self.out, rank)
         self.log = RunLog(self.out, rank, purge_step=self.step + 1 if state else None)
         if rank == 0:
