@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from pipeline.cache import CacheReader
 from pipeline.errors import DistilyError
-from pipeline.manifest import atomic_write_bytes, fsync_dir, fsync_tree, identity
+from pipeline.manifest import atomic_write_bytes, fsync_dir, fsync_tree, identity, read_json
 from stage_student.training.metrics import memory_mb, reset_peak_memory
 from stage_student.training.parallel import full_state_dict
 
@@ -173,8 +173,8 @@ def finished_result(cfg) -> dict | None:
     paths = (out / "result.json", out / "run_config.json", out / "final" / "config.json")
     if not (cfg.resume and done and all(p.exists() for p in paths)):
         return None
-    result, run = json.loads(paths[0].read_text()), json.loads(paths[1].read_text())
-    if not (result.get("finished") and result.get("step") == json.loads((done[-1] / DONE).read_text())["step"] >= cfg.max_steps):
+    result, run = read_json(paths[0]), read_json(paths[1])
+    if not (result.get("finished") and result.get("step") == read_json(done[-1] / DONE)["step"] >= cfg.max_steps):
         return None
     asked = json.loads(json.dumps(asdict(cfg), default=str))
     changed = [f"{k}={v!r} (now {asked.get(k)!r})" for k, v in run["config"].items()
