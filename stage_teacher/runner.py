@@ -8,12 +8,18 @@ A dataset is cut into shards 0..S-1; array job I of N owns the shards j with j %
 3. computes shard j+1 while shard j is written in a background thread, and names a shard in its journal only
    after the shard's files are whole (`run_shards`): a kill -9 at any moment never loses a finished shard and
    never names an unfinished one;
-4. writes its whole manifest at the end, marked complete (`finish`).
+4. stops with a clear error, its finished shards kept, when the shards not yet on disk would not fit the output
+   dir's free space at the mean size of those that are (`check_space`: before the engine starts on a resume,
+   and after each shard), or when a write finds the disk full;
+5. writes its whole manifest at the end, marked complete (`finish`).
 
 What a shard is (its computation, its files, its manifest record, the stats) is the caller's: see `Job`.
 """
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +74,27 @@ def start(job: Job, manifest: dict) -> list[int]:
     for stale in (t for name in names for t in stale_temps(job.out, name)):
         stale.unlink(missing_ok=True)
     finished = {s["index"] for s in done}
-    return [j for j in job.owned if j not in finished]
+    todo = [j for j in job.owned if j not in finished]
+    if todo:
+        check_space(job)
+    return todo
+
+
+def check_space(job: Job) -> None:
+    """Refuse to go on when the dataset's shards not yet in the output dir need more than its free space, at the
+    mean size of the shards that are there (any job's: a shard's files appear whole, by rename, or not at all)."""
+    sizes = {e.name: e.stat().st_size for e in os.scandir(job.out) if e.is_file()}
+    done = [j for j in range(job.num_dataset_shards) if job.files(j)[0] in sizes]
+    if not done:
+        return
+    per_shard = sum(sizes.get(name, 0) for j in done for name in job.files(j)) / len(done)
+    left = job.num_dataset_shards - len(done)
+    need, free = per_shard * left, shutil.disk_usage(job.out).free
+    if need > free:
+        raise CacheError(
+            f"{job.out} has {free / 1e9:.2f} GB free, and the {left} shards still to write need about "
+            f"{need / 1e9:.2f} GB ({per_shard / 1e6:.2f} MB a shard, the mean of the {len(done)} written). The "
+            "shards written are kept: free space or move the dir elsewhere, then run the same command to resume.")
 
 
 def save(job: Job, manifest: dict) -> None:
@@ -90,10 +116,12 @@ def run_shards(job: Job, manifest: dict, todo: list[int], compute: Callable[[int
     save(job, manifest)
     pending: Future | None = None
 
-    def record(future: Future) -> None:
+    def record(future: Future, check: bool = True) -> None:
         entry = future.result()
         manifest["shards"].append(entry)
         append_journal(job.journal, entry)  # the journal names a shard only after write() made it whole
+        if check and len(manifest["shards"]) < len(job.owned):
+            check_space(job)
 
     try:
         with ThreadPoolExecutor(1) as writer, tqdm(total=sum(map(units, todo)), unit=unit, unit_scale=True,
@@ -108,11 +136,17 @@ def run_shards(job: Job, manifest: dict, todo: list[int], compute: Callable[[int
             if pending is not None:
                 written, pending = pending, None
                 record(written)
-    except BaseException:
+    except BaseException as error:
         if pending is not None and pending.done() and pending.exception() is None:
-            record(pending)  # the executor's exit waited for it: its shard is whole
-        save(job, manifest)
-        raise
+            record(pending, check=False)  # the executor's exit waited for it: its shard is whole
+        try:
+            save(job, manifest)
+        except OSError as saving:  # a full disk fails the manifest too; the journal keeps the finished shards
+            error = error if isinstance(error, OSError) else saving
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise CacheError(f"no space left in {job.out} ({error}). The {len(manifest['shards'])} shards finished "
+                             "are kept: free space or move the dir elsewhere, then run the same command to resume.") from error
+        raise error
 
 
 def finish(job: Job, manifest: dict) -> None:

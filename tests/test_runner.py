@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, assert_same_rows, read_all
@@ -102,3 +103,55 @@ def test_readers_fold_a_running_jobs_journal(tmp_path, hf_cache):
     m = CacheReader(c).manifest
     assert m["shards"] == whole["shards"] and m["stats"]["tokens"] == whole["stats"]["tokens"] == 20 * 64
     assert_same_rows(read_all(c), read_all(hf_cache))
+
+
+SHARD_BYTES = 4_000_000
+
+
+def test_a_job_stops_before_the_shards_left_would_fill_the_disk_and_resumes_once_they_fit(tmp_path):
+    # more shards than the disk holds at 4 MB a shard: the job stops after the first, which it keeps
+    too_many = 3 + shutil.disk_usage(tmp_path).free // SHARD_BYTES
+    job, manifest = job_in(tmp_path, shards=too_many), {"shards": [], "complete": False}
+    computed = []
+
+    def compute(j):
+        computed.append(j)
+        if len(computed) > 3:  # without the check this job would fill the disk: stop it here
+            raise AssertionError("the job did not stop before the disk filled")
+        return bytes([j % 256]) * SHARD_BYTES
+
+    with pytest.raises(CacheError, match=rf"GB free, and the {too_many - 1} shards still to write need about .* "
+                                         r"\(4.00 MB a shard, the mean of the 1 written\)\. The shards written are kept"):
+        runner.run_shards(job, manifest, runner.start(job, manifest), compute, write(tmp_path), lambda j: 1, "t", "s")
+    assert computed == [0, 1]  # shard 1 was computed while shard 0 was written; then the check stopped the job
+    assert [s["index"] for s in read_manifest(tmp_path / "manifest.json")["shards"]] == [0]
+    # rerun as it was: refused at start, before anything is computed (capture starts its engine only after this)
+    with pytest.raises(CacheError, match="shards still to write need about"):
+        runner.start(job_in(tmp_path, shards=too_many), {"shards": []})
+    # the same dir with a dataset that fits resumes from shard 1
+    job, manifest = job_in(tmp_path, shards=3), {"shards": [], "complete": False}
+    todo, computed = runner.start(job, manifest), []
+    assert todo == [1, 2]
+    runner.run_shards(job, manifest, todo, compute, write(tmp_path), lambda j: 1, "t", "s")
+    runner.finish(job, manifest)
+    assert [s["index"] for s in read_manifest(tmp_path / "manifest.json")["shards"]] == [0, 1, 2]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_full_disk_mid_write_is_a_clear_error_and_the_finished_shards_resume(tmp_path):
+    job, manifest = job_in(tmp_path, shards=4), {"shards": [], "complete": False}
+    write_one = write(tmp_path)
+
+    def write_or_fill(j: int, data: bytes) -> dict:
+        if j == 2:
+            with open("/dev/full", "wb") as f:  # a real ENOSPC from the kernel
+                f.write(data)
+        return write_one(j, data)
+
+    with pytest.raises(CacheError, match=r"no space left in .*No space left on device.*The 2 shards finished are kept: "
+                                         r"free space or move the dir elsewhere, then run the same command to resume"):
+        runner.run_shards(job, manifest, runner.start(job, manifest), lambda j: bytes([j]) * 1000, write_or_fill,
+                          lambda j: 1, "t", "s")
+    assert [s["index"] for s in read_manifest(tmp_path / "manifest.json")["shards"]] == [0, 1]
+    job, manifest = job_in(tmp_path, shards=4), {"shards": [], "complete": False}
+    assert runner.start(job, manifest) == [2, 3]
