@@ -15,13 +15,14 @@ Layout of the output dir:
     data-rank{r}.log        the cache sequences each rank trained on, a line per step
     checkpoints/step-N/     model, projectors, optimizer, scheduler, RNG, loader position (training/checkpoint.py)
     final/                  the student as a plain HF save_pretrained dir with the tokenizer
+    .train.lock             held by rank 0 while a run writes here: a second run into the dir is refused
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from pipeline.errors import DistilyError
 from pipeline.manifest import atomic_write_json, targets_vocab
 from pipeline.qkv import QKVRecorder, qkv_widths
 from pipeline.resolve import resolve_model
+from pipeline.run_lock import run_lock
 from stage_student.losses import attention, chunked
 from stage_student.losses.hidden import Projectors
 from stage_student.plan import plan_run, teacher_qkv_widths
@@ -317,4 +319,9 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> dict:
-    return checkpoint.finished_result(cfg) or Trainer(cfg).run()
+    """Train (or resume, or return the result of a finished run); rank 0 holds the output dir's lock meanwhile, so
+    a second run into the same --output is refused before any work (pipeline/run_lock.py)."""
+    lock = (run_lock(Path(cfg.output) / ".train.lock", f"train-student into {cfg.output}")
+            if os.environ.get("RANK", "0") == "0" else nullcontext())
+    with lock:
+        return checkpoint.finished_result(cfg) or Trainer(cfg).run()

@@ -336,28 +336,29 @@ def run(cfg: CaptureConfig, teacher=None) -> dict:
     cfg = with_draws(cfg)
     manifest, sequences, model_dir, tokenizer, positions = prepare(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    check_other_jobs(out, manifest)
     job = cache_job(out, cfg, len(sequences))
-    todo = runner.start(job, manifest)
-    save_weights_record(out, model_dir, manifest["teacher"]["weights_sha256"])
-    write_shared_files(out, tokenizer, model_dir)
-    print(f"teacher cache {out}: {len(sequences)} sequences x {cfg.max_seq_len} tokens, "
-          f"{len(job.owned)} shards for this job, {len(job.owned) - len(todo)} already done")
-    if todo:
-        owned_engine = teacher is None
-        if owned_engine:
-            teacher = make_backend(cfg, model_dir, manifest["teacher"]["num_hidden_layers"],
-                                   manifest["capture"]["targets_from"], manifest["capture"].get("targets_vocab"))
-        elif sorted(teacher.hidden_layers) != sorted(cfg.hidden_layers):
-            raise CacheError("the given teacher engine was built with other hidden layers")
-        else:  # the targets are made from the pass's outputs: one engine serves any target settings
-            teacher.configure(target_spec(cfg, manifest["capture"].get("targets_vocab")), manifest["capture"]["targets_from"], sorted(set(cfg.qkv_layers)))
-        try:
-            capture_shards(cfg, teacher, sequences, todo, out, manifest, job.manifest_file, positions)
-        finally:
+    with runner.hold(job, "teacher-cache"):
+        check_other_jobs(out, manifest)
+        todo = runner.start(job, manifest)
+        save_weights_record(out, model_dir, manifest["teacher"]["weights_sha256"])
+        write_shared_files(out, tokenizer, model_dir)
+        print(f"teacher cache {out}: {len(sequences)} sequences x {cfg.max_seq_len} tokens, "
+              f"{len(job.owned)} shards for this job, {len(job.owned) - len(todo)} already done")
+        if todo:
+            owned_engine = teacher is None
             if owned_engine:
-                teacher.close()
-    runner.finish(job, manifest)
+                teacher = make_backend(cfg, model_dir, manifest["teacher"]["num_hidden_layers"],
+                                       manifest["capture"]["targets_from"], manifest["capture"].get("targets_vocab"))
+            elif sorted(teacher.hidden_layers) != sorted(cfg.hidden_layers):
+                raise CacheError("the given teacher engine was built with other hidden layers")
+            else:  # the targets are made from the pass's outputs: one engine serves any target settings
+                teacher.configure(target_spec(cfg, manifest["capture"].get("targets_vocab")), manifest["capture"]["targets_from"], sorted(set(cfg.qkv_layers)))
+            try:
+                capture_shards(cfg, teacher, sequences, todo, out, manifest, job.manifest_file, positions)
+            finally:
+                if owned_engine:
+                    teacher.close()
+        runner.finish(job, manifest)
     return manifest
 
 

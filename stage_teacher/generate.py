@@ -246,35 +246,36 @@ def run(cfg: GenerateConfig, engine=None) -> dict:
     out = Path(cfg.output.removeprefix("file://"))
     manifest, ctx, model_dir = prepare(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    check_other_jobs(out, manifest)
     per = cfg.sequences_per_shard
     job = runner.Job(out=out, manifest_file=out / generated.manifest_name(cfg.shard_index, cfg.num_shards),
                      num_dataset_shards=-(-cfg.num_sequences // per), num_jobs=cfg.num_shards,
                      job_index=cfg.shard_index, files=lambda j: [generated.shard_name(j)], stats=stats)
-    todo = runner.start(job, manifest)
-    save_weights_record(out, model_dir, manifest["teacher"]["weights_sha256"])
+    with runner.hold(job, "generate"):
+        check_other_jobs(out, manifest)
+        todo = runner.start(job, manifest)
+        save_weights_record(out, model_dir, manifest["teacher"]["weights_sha256"])
 
-    def indices(j: int) -> np.ndarray:
-        return np.arange(j * per, min((j + 1) * per, cfg.num_sequences))
+        def indices(j: int) -> np.ndarray:
+            return np.arange(j * per, min((j + 1) * per, cfg.num_sequences))
 
-    print(f"generate {out}: {cfg.num_sequences} sequences by {cfg.generator!r}, {len(job.owned)} shards for this job, "
-          f"{len(job.owned) - len(todo)} already done")
-    if todo:
-        owned_engine = engine is None
-        if owned_engine:
-            engine = PlainEngine(model_dir, cfg)
-
-        def compute(j: int) -> tuple[list[dict], float]:
-            t0 = time.perf_counter()
-            return generate_rows(engine, ctx, indices(j)), time.perf_counter() - t0
-
-        try:
-            runner.run_shards(job, manifest, todo, compute, lambda j, done: write_shard(out, j, *done),
-                              units=lambda j: len(indices(j)), desc="generate", unit="seq")
-        finally:
+        print(f"generate {out}: {cfg.num_sequences} sequences by {cfg.generator!r}, {len(job.owned)} shards for this job, "
+              f"{len(job.owned) - len(todo)} already done")
+        if todo:
+            owned_engine = engine is None
             if owned_engine:
-                engine.close()
-    runner.finish(job, manifest)
+                engine = PlainEngine(model_dir, cfg)
+
+            def compute(j: int) -> tuple[list[dict], float]:
+                t0 = time.perf_counter()
+                return generate_rows(engine, ctx, indices(j)), time.perf_counter() - t0
+
+            try:
+                runner.run_shards(job, manifest, todo, compute, lambda j, done: write_shard(out, j, *done),
+                                  units=lambda j: len(indices(j)), desc="generate", unit="seq")
+            finally:
+                if owned_engine:
+                    engine.close()
+        runner.finish(job, manifest)
     return manifest
 
 

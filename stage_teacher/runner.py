@@ -30,6 +30,7 @@ from tqdm import tqdm
 from pipeline.cache import verify_shard_files
 from pipeline.errors import CacheError
 from pipeline.manifest import append_journal, atomic_write_json, journal_path, read_manifest, stale_temps
+from pipeline.run_lock import run_lock
 
 
 @dataclass
@@ -49,6 +50,13 @@ class Job:
     @property
     def journal(self) -> Path:
         return journal_path(self.manifest_file)
+
+
+def hold(job: Job, command: str):
+    """This job's lock for the with-block (pipeline/run_lock.py): a second copy of the same array job into the same
+    dir is refused while this one runs."""
+    return run_lock(job.out / f".{job.manifest_file.name}.lock",
+                    f"{command} job {job.job_index} of {job.num_jobs} into {job.out}")
 
 
 def finished_shards(job: Job) -> list[dict]:
