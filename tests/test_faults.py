@@ -130,3 +130,37 @@ def test_resume_inside_a_logging_window_logs_the_same_means(tmp_path, hf_cache):
         for key in ("loss", "loss/kd", "loss/ce"):
             assert by_step[ra["step"]][key] == pytest.approx(ra[key], abs=1e-6), (ra["step"], key)
     assert by_step[6]["window_steps"] == 3
+
+
+FULL_DISK_RUN = """
+import resource, signal, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk or quota
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+from test_train_student import cfg_for
+from pipeline.errors import DistilyError
+from stage_student.train import train
+try:
+    train(cfg_for({cache!r}, {out!r}, max_steps=4, save_steps=2))
+except DistilyError as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_advice_and_resume_finishes_it(tmp_path, hf_cache):
+    import subprocess
+
+    train(cfg_for(hf_cache, tmp_path / "probe", max_steps=2, save_steps=2))
+    size = (tmp_path / "probe" / "checkpoints" / "step-000002" / "state.pt").stat().st_size
+    out = tmp_path / "run"  # files may not grow past half a checkpoint: the logs fit, the checkpoint does not
+    script = FULL_DISK_RUN.format(root=str(ROOT), tests=str(ROOT / "tests"), limit=size // 2, cache=str(hf_cache), out=str(out))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert f"could not write checkpoint step-000002 in {out} (" in r.stdout
+    assert "GB free there (a full disk reads as torch.save's 'iostream error' or 'unexpected pos'). The run stopped; " \
+           "no checkpoint was written before it. Free space or fix the dir, then run the same command with --resume." \
+           in r.stdout
+    assert not (out / "checkpoints" / "step-000002.tmp").exists()  # the partial write is gone, its space freed
+    result = train(cfg_for(hf_cache, out, max_steps=4, save_steps=2, resume=True))
+    assert result["finished"] and [r["step"] for r in log(out)] == [1, 2, 3, 4]

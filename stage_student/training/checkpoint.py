@@ -89,10 +89,32 @@ def sharded_state(module, optimizer) -> tuple[dict, dict]:
     return {"model": model_state}, {"optimizer": optim_state}
 
 
+def writing_error(t, what: str, error: BaseException) -> DistilyError:
+    """A failed write of `what`, said with the free space and the checkpoint a --resume would start from."""
+    kept = complete_checkpoints(t.out / "checkpoints")
+    free = shutil.disk_usage(t.out).free / 1e9
+    since = f"the last whole checkpoint, {kept[-1].name}, is kept" if kept else "no checkpoint was written before it"
+    return DistilyError(f"could not write {what} in {t.out} ({type(error).__name__}: {error}); {free:.2f} GB free "
+                        "there (a full disk reads as torch.save's 'iostream error' or 'unexpected pos'). The run "
+                        f"stopped; {since}. Free space or fix the dir, then run the same command with --resume.")
+
+
 def save(t, window: dict) -> None:
-    """checkpoints/step-N/ of the Trainer `t` (every rank calls it). DDP and one process: rank 0 writes state.pt (every
-    rank holds the same). FSDP: every rank writes its shards through torch.distributed.checkpoint, rank 0 the
-    scheduler and RNG state and, last, trainer_state.json; then rank 0 renames the whole dir."""
+    """checkpoints/step-N/ of the Trainer `t` (every rank calls it); a failed write removes its temporary dir and
+    stops the run with the space left and the checkpoint kept (writing_error)."""
+    tmp = t.out / "checkpoints" / f"step-{t.step:06d}.tmp"
+    try:
+        write_checkpoint(t, window)
+    except Exception as e:  # a full disk, a quota, an unwritable dir: torch.save raises RuntimeError for each
+        if t.plan.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise writing_error(t, f"checkpoint {tmp.stem}", e) from e
+
+
+def write_checkpoint(t, window: dict) -> None:
+    """DDP and one process: rank 0 writes state.pt (every rank holds the same). FSDP: every rank writes its shards
+    through torch.distributed.checkpoint, rank 0 the scheduler and RNG state and, last, trainer_state.json; then
+    rank 0 renames the whole dir."""
     plan = t.plan
     directory = t.out / "checkpoints"
     final = directory / f"step-{t.step:06d}"
@@ -217,7 +239,17 @@ def truncate_logs(out: Path, rank: int, step: int) -> None:
 
 def save_final(t) -> tuple[Path, dict]:
     """final/: the student as a plain HF dir (FSDP: the shards gathered onto rank 0, which saves it), and the host
-    memory the save took on this rank (result.json lists every rank's: bench_fsdp.py reads it)."""
+    memory the save took on this rank (result.json lists every rank's: bench_fsdp.py reads it). A failed write
+    stops the run as save() does."""
+    try:
+        return write_final(t)
+    except Exception as e:  # a full disk, a quota, an unwritable dir: torch.save raises RuntimeError for each
+        if t.plan.rank == 0:
+            shutil.rmtree(t.out / "final.tmp", ignore_errors=True)
+        raise writing_error(t, "final/", e) from e
+
+
+def write_final(t) -> tuple[Path, dict]:
     final, cpu = t.out / "final", torch.device("cpu")
     reset_peak_memory(cpu)
     rss_before = memory_mb(cpu)[0]
