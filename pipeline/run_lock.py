@@ -32,12 +32,15 @@ def run_lock(path: Path, what: str):
     with fh:
         try:
             fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             raise DistilyError(f"{what} is already running ({holder}; lock file {path}). Wait for it to end or stop "
                                "it, or write somewhere else.") from None
-        except OSError:  # no locks on this filesystem
+        except OSError:  # no locks on this filesystem (yielding here would chain this error to any in the block)
+            locked = False
+        if not locked:
             yield
             return
         try:

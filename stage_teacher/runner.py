@@ -8,9 +8,9 @@ A dataset is cut into shards 0..S-1; array job I of N owns the shards j with j %
 3. computes shard j+1 while shard j is written in a background thread, and names a shard in its journal only
    after the shard's files are whole (`run_shards`): a kill -9 at any moment never loses a finished shard and
    never names an unfinished one;
-4. stops with a clear error, its finished shards kept, when the shards not yet on disk would not fit the output
-   dir's free space at the mean size of those that are (`check_space`: before the engine starts on a resume,
-   and after each shard), or when a write finds the disk full;
+4. stops with a clear error, its finished shards kept, when its shards still to write would not fit the output
+   dir's free space at the mean size of those it wrote (`check_space`: before the engine starts on a resume,
+   and after each shard), or when a write finds the disk or the quota full;
 5. writes its whole manifest at the end, marked complete (`finish`).
 
 What a shard is (its computation, its files, its manifest record, the stats) is the caller's: see `Job`.
@@ -18,7 +18,6 @@ What a shard is (its computation, its files, its manifest record, the stats) is 
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ from pipeline.cache import verify_shard_files
 from pipeline.errors import CacheError
 from pipeline.manifest import append_journal, atomic_write_json, journal_path, read_manifest, stale_temps
 from pipeline.run_lock import run_lock
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk, a full quota
 
 
 @dataclass
@@ -84,24 +85,27 @@ def start(job: Job, manifest: dict) -> list[int]:
     finished = {s["index"] for s in done}
     todo = [j for j in job.owned if j not in finished]
     if todo:
-        check_space(job)
+        check_space(job, [s["index"] for s in manifest["shards"]])
     return todo
 
 
-def check_space(job: Job) -> None:
-    """Refuse to go on when the dataset's shards not yet in the output dir need more than its free space, at the
-    mean size of the shards that are there (any job's: a shard's files appear whole, by rename, or not at all)."""
-    sizes = {e.name: e.stat().st_size for e in os.scandir(job.out) if e.is_file()}
-    done = [j for j in range(job.num_dataset_shards) if job.files(j)[0] in sizes]
-    if not done:
+def check_space(job: Job, done: list[int]) -> None:
+    """Refuse to go on when this job's shards still to write need more than the output dir's free space, at the
+    mean size of its last (at most 8) finished shards `done`: a few stats a shard, whatever the dataset's size.
+    Array jobs sharing a dir each check their own share."""
+    sizes = []
+    for j in done[-8:]:
+        paths = [job.out / name for name in job.files(j)]
+        if paths[0].exists():  # else written elsewhere (merge-manifests joins such dirs): nothing to measure here
+            sizes.append(sum(p.stat().st_size for p in paths if p.exists()))
+    if not sizes:
         return
-    per_shard = sum(sizes.get(name, 0) for j in done for name in job.files(j)) / len(done)
-    left = job.num_dataset_shards - len(done)
+    per_shard, left = sum(sizes) / len(sizes), len(job.owned) - len(set(done))
     need, free = per_shard * left, shutil.disk_usage(job.out).free
     if need > free:
         raise CacheError(
-            f"{job.out} has {free / 1e9:.2f} GB free, and the {left} shards still to write need about "
-            f"{need / 1e9:.2f} GB ({per_shard / 1e6:.2f} MB a shard, the mean of the {len(done)} written). The "
+            f"{job.out} has {free / 1e9:.2f} GB free, and this job's {left} shards still to write need about "
+            f"{need / 1e9:.2f} GB ({per_shard / 1e6:.2f} MB a shard, the mean of its last {len(sizes)} written). The "
             "shards written are kept: free space or move the dir elsewhere, then run the same command to resume.")
 
 
@@ -129,7 +133,7 @@ def run_shards(job: Job, manifest: dict, todo: list[int], compute: Callable[[int
         manifest["shards"].append(entry)
         append_journal(job.journal, entry)  # the journal names a shard only after write() made it whole
         if check and len(manifest["shards"]) < len(job.owned):
-            check_space(job)
+            check_space(job, [s["index"] for s in manifest["shards"]])
 
     try:
         with ThreadPoolExecutor(1) as writer, tqdm(total=sum(map(units, todo)), unit=unit, unit_scale=True,
@@ -145,16 +149,23 @@ def run_shards(job: Job, manifest: dict, todo: list[int], compute: Callable[[int
                 written, pending = pending, None
                 record(written)
     except BaseException as error:
-        if pending is not None and pending.done() and pending.exception() is None:
-            record(pending, check=False)  # the executor's exit waited for it: its shard is whole
+        saving = None
         try:
+            if pending is not None and pending.done() and pending.exception() is None:
+                record(pending, check=False)  # the executor's exit waited for it: its shard is whole
             save(job, manifest)
-        except OSError as saving:  # a full disk fails the manifest too; the journal keeps the finished shards
-            error = error if isinstance(error, OSError) else saving
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        except OSError as e:  # a full disk fails the manifest too; the journal keeps the finished shards
+            saving = e
+        if full_disk(saving) and not full_disk(error):
+            error = saving
+        if full_disk(error):
             raise CacheError(f"no space left in {job.out} ({error}). The {len(manifest['shards'])} shards finished "
                              "are kept: free space or move the dir elsewhere, then run the same command to resume.") from error
         raise error
+
+
+def full_disk(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in DISK_FULL
 
 
 def finish(job: Job, manifest: dict) -> None:

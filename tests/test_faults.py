@@ -164,3 +164,21 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_advice_and_resum
     assert not (out / "checkpoints" / "step-000002.tmp").exists()  # the partial write is gone, its space freed
     result = train(cfg_for(hf_cache, out, max_steps=4, save_steps=2, resume=True))
     assert result["finished"] and [r["step"] for r in log(out)] == [1, 2, 3, 4]
+
+
+def test_only_failed_writes_become_the_full_disk_advice():
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    from stage_student.training.checkpoint import write_failed
+
+    assert write_failed(OSError(28, "No space left on device"))
+    assert write_failed(RuntimeError("basic_ios::clear: iostream error"))  # torch.save on a full disk
+    assert write_failed(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1135936 vs 1135888"))
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError as e:
+        rank_error = _wrap_exception(e)  # as dcp.save wraps each rank's failure
+    assert write_failed(CheckpointException("save", {0: rank_error}))  # FSDP's dcp.save, a BaseException
+    assert not write_failed(RuntimeError("CUDA out of memory"))
+    assert not write_failed(KeyError("model.embed_tokens.weight"))
+    assert not write_failed(KeyboardInterrupt())

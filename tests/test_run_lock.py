@@ -91,4 +91,5 @@ def test_a_forked_worker_does_not_keep_its_dead_parents_lock(tmp_path):
         with run_lock(lock, "the second"):
             assert lock.read_text().startswith(f"pid {os.getpid()} on ")
     finally:
+        kill(holder)
         os.kill(child, signal.SIGKILL)

@@ -105,36 +105,34 @@ def test_readers_fold_a_running_jobs_journal(tmp_path, hf_cache):
     assert_same_rows(read_all(c), read_all(hf_cache))
 
 
-SHARD_BYTES = 4_000_000
+SHARD_BYTES = 100_000
 
 
-def test_a_job_stops_before_the_shards_left_would_fill_the_disk_and_resumes_once_they_fit(tmp_path):
-    # more shards than the disk holds at 4 MB a shard: the job stops after the first, which it keeps
-    too_many = 3 + shutil.disk_usage(tmp_path).free // SHARD_BYTES
-    job, manifest = job_in(tmp_path, shards=too_many), {"shards": [], "complete": False}
+def test_a_job_stops_before_its_shards_left_would_fill_the_disk_and_resumes_once_they_fit(tmp_path, monkeypatch):
+    # a disk with 350 kB free: after its first 100 kB shard, a job of 6 shards needs 500 kB more and stops
+    monkeypatch.setattr(runner.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 350_000, 350_000))
+    job, manifest = job_in(tmp_path, shards=6), {"shards": [], "complete": False}
     computed = []
 
     def compute(j):
         computed.append(j)
-        if len(computed) > 3:  # without the check this job would fill the disk: stop it here
-            raise AssertionError("the job did not stop before the disk filled")
-        return bytes([j % 256]) * SHARD_BYTES
+        return bytes([j]) * SHARD_BYTES
 
-    with pytest.raises(CacheError, match=rf"GB free, and the {too_many - 1} shards still to write need about .* "
-                                         r"\(4.00 MB a shard, the mean of the 1 written\)\. The shards written are kept"):
+    with pytest.raises(CacheError, match=r"has 0.00 GB free, and this job's 5 shards still to write need about 0.00 GB "
+                                         r"\(0.10 MB a shard, the mean of its last 1 written\)\. The shards written are kept"):
         runner.run_shards(job, manifest, runner.start(job, manifest), compute, write(tmp_path), lambda j: 1, "t", "s")
     assert computed == [0, 1]  # shard 1 was computed while shard 0 was written; then the check stopped the job
     assert [s["index"] for s in read_manifest(tmp_path / "manifest.json")["shards"]] == [0]
     # rerun as it was: refused at start, before anything is computed (capture starts its engine only after this)
-    with pytest.raises(CacheError, match="shards still to write need about"):
-        runner.start(job_in(tmp_path, shards=too_many), {"shards": []})
-    # the same dir with a dataset that fits resumes from shard 1
-    job, manifest = job_in(tmp_path, shards=3), {"shards": [], "complete": False}
+    with pytest.raises(CacheError, match="this job's 5 shards still to write need about"):
+        runner.start(job_in(tmp_path, shards=6), {"shards": []})
+    # array job 0 of 2 (shards 0, 2, 4) in the same dir: its 2 shards left fit in 350 kB, and it finishes
+    job, manifest = job_in(tmp_path, shards=6, num_jobs=2), {"shards": [], "complete": False}
     todo, computed = runner.start(job, manifest), []
-    assert todo == [1, 2]
+    assert todo == [2, 4]
     runner.run_shards(job, manifest, todo, compute, write(tmp_path), lambda j: 1, "t", "s")
     runner.finish(job, manifest)
-    assert [s["index"] for s in read_manifest(tmp_path / "manifest.json")["shards"]] == [0, 1, 2]
+    assert computed == [2, 4] and [s["index"] for s in read_manifest(tmp_path / "manifest.json")["shards"]] == [0, 2, 4]
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")

@@ -89,6 +89,17 @@ def sharded_state(module, optimizer) -> tuple[dict, dict]:
     return {"model": model_state}, {"optimizer": optim_state}
 
 
+# how a failed write reads where it is not an OSError: torch.save's C++ writer, safetensors' Rust one, and
+# torch.distributed.checkpoint's CheckpointException (a BaseException), which carries each rank's traceback
+WRITE_FAILURES = ("iostream error", "unexpected pos", "PytorchStreamWriter", "file write failed", "IoError",
+                  "No space left", "Disk quota", "Errno 28", "Errno 122")
+
+
+def write_failed(error: BaseException) -> bool:
+    """Whether `error` is a failed write (full disk, quota, unwritable dir); anything else is raised unchanged."""
+    return isinstance(error, OSError) or any(sign in str(error) for sign in WRITE_FAILURES)
+
+
 def writing_error(t, what: str, error: BaseException) -> DistilyError:
     """A failed write of `what`, said with the free space and the checkpoint a --resume would start from."""
     kept = complete_checkpoints(t.out / "checkpoints")
@@ -105,7 +116,9 @@ def save(t, window: dict) -> None:
     tmp = t.out / "checkpoints" / f"step-{t.step:06d}.tmp"
     try:
         write_checkpoint(t, window)
-    except Exception as e:  # a full disk, a quota, an unwritable dir: torch.save raises RuntimeError for each
+    except BaseException as e:
+        if not write_failed(e):
+            raise
         if t.plan.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise writing_error(t, f"checkpoint {tmp.stem}", e) from e
@@ -243,7 +256,9 @@ def save_final(t) -> tuple[Path, dict]:
     stops the run as save() does."""
     try:
         return write_final(t)
-    except Exception as e:  # a full disk, a quota, an unwritable dir: torch.save raises RuntimeError for each
+    except BaseException as e:
+        if not write_failed(e):
+            raise
         if t.plan.rank == 0:
             shutil.rmtree(t.out / "final.tmp", ignore_errors=True)
         raise writing_error(t, "final/", e) from e

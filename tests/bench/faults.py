@@ -92,6 +92,8 @@ def own_files(shared: Path, job: int, jobs: int) -> list[Path]:
     journal, and the temporaries of their writes. Another job's writes never count as this job's progress."""
     mine = []
     for f in shared.iterdir() if shared.exists() else []:
+        if f.name.endswith(".lock"):  # taken before the engine starts: no write progress
+            continue
         m = re.match(r"(shard|manifest\.part)-(\d+)", f.name.lstrip("."))
         if m and (int(m[2]) % jobs if m[1] == "shard" else int(m[2])) == job:
             mine.append(f)
