@@ -83,24 +83,22 @@ def start(job: Job, manifest: dict) -> list[int]:
     for stale in (t for name in names for t in stale_temps(job.out, name)):
         stale.unlink(missing_ok=True)
     finished = {s["index"] for s in done}
-    todo = [j for j in job.owned if j not in finished]
-    if todo:
-        check_space(job, [s["index"] for s in manifest["shards"]])
-    return todo
+    check_space(job, manifest["shards"])
+    return [j for j in job.owned if j not in finished]
 
 
-def check_space(job: Job, done: list[int]) -> None:
+def check_space(job: Job, done: list[dict]) -> None:
     """Refuse to go on when this job's shards still to write need more than the output dir's free space, at the
-    mean size of its last (at most 8) finished shards `done`: a few stats a shard, whatever the dataset's size.
-    Array jobs sharing a dir each check their own share."""
+    mean size of the last (at most 8) of its finished shards `done` (their records): a few stats a shard, whatever
+    the dataset's size. Array jobs sharing a dir each check their own share."""
     sizes = []
-    for j in done[-8:]:
-        paths = [job.out / name for name in job.files(j)]
+    for shard in done[-8:]:
+        paths = [job.out / name for name in job.files(shard["index"])]
         if paths[0].exists():  # else written elsewhere (merge-manifests joins such dirs): nothing to measure here
             sizes.append(sum(p.stat().st_size for p in paths if p.exists()))
     if not sizes:
         return
-    per_shard, left = sum(sizes) / len(sizes), len(job.owned) - len(set(done))
+    per_shard, left = sum(sizes) / len(sizes), len(job.owned) - len(done)
     need, free = per_shard * left, shutil.disk_usage(job.out).free
     if need > free:
         raise CacheError(
@@ -132,8 +130,8 @@ def run_shards(job: Job, manifest: dict, todo: list[int], compute: Callable[[int
         entry = future.result()
         manifest["shards"].append(entry)
         append_journal(job.journal, entry)  # the journal names a shard only after write() made it whole
-        if check and len(manifest["shards"]) < len(job.owned):
-            check_space(job, [s["index"] for s in manifest["shards"]])
+        if check:
+            check_space(job, manifest["shards"])
 
     try:
         with ThreadPoolExecutor(1) as writer, tqdm(total=sum(map(units, todo)), unit=unit, unit_scale=True,

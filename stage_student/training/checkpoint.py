@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -110,24 +111,32 @@ def writing_error(t, what: str, error: BaseException) -> DistilyError:
                         f"stopped; {since}. Free space or fix the dir, then run the same command with --resume.")
 
 
-def save(t, window: dict) -> None:
-    """checkpoints/step-N/ of the Trainer `t` (every rank calls it); a failed write removes its temporary dir and
-    stops the run with the space left and the checkpoint kept (writing_error)."""
-    tmp = t.out / "checkpoints" / f"step-{t.step:06d}.tmp"
+@contextmanager
+def stops_on_failed_write(t, what: str, tmp: Path):
+    """A failed write in the block removes its temporary `tmp` and stops the run with the space left and the
+    checkpoint kept (writing_error); any other error passes unchanged."""
     try:
-        write_checkpoint(t, window)
+        yield
     except BaseException as e:
         if not write_failed(e):
             raise
         if t.plan.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise writing_error(t, f"checkpoint {tmp.stem}", e) from e
+        raise writing_error(t, what, e) from e
+
+
+def save(t, window: dict) -> None:
+    """checkpoints/step-N/ of the Trainer `t` (every rank calls it). DDP and one process: rank 0 writes state.pt (every
+    rank holds the same). FSDP: every rank writes its shards through torch.distributed.checkpoint, rank 0 the
+    scheduler and RNG state and, last, trainer_state.json; then rank 0 renames the whole dir. A failed write stops
+    the run (stops_on_failed_write)."""
+    tmp = t.out / "checkpoints" / f"step-{t.step:06d}.tmp"
+    with stops_on_failed_write(t, f"checkpoint {tmp.stem}", tmp):
+        write_checkpoint(t, window)
 
 
 def write_checkpoint(t, window: dict) -> None:
-    """DDP and one process: rank 0 writes state.pt (every rank holds the same). FSDP: every rank writes its shards
-    through torch.distributed.checkpoint, rank 0 the scheduler and RNG state and, last, trainer_state.json; then
-    rank 0 renames the whole dir."""
+    """The writes of save()."""
     plan = t.plan
     directory = t.out / "checkpoints"
     final = directory / f"step-{t.step:06d}"
@@ -254,14 +263,8 @@ def save_final(t) -> tuple[Path, dict]:
     """final/: the student as a plain HF dir (FSDP: the shards gathered onto rank 0, which saves it), and the host
     memory the save took on this rank (result.json lists every rank's: bench_fsdp.py reads it). A failed write
     stops the run as save() does."""
-    try:
+    with stops_on_failed_write(t, "final/", t.out / "final.tmp"):
         return write_final(t)
-    except BaseException as e:
-        if not write_failed(e):
-            raise
-        if t.plan.rank == 0:
-            shutil.rmtree(t.out / "final.tmp", ignore_errors=True)
-        raise writing_error(t, "final/", e) from e
 
 
 def write_final(t) -> tuple[Path, dict]:
