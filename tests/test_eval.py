@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from eval.harness import run_tasks
+from eval.harness import available_tasks, run_tasks
 from eval.perplexity import evaluate_perplexity, windows
 from eval.tasks import write_suite
 from pipeline.config import EvalConfig
@@ -80,6 +80,10 @@ def test_lm_eval_offline_suite_agrees_with_our_perplexity(tmp_path, teacher_mode
     assert max(len(tok(d)["input_ids"]) for d in docs[:4]) < 1000
     ours = evaluate_perplexity(model, tok, docs[:4], max_len=1000, stride=500)
     assert metrics["distily_lee_rolling/bits_per_byte"] == pytest.approx(ours["bits_per_byte"], rel=1e-5)
+    # distily's own tasks alone need no index of lm-eval's catalogue (10-30 s); a built-in task name gets it
+    _, ours_only = available_tasks(str(include), ["distily_offline"])
+    _, everything = available_tasks(str(include), ["distily_offline", "hellaswag"])
+    assert "distily_lee_cloze" in ours_only and "hellaswag" not in ours_only and "hellaswag" in everything
 
 
 def test_eval_report_and_model_card(tmp_path, hf_cache, tiny_teacher):
@@ -168,7 +172,7 @@ def test_benchmark_tasks_run_offline_in_lm_eval(tmp_path, teacher_model):
     include = write_benchmark_tasks(tmp_path / "tasks", {k: str(v) for k, v in files.items()})
     model, tok = teacher_model
     out = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=2, max_length=512), tasks=list(BENCHMARKS),
-                          task_manager=TaskManager(include_path=str(include)), log_samples=True, bootstrap_iters=0,
+                          task_manager=TaskManager(include_path=str(include), include_defaults=False), log_samples=True, bootstrap_iters=0,
                           verbosity="ERROR", gen_kwargs="max_gen_toks=8")
     process = {"distily_squad": m.process_squad, "distily_hotpotqa": m.process_hotpotqa, "distily_conll2003": m.process_conll}
     for task in BENCHMARKS:
