@@ -104,6 +104,8 @@ ROWS = [
      ["--online-teacher", "{teacher}", "--lr", "7e-4"]),
     ("kd-auto-sys88-gn0.5", "sampled-exact, 88 systematic draws, lr 1e-3, gradient noise 0.5",
      ["--cache", "{sys88_cache}", "--lr", "1e-3", "--gradient-noise", "0.5"]),
+    ("kd-auto-sys88-gn0.5-dpe66", "sampled-exact, 88 systematic draws, a fresh 66-draw subset each epoch, lr 1e-3, "
+     "gradient noise 0.5", ["--cache", "{sys88_cache}", "--lr", "1e-3", "--gradient-noise", "0.5", "--draws-per-epoch", "66"]),
     ("online-auto-lr1e-3-gn0.5", "online full-vocabulary KD (reference), auto init, lr 1e-3, gradient noise 0.5",
      ["--online-teacher", "{teacher}", "--lr", "1e-3", "--gradient-noise", "0.5"]),
     ("fresh-sys88-gn0.5", "regime (i): sampled-exact, 88 systematic draws, lr 1e-3, gradient noise 0.5",
@@ -344,7 +346,7 @@ def main() -> None:
 SEEDED = {"online-auto-lr1e-3": ("kd-auto-sys128", "kd-auto-sys88", "kd-auto-sys88-gn0.5", "online-auto-lr1e-3-gn0.5",
                                  "kd-auto-sys72", "kd-auto-sys", "kd-auto-exact", "kd-auto-k64-lr1e-3"),
           # like for like: the cache students with the default gradient noise against online KD with it
-          "online-auto-lr1e-3-gn0.5": ("kd-auto-sys88-gn0.5",),
+          "online-auto-lr1e-3-gn0.5": ("kd-auto-sys88-gn0.5", "kd-auto-sys88-gn0.5-dpe66"),
           "fresh-online-gn0.5": ("fresh-sys88-gn0.5",),
           "fresh-online": ("fresh-sys88", "fresh-sys88-gn0.5", "fresh-sys72", "fresh-sys", "fresh-exact", "fresh-k64")}
 
