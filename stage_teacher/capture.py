@@ -61,9 +61,9 @@ def software_versions() -> dict:
 def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object, dict]:
     """Validate everything and build the manifest skeleton; nothing expensive, no engine. The last item: --graded's
     per-position arrays [N, T-1] (loss_mask, behaviour_logprob), {} otherwise."""
+    check_options(cfg)  # before the import below (seconds): a mistyped option fails at once
     from transformers import AutoTokenizer
 
-    check_options(cfg)
     model_dir, info = resolve_model(cfg.teacher)
     teacher_cfg, targets_from = check_teacher(cfg, model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -117,3 +117,26 @@ def test_help_prints_every_flag_name_whole_at_80_columns():
         long_flags = {f for f in expected if f.startswith("--")}
         assert long_flags <= shown, (name, sorted(long_flags - shown))
         assert max(len(line) for line in r.stdout.splitlines()) <= 80
+
+
+def test_a_mistyped_stage_one_option_is_refused_before_transformers_is_imported():
+    """teacher-cache and generate judge their options before importing transformers (seconds), so a typo fails at
+    once (in about a second for generate; teacher-cache's own torch import is the rest)."""
+    code = (
+        "import sys\n"
+        "from pipeline.config import CaptureConfig, GenerateConfig\n"
+        "from pipeline.errors import ConfigError\n"
+        "from stage_teacher import capture, generate\n"
+        "for fn, cfg in ((generate.prepare, GenerateConfig(output='o', generator='poetry')),\n"
+        "                (capture.prepare, CaptureConfig(output='o', targets='foo'))):\n"
+        "    try:\n"
+        "        fn(cfg)\n"
+        "    except ConfigError as e:\n"
+        "        print(e)\n"
+        "print(sorted(m for m in ('transformers', 'vllm') if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 3, r.stderr[-2000:]
+    assert lines[0].startswith("--generator 'poetry' is unknown") and lines[1].startswith("--targets 'foo' is unknown")
+    assert lines[2] == "[]"
