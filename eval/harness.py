@@ -1,12 +1,11 @@
 """lm-evaluation-harness on an in-memory model (HFLM), one task at a time so one failure is one note."""
 from __future__ import annotations
 
-import functools
 
-
-def available_tasks(include_path: str | None, tasks: list[str] = ()) -> tuple[object, set[str]]:
+def available_tasks(include_path: str | None, tasks: list[str]) -> tuple[object, set[str]]:
     """lm-eval's task index: distily's own tasks alone when they hold every task asked for (milliseconds), else with
-    lm-eval's built-in catalogue too (about 14,000 YAML files: 10-30 s to index). Built once per process."""
+    lm-eval's built-in catalogue too (about 14,000 YAML files: 10-30 s to index). `distily eval` builds it once for
+    all its models."""
     if include_path:
         tm, known = _index(include_path, False)
         if set(tasks) <= known:
@@ -14,7 +13,6 @@ def available_tasks(include_path: str | None, tasks: list[str] = ()) -> tuple[ob
     return _index(include_path, True)
 
 
-@functools.cache
 def _index(include_path: str | None, defaults: bool) -> tuple[object, set[str]]:
     from lm_eval.tasks import TaskManager
 
@@ -23,12 +21,14 @@ def _index(include_path: str | None, defaults: bool) -> tuple[object, set[str]]:
 
 
 def run_tasks(model, tokenizer, tasks: list[str], include_path: str | None, limit: int | None = None,
-              batch_size: int = 4, max_length: int = 1024) -> tuple[dict[str, float], list[str]]:
-    """Return ({"task/metric": value}, notes). Unknown tasks and tasks that fail (hub offline) become notes."""
+              batch_size: int = 4, max_length: int = 1024, index: tuple[object, set[str]] | None = None,
+              ) -> tuple[dict[str, float], list[str]]:
+    """Return ({"task/metric": value}, notes). Unknown tasks and tasks that fail (hub offline) become notes. `index`:
+    available_tasks' (built here when not given)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    tm, known = available_tasks(include_path, tasks)
+    tm, known = index or available_tasks(include_path, tasks)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     metrics: dict[str, float] = {}
     notes: list[str] = []

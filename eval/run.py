@@ -50,7 +50,7 @@ def training_dir(model_path: str) -> Path | None:
     return None
 
 
-def evaluate_model(path: str, texts: list[str], cfg: EvalConfig, include_path: str) -> dict:
+def evaluate_model(path: str, texts: list[str], cfg: EvalConfig, include_path: str, index=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local, _ = resolve_model(path)
@@ -60,7 +60,8 @@ def evaluate_model(path: str, texts: list[str], cfg: EvalConfig, include_path: s
     t0 = time.perf_counter()
     ppl = evaluate_perplexity(model, tokenizer, texts, cfg.max_seq_len, cfg.stride, cfg.batch_size)
     metrics = {"heldout/perplexity": ppl["perplexity"], "heldout/bits_per_byte": ppl["bits_per_byte"]}
-    tasks, notes = harness.run_tasks(model, tokenizer, cfg.tasks, include_path, cfg.limit, cfg.batch_size, cfg.max_seq_len) if cfg.tasks else ({}, [])
+    tasks, notes = harness.run_tasks(model, tokenizer, cfg.tasks, include_path, cfg.limit, cfg.batch_size, cfg.max_seq_len,
+                                     index) if cfg.tasks else ({}, [])
     metrics.update(tasks)
     return {
         "path": local, "parameters": sum(p.numel() for p in model.parameters()), "metrics": metrics,
@@ -85,10 +86,11 @@ def run(cfg: EvalConfig) -> dict:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     include = str(write_benchmark_tasks(write_suite(load_texts(DatasetSpec(DEFAULT_EVAL_DATASET)), out / "tasks")))
+    index = harness.available_tasks(include, cfg.tasks) if cfg.tasks else None  # one task index for every model
     results = {}
     for name, path in models.items():
         print(f"evaluating {name} ({path})", flush=True)
-        results[name] = evaluate_model(path, texts, cfg, include)
+        results[name] = evaluate_model(path, texts, cfg, include, index)
     teacher_name = "teacher" if teacher else None
     table = report.comparison_table(results, teacher_name)
     notes = sorted({n for r in results.values() for n in r["notes"]})
