@@ -75,10 +75,10 @@ def texts_of(ds, spec: DatasetSpec) -> list[str]:
     return texts
 
 
-def load_text_dataset(spec: DatasetSpec):
-    """The `datasets.Dataset` behind a spec (its `_fingerprint` names the content), its text column checked."""
-    import datasets
-
+def dataset_files(spec: DatasetSpec) -> tuple[list[str], dict]:
+    """The local files a --dataset names (a file, glob or dir; an embedded text's file) and the text builder's
+    encoding, or ([], {}) for a hub id. A local-looking path that names nothing, or names mixed file types, is
+    refused here, cheaply: capture checks it before it loads the teacher."""
     path = spec.path
     kwargs = {}
     if path in EMBEDDED_TEXTS:
@@ -93,22 +93,30 @@ def load_text_dataset(spec: DatasetSpec):
             files = [f for f in files if f.endswith(".parquet")]
     elif os.path.isfile(path):
         files = [path]
+    if not files and ("*" in path or path.startswith((".", "/")) or os.sep in path and not _looks_like_hub_id(path)):
+        raise CacheError(f"--dataset {spec.path!r}: no such file or directory")
+    suffixes = sorted({Path(f).suffix for f in files})
+    if len(suffixes) > 1:
+        raise CacheError(f"--dataset {spec.path!r} mixes file types {suffixes}; use one kind")
+    return files, kwargs
+
+
+def load_text_dataset(spec: DatasetSpec):
+    """The `datasets.Dataset` behind a spec (its `_fingerprint` names the content), its text column checked."""
+    import datasets
+
+    files, kwargs = dataset_files(spec)
     if files:
-        suffixes = {Path(f).suffix for f in files}
-        if len(suffixes) > 1:
-            raise CacheError(f"--dataset {spec.path!r} mixes file types {sorted(suffixes)}; use one kind")
-        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffixes.pop(), "text")
+        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(Path(files[0]).suffix, "text")
         if builder == "text":
             kwargs["sample_by"] = text_sample_by(files, spec.sample_by, kwargs.get("encoding", "utf-8"))
         try:
             ds = datasets.load_dataset(builder, data_files=files, split="train", **(kwargs if builder == "text" else {}))
         except Exception as e:
             raise CacheError(f"--dataset {spec.path!r} could not be read as {builder} ({e.__cause__ or e})") from e
-    elif "*" in path or path.startswith((".", "/")) or os.sep in path and not _looks_like_hub_id(path):
-        raise CacheError(f"--dataset {spec.path!r}: no such file or directory")
     else:
         try:
-            ds = datasets.load_dataset(path, spec.config, split=spec.split)
+            ds = datasets.load_dataset(spec.path, spec.config, split=spec.split)
         except Exception as e:  # hub unreachable, unknown id, bad config
             raise CacheError(
                 f"--dataset {spec.path!r} is neither an embedded text ({', '.join(EMBEDDED_TEXTS)}), "

@@ -32,6 +32,7 @@ from pipeline.manifest import (
 from pipeline.resolve import (
     DEFAULT_DATASET,
     DatasetSpec,
+    dataset_files,
     packed_sequences,
     resolve_model,
     save_weights_record,
@@ -62,9 +63,11 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object, dict]:
     """Validate everything and build the manifest skeleton; nothing expensive, no engine. The last item: --graded's
     per-position arrays [N, T-1] (loss_mask, behaviour_logprob), {} otherwise."""
     check_options(cfg)  # before the import below (seconds): a mistyped option fails at once
+    spec = DatasetSpec(cfg.dataset or DEFAULT_DATASET, cfg.dataset_config, cfg.split, cfg.text_column, cfg.sample_by)
+    dataset_files(spec)  # a mistyped local path fails here, before the teacher is converted or loaded
+    model_dir, info = resolve_model(cfg.teacher)
     from transformers import AutoTokenizer
 
-    model_dir, info = resolve_model(cfg.teacher)
     teacher_cfg, targets_from = check_teacher(cfg, model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     vocab = teacher_cfg.vocab_size
@@ -72,7 +75,6 @@ def prepare(cfg: CaptureConfig) -> tuple[dict, np.ndarray, str, object, dict]:
     check_top_k(cfg, real, targets_from)
     if max(teacher_cfg.max_position_embeddings, 0) < cfg.max_seq_len + 1:
         raise ConfigError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {teacher_cfg.max_position_embeddings} positions")
-    spec = DatasetSpec(cfg.dataset or DEFAULT_DATASET, cfg.dataset_config, cfg.split, cfg.text_column, cfg.sample_by)
     sequences, source = packed_sequences(tokenizer, spec, cfg.max_seq_len, cfg.max_tokens, cfg.token_store,
                                          cfg.tokenize_processes, cfg.graded)  # a read-only memory map of the token store
     print(f"dataset {spec.path}: {source['note']}")

@@ -79,13 +79,13 @@ def check_options(cfg: GenerateConfig) -> dict[str, float]:
 def prepare(cfg: GenerateConfig) -> tuple[dict, Context, str]:
     """Validate everything and build the generators' context and the manifest skeleton; no engine."""
     mix_weights = check_options(cfg)  # before the imports below (seconds): a mistyped option fails at once
+    model_dir, info = resolve_model(cfg.teacher)  # a missing teacher too
     from transformers import AutoConfig, AutoTokenizer
 
     from .capture import software_versions
     from .parallel import check_parallel
     from .vllm_backend import resolve_dtype
 
-    model_dir, info = resolve_model(cfg.teacher)
     teacher_cfg = AutoConfig.from_pretrained(model_dir)
     check_parallel(cfg, teacher_cfg, model_dir)
     if teacher_cfg.max_position_embeddings < cfg.max_seq_len:

@@ -119,24 +119,31 @@ def test_help_prints_every_flag_name_whole_at_80_columns():
         assert max(len(line) for line in r.stdout.splitlines()) <= 80
 
 
-def test_a_mistyped_stage_one_option_is_refused_before_transformers_is_imported():
-    """teacher-cache and generate judge their options before importing transformers (seconds), so a typo fails at
-    once (in about a second for generate; teacher-cache's own torch import is the rest)."""
+def test_a_mistyped_stage_one_option_is_refused_before_transformers_is_imported(tmp_path):
+    """teacher-cache and generate judge their options, the teacher's path and (teacher-cache) the dataset's path
+    before importing transformers (seconds) or converting a GGUF teacher, so a typo fails at once (in about a second
+    for generate; teacher-cache's own torch import is the rest)."""
     code = (
         "import sys\n"
         "from pipeline.config import CaptureConfig, GenerateConfig\n"
-        "from pipeline.errors import ConfigError\n"
+        "from pipeline.errors import DistilyError\n"
         "from stage_teacher import capture, generate\n"
         "for fn, cfg in ((generate.prepare, GenerateConfig(output='o', generator='poetry')),\n"
-        "                (capture.prepare, CaptureConfig(output='o', targets='foo'))):\n"
+        "                (capture.prepare, CaptureConfig(output='o', targets='foo')),\n"
+        f"                (generate.prepare, GenerateConfig(output='o', teacher='{tmp_path}/no-such-teacher')),\n"
+        f"                (capture.prepare, CaptureConfig(output='o', teacher='{tmp_path}/no-such.gguf')),\n"
+        f"                (capture.prepare, CaptureConfig(output='o', dataset='{tmp_path}/no-such-*.jsonl'))):\n"
         "    try:\n"
         "        fn(cfg)\n"
-        "    except ConfigError as e:\n"
+        "    except DistilyError as e:\n"
         "        print(e)\n"
         "print(sorted(m for m in ('transformers', 'vllm') if m in sys.modules))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     lines = r.stdout.splitlines()
-    assert r.returncode == 0 and len(lines) == 3, r.stderr[-2000:]
+    assert r.returncode == 0 and len(lines) == 6, r.stderr[-2000:]
     assert lines[0].startswith("--generator 'poetry' is unknown") and lines[1].startswith("--targets 'foo' is unknown")
-    assert lines[2] == "[]"
+    assert lines[2] == f"model '{tmp_path}/no-such-teacher': no such directory or .gguf file, and not a hub id of the form org/name"
+    assert lines[3] == f"model '{tmp_path}/no-such.gguf': no such GGUF file"
+    assert lines[4] == f"--dataset '{tmp_path}/no-such-*.jsonl': no such file or directory"
+    assert lines[5] == "[]"

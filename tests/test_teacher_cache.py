@@ -226,6 +226,23 @@ def test_hard_wrapped_prose_stays_whole_paragraphs(tmp_path, tiny_teacher):
         load_texts(DatasetSpec(str(book), sample_by="sentence"))
 
 
+def test_dataset_files_names_a_local_datasets_files_or_refuses_it(tmp_path):
+    """The cheap check capture runs before it loads the teacher: a local path's files, [] for a hub id."""
+    from pipeline.resolve import DatasetSpec, dataset_files
+
+    (tmp_path / "a.txt").write_text("x\n")
+    (tmp_path / "b.jsonl").write_text('{"text": "x"}\n')
+    assert dataset_files(DatasetSpec(str(tmp_path / "*.txt"))) == ([str(tmp_path / "a.txt")], {})
+    assert dataset_files(DatasetSpec("org/name")) == ([], {})
+    files, kwargs = dataset_files(DatasetSpec("lee"))
+    assert len(files) == 1 and files[0].endswith("lee.cor") and kwargs == {"encoding": "latin-1"}
+    with pytest.raises(CacheError, match=r"mixes file types \['.jsonl', '.txt'\]; use one kind"):
+        dataset_files(DatasetSpec(str(tmp_path)))
+    for missing in (str(tmp_path / "c.txt"), str(tmp_path / "*.parquet"), "./data"):
+        with pytest.raises(CacheError, match="no such file or directory"):
+            dataset_files(DatasetSpec(missing))
+
+
 def test_a_cache_from_before_sample_by_keeps_its_identity(hf_cache):
     from pipeline.manifest import identity
 
