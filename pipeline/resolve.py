@@ -91,6 +91,9 @@ def dataset_files(spec: DatasetSpec) -> tuple[list[str], dict]:
 
         if is_generated(path):  # its text column, without the manifests
             files = [f for f in files if f.endswith(".parquet")]
+            if not files:
+                raise CacheError(f"--dataset {spec.path!r} is a generated dataset with no finished shard yet; finish it "
+                                 "(`distily generate` with the same options resumes where it stopped)")
     elif os.path.isfile(path):
         files = [path]
     if not files and ("*" in path or path.startswith((".", "/")) or os.sep in path and not _looks_like_hub_id(path)):

@@ -241,6 +241,10 @@ def test_dataset_files_names_a_local_datasets_files_or_refuses_it(tmp_path):
     for missing in (str(tmp_path / "c.txt"), str(tmp_path / "*.parquet"), "./data"):
         with pytest.raises(CacheError, match="no such file or directory"):
             dataset_files(DatasetSpec(missing))
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / "generated.part-00000.json").write_text("{}")  # a generate job that has written no shard yet
+    with pytest.raises(CacheError, match="a generated dataset with no finished shard yet; finish it"):
+        dataset_files(DatasetSpec(str(tmp_path / "gen")))
 
 
 def test_a_cache_from_before_sample_by_keeps_its_identity(hf_cache):
