@@ -108,6 +108,11 @@ ROWS = [
      "gradient noise 0.5", ["--cache", "{sys88_cache}", "--lr", "1e-3", "--gradient-noise", "0.5", "--draws-per-epoch", "66"]),
     ("online-auto-lr1e-3-gn0.5", "online full-vocabulary KD (reference), auto init, lr 1e-3, gradient noise 0.5",
      ["--online-teacher", "{teacher}", "--lr", "1e-3", "--gradient-noise", "0.5"]),
+    # a noise level tuned for the cache students: twice the default's, and online KD at the same level (like for like)
+    ("kd-auto-sys88-gn1.0", "sampled-exact, 88 systematic draws, lr 1e-3, gradient noise 1.0",
+     ["--cache", "{sys88_cache}", "--lr", "1e-3", "--gradient-noise", "1.0"]),
+    ("online-auto-lr1e-3-gn1.0", "online full-vocabulary KD (reference), auto init, lr 1e-3, gradient noise 1.0",
+     ["--online-teacher", "{teacher}", "--lr", "1e-3", "--gradient-noise", "1.0"]),
     ("fresh-sys88-gn0.5", "regime (i): sampled-exact, 88 systematic draws, lr 1e-3, gradient noise 0.5",
      ["--cache", "{fresh_sys88_cache}", "--lr", "1e-3", "--gradient-noise", "0.5"]),
     ("fresh-online-gn0.5", "regime (i): online full-vocabulary KD, lr 1e-3, gradient noise 0.5",
@@ -346,7 +351,8 @@ def main() -> None:
 SEEDED = {"online-auto-lr1e-3": ("kd-auto-sys128", "kd-auto-sys88", "kd-auto-sys88-gn0.5", "online-auto-lr1e-3-gn0.5",
                                  "kd-auto-sys72", "kd-auto-sys", "kd-auto-exact", "kd-auto-k64-lr1e-3"),
           # like for like: the cache students with the default gradient noise against online KD with it
-          "online-auto-lr1e-3-gn0.5": ("kd-auto-sys88-gn0.5", "kd-auto-sys88-gn0.5-dpe66"),
+          "online-auto-lr1e-3-gn0.5": ("kd-auto-sys88-gn0.5", "kd-auto-sys88-gn0.5-dpe66", "kd-auto-sys88-gn1.0"),
+          "online-auto-lr1e-3-gn1.0": ("kd-auto-sys88-gn1.0",),
           "fresh-online-gn0.5": ("fresh-sys88-gn0.5",),
           "fresh-online": ("fresh-sys88", "fresh-sys88-gn0.5", "fresh-sys72", "fresh-sys", "fresh-exact", "fresh-k64")}
 
