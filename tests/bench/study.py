@@ -350,7 +350,8 @@ def main() -> None:
 # and data order on both sides); issue 27 regime (ii) over the demo text and regime (i) over fresh text
 SEEDED = {"online-auto-lr1e-3": ("kd-auto-sys128", "kd-auto-sys88", "kd-auto-sys88-gn0.5", "online-auto-lr1e-3-gn0.5",
                                  "kd-auto-sys72", "kd-auto-sys", "kd-auto-exact", "kd-auto-k64-lr1e-3"),
-          # like for like: the cache students with the default gradient noise against online KD with it
+          # like for like: the cache students with the default gradient noise against online KD with it (and, at
+          # twice the noise, against online KD with the default: the recipe each would use)
           "online-auto-lr1e-3-gn0.5": ("kd-auto-sys88-gn0.5", "kd-auto-sys88-gn0.5-dpe66", "kd-auto-sys88-gn1.0"),
           "online-auto-lr1e-3-gn1.0": ("kd-auto-sys88-gn1.0",),
           "fresh-online-gn0.5": ("fresh-sys88-gn0.5",),
